@@ -1,0 +1,403 @@
+"""The ``graft`` command: a thin layer that parses options and calls the library.
+
+    graft scan ROOT                         counts, unreadable files, warnings, bar chart
+    graft train ROOT --out RUN              both stages, curves, diagnosis, test metrics
+    graft evaluate RUN [FOLDER]             metrics on the held-out split or another folder
+    graft predict RUN PATH... [--grid F]    top-k classes per image
+
+Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 data, 4 weights, 5 run folder exists,
+6 run folder incomplete, 7 partial failure (some files could not be read), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import PARTIAL_FAILURE_EXIT, GraftError
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from .backbones import BACKBONES
+    from .config import TrainConfig
+
+    d = TrainConfig.__dataclass_fields__
+
+    def default(name: str) -> object:
+        return d[name].default
+
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--backbone",
+        default=default("backbone"),
+        choices=list(BACKBONES),
+        help="pretrained CNN to graft onto (default: %(default)s)",
+    )
+    m.add_argument(
+        "--weights",
+        default=None,
+        metavar="PATH",
+        help="local weights file for the backbone (.pth or .safetensors)",
+    )
+    m.add_argument(
+        "--no-pretrained",
+        action="store_true",
+        help="start from random weights on purpose (no ImageNet knowledge)",
+    )
+    m.add_argument(
+        "--offline",
+        action="store_true",
+        help="never download weights; fail with instructions instead",
+    )
+    m.add_argument(
+        "--img-size",
+        type=int,
+        default=default("img_size"),
+        help="input size in pixels (default: %(default)s, as in the seed)",
+    )
+    m.add_argument(
+        "--head",
+        default=default("head"),
+        help="'linear' (pool, dropout, linear) or 'dense:N' like the seed's Dense(256)",
+    )
+    m.add_argument("--dropout", type=float, default=default("dropout"))
+    s = p.add_argument_group("data")
+    s.add_argument(
+        "--test-size",
+        type=float,
+        default=default("test_size"),
+        help="fraction held out for the final test (default: %(default)s)",
+    )
+    s.add_argument(
+        "--val-size",
+        type=float,
+        default=default("val_size"),
+        help="fraction used for early stopping and model selection (default: %(default)s)",
+    )
+    s.add_argument("--seed", type=int, default=default("seed"))
+    s.add_argument(
+        "--augment",
+        default=default("augment"),
+        choices=["none", "light", "strong"],
+        help="training-image augmentation (default: %(default)s)",
+    )
+    s.add_argument(
+        "--views",
+        type=int,
+        default=default("views"),
+        help="augmented views per training image cached for the frozen stage",
+    )
+    s.add_argument(
+        "--class-weights",
+        default=default("class_weights"),
+        choices=["auto", "none"],
+        help="auto: inverse-frequency loss weights when classes differ by >2x",
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=default("workers"),
+        help="image-decoding processes (default: chosen from the CPU count)",
+    )
+    t = p.add_argument_group("stage 1: frozen backbone")
+    t.add_argument("--epochs", type=int, default=default("epochs"))
+    t.add_argument("--batch-size", type=int, default=default("batch_size"))
+    t.add_argument("--lr", type=float, default=default("lr"))
+    t.add_argument("--optimizer", default=default("optimizer"), choices=["adam", "adamw"])
+    t.add_argument("--weight-decay", type=float, default=default("weight_decay"))
+    f = p.add_argument_group("stage 2: fine-tuning")
+    f.add_argument("--fine-tune-epochs", type=int, default=default("fine_tune_epochs"))
+    f.add_argument("--fine-tune-lr", type=float, default=default("fine_tune_lr"))
+    f.add_argument("--fine-tune-batch-size", type=int, default=default("fine_tune_batch_size"))
+    f.add_argument(
+        "--unfreeze",
+        default=default("unfreeze"),
+        help="'all', or how many of the backbone's last blocks to train (default: %(default)s)",
+    )
+    f.add_argument(
+        "--patience",
+        type=int,
+        default=default("patience"),
+        help="early stopping: epochs without a better validation loss (0 = off)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graft",
+        description="Transfer learning for image classifiers.",
+        epilog="Exit codes: 0 ok, 2 usage, 3 data, 4 weights, 5 run exists, 6 bad run folder, "
+        "7 some files failed, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"graft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("scan", help="check a dataset folder: counts, unreadable files, warnings")
+    p.add_argument("root", help="folder with one sub-folder per class")
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="where to save the class-count bar chart (default: ./<root>_class_counts.png)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("train", help="train and fine-tune a classifier")
+    p.add_argument("root", help="folder with one sub-folder per class")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--force", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="print only errors")
+    _add_train_options(p)
+
+    p = sub.add_parser("evaluate", help="metrics on the held-out split or a labelled folder")
+    p.add_argument("run", help="run folder made by `graft train`")
+    p.add_argument(
+        "folder",
+        nargs="?",
+        default=None,
+        help="labelled folder to evaluate on (default: the run's test split)",
+    )
+    p.add_argument("--out", default=None, help="where to write evaluation.json and the plot")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("predict", help="classify images")
+    p.add_argument("run", help="run folder made by `graft train`")
+    p.add_argument("paths", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=3)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON")
+    fmt.add_argument("--csv", action="store_true", help="print CSV")
+    p.add_argument(
+        "--grid",
+        default=None,
+        metavar="PNG",
+        help="also draw the images with their top class and probability",
+    )
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .data import scan
+    from .plots import plot_class_counts
+    from .progress import Reporter
+
+    reporter = Reporter(verbose=not args.json)
+    data = scan(args.root, progress=reporter.iter)
+    plot = Path(args.plot or f"{Path(data.root).name}_class_counts.png")
+    plot_class_counts(data.counts, plot)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "root": str(data.root),
+                    "classes": data.classes,
+                    "counts": data.counts,
+                    "total": len(data.paths),
+                    "skipped": [{"path": str(p), "reason": r} for p, r in data.skipped],
+                    "unsupported": [str(p) for p in data.unsupported],
+                    "warnings": data.warnings,
+                    "plot": str(plot),
+                },
+                indent=2,
+            )
+        )
+        return 0
+    console = Console()
+    table = Table(title=f"{data.root}")
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    table.add_column("share", justify="right")
+    total = len(data.paths)
+    for name, n in data.counts.items():
+        table.add_row(name, str(n), f"{n / total:.1%}")
+    table.add_row("[bold]total", f"[bold]{total}", "")
+    console.print(table)
+    if data.skipped:
+        console.print(f"[yellow]{len(data.skipped)} file(s) could not be decoded and are left out:")
+        for p, reason in data.skipped:
+            console.print(f"  {p}: {reason}")
+    if data.unsupported:
+        console.print(f"{len(data.unsupported)} file(s) with unsupported extensions ignored.")
+    for w in data.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    console.print(f"Bar chart: {plot}")
+    return 0
+
+
+def _config_from_args(args: argparse.Namespace) -> object:
+    from .config import TrainConfig
+
+    return TrainConfig(
+        backbone=args.backbone,
+        weights=args.weights,
+        pretrained=not args.no_pretrained,
+        img_size=args.img_size,
+        head=args.head,
+        dropout=args.dropout,
+        test_size=args.test_size,
+        val_size=args.val_size,
+        seed=args.seed,
+        augment=args.augment,
+        views=args.views,
+        class_weights=args.class_weights,
+        workers=args.workers,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        fine_tune_epochs=args.fine_tune_epochs,
+        fine_tune_lr=args.fine_tune_lr,
+        fine_tune_batch_size=args.fine_tune_batch_size,
+        unfreeze=args.unfreeze,
+        patience=args.patience,
+        allow_download=not args.offline,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .progress import Reporter
+    from .train import fit
+
+    config = _config_from_args(args)
+    reporter = Reporter(verbose=not args.quiet)
+    result = fit(config, args.root, args.out, force=args.force, reporter=reporter)  # type: ignore[arg-type]
+    out = result.run_dir
+    reporter.info(
+        f"Run folder: {out}\n  model        {out / 'model.safetensors'}\n"
+        f"  curves       {out / 'learning_curves.png'}\n"
+        f"  confusion    {out / 'confusion_matrix.png'}\n"
+        f"  summary      {out / 'summary.json'}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluate import evaluate_run
+    from .progress import Reporter
+
+    result = evaluate_run(args.run, args.folder, args.out, Reporter(verbose=not args.json))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        console = Console()
+        table = Table(
+            title=f"{result['data']}: accuracy {result['accuracy']:.1%} "
+            f"on {result['n']} images, loss {result['loss']:.3f}",
+            title_justify="left",
+        )
+        for col in ("class", "precision", "recall", "F1", "support"):
+            table.add_column(col, justify="left" if col == "class" else "right")
+        for name, m in result["per_class"].items():
+            table.add_row(
+                name,
+                f"{m['precision']:.3f}",
+                f"{m['recall']:.3f}",
+                f"{m['f1']:.3f}",
+                str(m["support"]),
+            )
+        console.print(table)
+        for f in result["failed"]:
+            console.print(f"[yellow]skipped[/] {f['path']}: {f['reason']}")
+        console.print(f"Confusion matrix: {Path(result['output_dir']) / 'confusion_matrix.png'}")
+    return PARTIAL_FAILURE_EXIT if result["failed"] else 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .errors import UsageError
+    from .predict import Predictor, expand_inputs
+
+    if args.top_k < 1:
+        raise UsageError("--top-k must be 1 or more.")
+    paths = expand_inputs(args.paths)
+    if not paths:
+        raise UsageError("No images to predict: the folders given hold no image files.")
+    predictor = Predictor.from_run(args.run)
+    preds = predictor.predict(paths, args.top_k)
+    if args.json:
+        print(json.dumps([p.to_dict() for p in preds], indent=2))
+    elif args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        k = min(args.top_k, len(predictor.classes))
+        header = ["path", "error"]
+        for i in range(1, k + 1):
+            header += [f"class_{i}", f"probability_{i}"]
+        writer.writerow(header)
+        for p in preds:
+            row = [p.path, p.error or ""]
+            for c, prob in p.top:
+                row += [c, f"{prob:.6f}"]
+            writer.writerow(row)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table()
+        table.add_column("image", overflow="fold", ratio=3)
+        table.add_column("prediction", no_wrap=True)
+        table.add_column("next classes", ratio=2)
+        for p in preds:
+            if p.error:
+                table.add_row(p.path, "[red]error", p.error)
+            else:
+                table.add_row(
+                    p.path,
+                    f"{p.top[0][0]} {p.top[0][1]:.1%}",
+                    ", ".join(f"{c} {q:.1%}" for c, q in p.top[1:]),
+                )
+        Console().print(table)
+    if args.grid:
+        from .data import load_image
+        from .plots import plot_prediction_grid
+
+        items = []
+        for p in preds:
+            if not p.error:
+                items.append(
+                    (load_image(p.path, 256), Path(p.path).name, f"{p.top[0][0]} {p.top[0][1]:.1%}")
+                )
+        if items:
+            plot_prediction_grid(items, Path(args.grid))
+            print(f"Grid: {args.grid}", file=sys.stderr)
+    failed = [p for p in preds if p.error]
+    if failed:
+        print(
+            f"{len(failed)} of {len(preds)} file(s) could not be read (listed above).",
+            file=sys.stderr,
+        )
+        return PARTIAL_FAILURE_EXIT
+    return 0
+
+
+COMMANDS = {"scan": cmd_scan, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except GraftError as exc:
+        print(f"graft {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"graft {args.command}: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""One configuration object for a training run.
+
+``TrainConfig`` flows unchanged from the CLI (or the library facade) to the trainer and is
+written to the run folder as ``config.json``, so a run always says exactly how it was made.
+Validation lives here, once, with messages that say which option is wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UsageError
+
+AUGMENTS = ("none", "light", "strong")
+OPTIMIZERS = ("adam", "adamw")
+CLASS_WEIGHTS = ("auto", "none")
+
+
+@dataclass
+class TrainConfig:
+    """Every choice that shapes a training run. Defaults follow the seed workflow."""
+
+    # --- model
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None  # local weights file; None = the backbone's usual source
+    pretrained: bool = True  # False only with --no-pretrained: random init on purpose
+    img_size: int = 128  # the seed's 128x128
+    head: str = "linear"  # "linear" (pool -> dropout -> linear) or "dense:N" (seed-like)
+    dropout: float = 0.2
+    # --- data
+    test_size: float = 0.2  # held out, only used by evaluate
+    val_size: float = 0.1  # taken from the rest; early stopping and model selection
+    seed: int = 42
+    augment: str = "light"
+    views: int = 4  # augmented views per training image cached for the frozen stage
+    class_weights: str = "auto"
+    workers: int = -1  # image-decoding worker processes; -1 = choose from the CPU count
+    # --- stage 1: frozen backbone, new head
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    # --- stage 2: fine-tuning
+    fine_tune_epochs: int = 10
+    fine_tune_lr: float = 1e-5
+    fine_tune_batch_size: int = 16
+    # "all" (the seed: whole backbone) or the number of last blocks to train. The default
+    # trains only the top 2 blocks: the bottom stays as pretrained (it generalises better to
+    # images from elsewhere) and its activations are cached, so an epoch costs seconds.
+    unfreeze: str = "2"
+    # --- both stages
+    patience: int = 3  # epochs without a better validation loss before stopping; 0 = never
+    allow_download: bool = True  # may fetch weights (VGG16) when they are not on disk
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        from .backbones import BACKBONES
+
+        def bad(option: str, value: Any, allowed: str) -> UsageError:
+            return UsageError(f"--{option.replace('_', '-')} {value!r} is not valid: {allowed}.")
+
+        if self.backbone not in BACKBONES:
+            raise bad("backbone", self.backbone, f"choose one of {', '.join(BACKBONES)}")
+        if not (32 <= self.img_size <= 1024):
+            raise bad("img_size", self.img_size, "use a size between 32 and 1024 pixels")
+        if not (self.head == "linear" or re.fullmatch(r"dense:[1-9]\d*", self.head)):
+            raise bad("head", self.head, "use 'linear' or 'dense:N' (e.g. dense:256)")
+        if not (0.0 <= self.dropout < 1.0):
+            raise bad("dropout", self.dropout, "use a value in [0, 1)")
+        for name in ("test_size", "val_size"):
+            value = getattr(self, name)
+            if not (0.0 < value < 0.5):
+                raise bad(name, value, "use a fraction between 0 and 0.5, e.g. 0.2")
+        if self.test_size + self.val_size >= 0.8:
+            raise UsageError("--test-size plus --val-size must leave most images for training.")
+        if self.augment not in AUGMENTS:
+            raise bad("augment", self.augment, f"choose one of {', '.join(AUGMENTS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", self.optimizer, f"choose one of {', '.join(OPTIMIZERS)}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise bad("class_weights", self.class_weights, "choose auto or none")
+        for name in ("epochs", "fine_tune_epochs", "patience"):
+            if getattr(self, name) < 0:
+                raise bad(name, getattr(self, name), "use 0 or more")
+        for name in ("batch_size", "fine_tune_batch_size", "views"):
+            if getattr(self, name) < 1:
+                raise bad(name, getattr(self, name), "use 1 or more")
+        for name in ("lr", "fine_tune_lr"):
+            if not (0.0 < getattr(self, name) < 10.0):
+                raise bad(name, getattr(self, name), "use a positive learning rate such as 1e-3")
+        if self.epochs + self.fine_tune_epochs == 0:
+            raise UsageError("Nothing to train: --epochs and --fine-tune-epochs are both 0.")
+        if self.unfreeze != "all" and not re.fullmatch(r"[1-9]\d*", str(self.unfreeze)):
+            raise bad("unfreeze", self.unfreeze, "use 'all' or a number of last blocks, e.g. 2")
+        self.unfreeze = str(self.unfreeze)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def head_hidden(self) -> int | None:
+        return int(self.head.split(":")[1]) if self.head.startswith("dense:") else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,451 @@
+"""Reading a folder of labelled images: scan, decode, split, transform, load.
+
+The expected layout (one sub-folder per class; nested folders belong to their class)::
+
+    ROOT/
+    ├── bulbasaur/
+    │   ├── 001.png
+    │   └── shiny/002.png
+    └── pikachu/
+        └── 003.jpg
+
+Accepted extensions (any case): .jpg .jpeg .png .gif .bmp .webp .tif .tiff. Hidden files and
+folders (starting with ".") are ignored. Every file is decoded once by :func:`scan`; files that
+cannot be decoded are listed with the reason and left out, never a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import os
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import DataError, SplitError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+#: A class needs one image in each of train, validation and test.
+MIN_PER_CLASS = 3
+#: Below this many images a class is "small": the split works but the numbers are noisy.
+SMALL_CLASS = 10
+#: Warn when the largest class is this many times the smallest.
+IMBALANCE_RATIO = 2.0
+
+_LAYOUT_HINT = (
+    "graft expects one sub-folder per class, e.g. ROOT/cat/*.jpg and ROOT/dog/*.jpg "
+    f"(extensions: {' '.join(IMAGE_EXTENSIONS)})."
+)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def load_image(path: str | Path | bytes, size_hint: int | None = None) -> Image.Image:
+    """Decode one image as 8-bit RGB, the way graft sees every image.
+
+    - EXIF orientation is applied, so a phone photo is upright;
+    - animated images (GIF, WebP) use their first frame;
+    - transparency is composited on white (sprites and logos have transparent backgrounds);
+    - ``size_hint`` lets JPEG decode at a reduced scale (``draft``) when only a small image is
+      needed, which is several times faster for large photos.
+
+    Raises ``OSError``/``ValueError`` (from Pillow) when the file is not a readable image.
+    """
+    source = io.BytesIO(path) if isinstance(path, bytes) else path
+    with warnings.catch_warnings():
+        # A DecompressionBombWarning becomes an error: such an image is refused, not decoded.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(source) as im:
+            if size_hint and im.format == "JPEG":
+                im.draft("RGB", (size_hint, size_hint))
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grey: scale to 8 bits rather than clipping everything to white.
+        arr = np.asarray(im, dtype=np.float64)
+        peak = arr.max() if arr.size and arr.max() > 0 else 1.0
+        im = Image.fromarray((arr / peak * 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def describe_decode_error(exc: BaseException) -> str:
+    """A short reason for the skipped-files list."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return f"refused: image too large ({text})"
+    if "cannot identify image file" in text:
+        return "not an image (or an unsupported format)"
+    if "truncated" in text.lower() or "broken" in text.lower():
+        return f"truncated or corrupt image ({text})"
+    return text
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+@dataclass
+class ScanResult:
+    """The usable images of a dataset folder and what was left out (see :func:`scan`)."""
+
+    root: Path
+    classes: list[str]
+    paths: list[Path]  # absolute paths of images that decoded
+    labels: list[int]  # index into ``classes``
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
+    unsupported: list[Path] = field(default_factory=list)  # files with other extensions
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c = Counter(self.labels)
+        return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def relpath(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def _iter_files(folder: Path) -> Iterable[Path]:
+    # followlinks=False: a symlink loop cannot send the walk round forever.
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def find_classes(root: str | Path) -> tuple[Path, list[str]]:
+    """Check the dataset root and return it with its class names (sorted sub-folders)."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"Dataset folder not found: {root}. {_LAYOUT_HINT}")
+    if not root.is_dir():
+        raise DataError(f"{root} is a file, not a folder. {_LAYOUT_HINT}")
+    root = root.resolve()
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+        extra = (
+            f" It holds {len(loose)} images directly; move them into one folder per class."
+            if loose
+            else ""
+        )
+        raise DataError(f"No class folders in {root}.{extra} {_LAYOUT_HINT}")
+    return root, classes
+
+
+def scan(
+    root: str | Path,
+    classes: Sequence[str] | None = None,
+    decode: bool = True,
+    progress: Callable[[Iterable[Path], int, str], Iterable[Path]] | None = None,
+) -> ScanResult:
+    """List and decode every image under ``root``; never raises for a single bad file.
+
+    ``classes`` fixes the class list (evaluating a run on another folder): folders that are
+    not among them are an error naming them. Raises :class:`DataError` when the folder cannot
+    be used at all (missing, no class folders, a class without any usable image, or only
+    unsupported files).
+    """
+    root, found = find_classes(root)
+    if classes is not None:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{root} has class folders the model does not know: {', '.join(unknown)}. "
+                f"The model's classes are: {', '.join(classes)}. Rename or remove those folders."
+            )
+        class_list = list(classes)
+    else:
+        class_list = found
+
+    candidates: list[tuple[Path, int]] = []
+    unsupported: list[Path] = []
+    for index, name in enumerate(class_list):
+        folder = root / name
+        if not folder.is_dir():
+            continue  # a known class absent from an evaluation folder is fine
+        for path in _iter_files(folder):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                candidates.append((path, index))
+            else:
+                unsupported.append(path)
+
+    if not candidates:
+        kinds = Counter(p.suffix.lower() or "(no extension)" for p in unsupported)
+        found_text = (
+            "only files of unsupported types: "
+            + ", ".join(f"{n} {ext}" for ext, n in kinds.most_common(5))
+            if unsupported
+            else "no files"
+        )
+        raise DataError(f"No images found under {root}: {found_text}. {_LAYOUT_HINT}")
+
+    paths: list[Path] = []
+    labels: list[int] = []
+    skipped: list[tuple[Path, str]] = []
+    iterator: Iterable[tuple[Path, int]] = candidates
+    if progress is not None:
+        iterator = progress(candidates, len(candidates), "Checking images")  # type: ignore[arg-type]
+    for path, label in iterator:
+        if decode:
+            try:
+                load_image(path, size_hint=64)
+            except Exception as exc:
+                skipped.append((path, describe_decode_error(exc)))
+                continue
+        paths.append(path)
+        labels.append(label)
+
+    data = ScanResult(root, class_list, paths, labels, skipped, unsupported)
+    counts = data.counts
+    if classes is None:
+        empty = [name for name, n in counts.items() if n == 0]
+        if empty:
+            detail = []
+            for name in empty:
+                bad = sum(1 for p, _ in skipped if p.is_relative_to(root / name))
+                detail.append(f"'{name}'" + (f" ({bad} unreadable files)" if bad else ""))
+            raise DataError(
+                f"Class folder {', '.join(detail)} in {root} has no usable images. "
+                "Add images to it or remove the folder."
+            )
+        data.warnings.extend(_dataset_warnings(counts))
+    return data
+
+
+def _dataset_warnings(counts: dict[str, int]) -> list[str]:
+    out = []
+    small = {k: v for k, v in counts.items() if v < MIN_PER_CLASS}
+    if small:
+        out.append(
+            "Too few images to split (need at least "
+            f"{MIN_PER_CLASS} per class for train/validation/test): "
+            + ", ".join(f"{k} ({v})" for k, v in small.items())
+        )
+    noisy = {k: v for k, v in counts.items() if MIN_PER_CLASS <= v < SMALL_CLASS}
+    if noisy:
+        out.append(
+            f"Small classes (under {SMALL_CLASS} images; metrics on them will be noisy): "
+            + ", ".join(f"{k} ({v})" for k, v in noisy.items())
+        )
+    hi, lo = max(counts.values()), min(counts.values())
+    if lo > 0 and hi / lo > IMBALANCE_RATIO:
+        big = max(counts, key=counts.__getitem__)
+        tiny = min(counts, key=counts.__getitem__)
+        out.append(
+            f"Classes are imbalanced: '{big}' has {hi} images, '{tiny}' only {lo} "
+            f"({hi / lo:.1f}x). graft weights the loss by inverse frequency (--class-weights auto)."
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- splitting
+
+SUBSETS = ("train", "val", "test")
+
+
+def make_split(
+    labels: Sequence[int], classes: Sequence[str], test_size: float, val_size: float, seed: int
+) -> list[str]:
+    """Stratified, shuffled train/val/test assignment, reproducible from ``seed``.
+
+    ``test_size`` and ``val_size`` are fractions of the whole dataset. Returns one subset name
+    per image, in the order of ``labels``.
+    """
+    from sklearn.model_selection import train_test_split
+
+    counts = Counter(labels)
+    too_small = [f"'{classes[c]}' ({n})" for c, n in sorted(counts.items()) if n < MIN_PER_CLASS]
+    if too_small:
+        raise SplitError(
+            f"Too few images for a stratified train/validation/test split in: "
+            f"{', '.join(too_small)}. Each class needs at least {MIN_PER_CLASS} images "
+            "(20 or more gives meaningful numbers). Add images or remove those classes."
+        )
+    n = len(labels)
+    n_classes = len(counts)
+    n_test = max(n_classes, math.ceil(test_size * n))
+    n_val = max(n_classes, math.ceil(val_size * n))
+    if n - n_test - n_val < n_classes:
+        raise SplitError(
+            f"{n} images are too few to hold out {n_test} for testing and {n_val} for validation "
+            f"across {n_classes} classes. Add images, or lower --test-size / --val-size."
+        )
+    index = np.arange(n)
+    y = np.asarray(labels)
+    try:
+        rest, test = train_test_split(
+            index, test_size=n_test, stratify=y, random_state=seed, shuffle=True
+        )
+        train, val = train_test_split(
+            rest, test_size=n_val, stratify=y[rest], random_state=seed, shuffle=True
+        )
+    except ValueError as exc:
+        raise SplitError(f"Could not split the dataset stratified by class: {exc}") from exc
+    subset = np.empty(n, dtype=object)
+    subset[train], subset[val], subset[test] = "train", "val", "test"
+    return [str(s) for s in subset]
+
+
+def write_split(path: Path, data: ScanResult, subsets: Sequence[str]) -> None:
+    from .io import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "class", "subset"])
+    for p, label, subset in zip(data.paths, data.labels, subsets, strict=True):
+        writer.writerow([data.relpath(p), data.classes[label], subset])
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_split(
+    path: Path, root: Path, classes: Sequence[str]
+) -> tuple[list[Path], list[int], list[str]]:
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels, subsets = [], [], []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            paths.append(root / row["path"])
+            labels.append(index[row["class"]])
+            subsets.append(row["subset"])
+    return paths, labels, subsets
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def build_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float], augment: str = "none"
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The preprocessing for one image; ``augment`` is only ever used for training images.
+
+    Evaluation resizes the whole image to ``img_size`` x ``img_size`` (as the seed did), so
+    nothing at the edges is cropped away.
+    """
+    from torchvision import transforms as T
+
+    size = (img_size, img_size)
+    finish = [T.ToTensor(), T.Normalize(mean, std)]
+    if augment == "none":
+        return T.Compose([T.Resize(size, antialias=True), *finish])
+    if augment == "light":
+        return T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.85, 1.18), antialias=True),
+                T.RandomHorizontalFlip(),
+                T.RandomRotation(10, fill=255),
+                T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+                *finish,
+            ]
+        )
+    if augment == "strong":
+        return T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+                T.RandomHorizontalFlip(),
+                T.RandAugment(num_ops=2, magnitude=9, fill=[255, 255, 255]),
+                T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05),
+                *finish,
+            ]
+        )
+    raise ValueError(f"unknown augment {augment!r}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ImageFiles(Dataset):
+    """Images from a list of files; a file that fails to decode yields ``None`` (skipped)."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int] | None,
+        transform: Callable[[Image.Image], torch.Tensor],
+        size_hint: int | None = None,
+    ):
+        self.paths = list(paths)
+        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
+        self.transform = transform
+        self.size_hint = size_hint
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | tuple[None, str, int]:
+        try:
+            image = load_image(self.paths[i], self.size_hint)
+        except Exception as exc:
+            return None, describe_decode_error(exc), i
+        return self.transform(image), self.labels[i], i
+
+
+def collate_skipping(batch: list) -> dict:
+    """Stack the good samples; keep (index, reason) of the ones that failed to decode."""
+    good = [b for b in batch if b[0] is not None]
+    failed = [(b[2], b[1]) for b in batch if b[0] is None]
+    if good:
+        images = torch.stack([b[0] for b in good])
+        labels = torch.tensor([b[1] for b in good], dtype=torch.long)
+        index = torch.tensor([b[2] for b in good], dtype=torch.long)
+    else:
+        images, labels, index = (
+            torch.empty(0),
+            torch.empty(0, dtype=torch.long),
+            torch.empty(0, dtype=torch.long),
+        )
+    return {"images": images, "labels": labels, "index": index, "failed": failed}
+
+
+def default_workers() -> int:
+    # One decoding process beside the main one keeps a 2-core laptop busy without
+    # fighting the model's own threads; bigger machines get more.
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 1 else min(4, max(1, cpus // 2))
+
+
+def make_loader(
+    dataset: ImageFiles, batch_size: int, shuffle: bool, seed: int, workers: int = -1
+) -> DataLoader:
+    workers = default_workers() if workers < 0 else workers
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        generator=generator,
+        persistent_workers=False,
+    )

@@ -1,0 +1,145 @@
+"""Figures of a run: class counts, learning curves, confusion matrix, prediction grid.
+
+Plotting reads plain records and arrays; it never needs torch. Every figure is written
+atomically as PNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .io import atomic_save
+
+STAGE_COLOURS = {"frozen": "#e8f0fe", "fine-tune": "#fef3e2"}
+
+
+def _save(fig: Any, path: Path) -> None:
+    atomic_save(
+        Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    )
+    plt.close(fig)
+
+
+def plot_class_counts(counts: dict[str, int], path: Path) -> None:
+    names, values = list(counts), list(counts.values())
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(names) + 2), 3.6))
+    bars = ax.bar(names, values, color="#4c72b0")
+    ax.bar_label(bars, padding=2, fontsize=9)
+    ax.set_ylabel("images")
+    ax.set_title(f"Images per class ({sum(values)} in {len(names)} classes)")
+    ax.set_ylim(0, max(values) * 1.15 + 1)
+    ax.spines[["top", "right"]].set_visible(False)
+    if len(names) > 6 or max(len(n) for n in names) > 10:
+        plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
+    _save(fig, path)
+
+
+def plot_learning_curves(
+    history: Sequence[Any], path: Path, best_step: int | None = None, title: str = "Learning curves"
+) -> None:
+    """Accuracy and loss, train vs validation, both stages on one epoch axis."""
+    steps = [r.step for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "acc", "accuracy"), (axes[1], "loss", "loss")):
+        # shade each stage and mark the boundary
+        for stage, colour in STAGE_COLOURS.items():
+            s = [r.step for r in history if r.stage == stage]
+            if s:
+                ax.axvspan(min(s) - 0.5, max(s) + 0.5, color=colour, zorder=0)
+                ax.text(
+                    (min(s) + max(s)) / 2,
+                    1.01,
+                    stage,
+                    transform=ax.get_xaxis_transform(),
+                    ha="center",
+                    va="bottom",
+                    fontsize=9,
+                    color="#555",
+                )
+        boundary = [r.step for r in history if r.stage == "fine-tune"]
+        if boundary and boundary[0] > 1:
+            ax.axvline(boundary[0] - 0.5, color="#888", ls="--", lw=1)
+        ax.plot(
+            steps,
+            [getattr(r, f"train_{key}") for r in history],
+            "o-",
+            ms=3,
+            label=f"train {label}",
+            color="#4c72b0",
+        )
+        ax.plot(
+            steps,
+            [getattr(r, f"val_{key}") for r in history],
+            "s-",
+            ms=3,
+            label=f"validation {label}",
+            color="#dd8452",
+        )
+        if best_step:
+            ax.axvline(best_step, color="#2a9d4b", lw=1.2, alpha=0.8, label="best (kept)")
+        ax.set_xlabel("epoch (both stages)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+        if key == "acc":
+            ax.set_ylim(-0.02, 1.02)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.legend(loc="best", fontsize=8)
+        if steps:
+            ax.set_xlim(0.5, max(steps) + 0.5)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.suptitle(title, y=1.04)
+    _save(fig, path)
+
+
+def plot_confusion_matrix(
+    matrix: np.ndarray, classes: Sequence[str], path: Path, title: str = "Confusion matrix"
+) -> None:
+    n = len(classes)
+    size = max(4.5, 0.6 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    totals = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, totals, out=np.zeros_like(matrix, dtype=float), where=totals > 0)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=40, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        str(int(matrix[i, j])),
+                        ha="center",
+                        va="center",
+                        fontsize=9,
+                        color="white" if share[i, j] > 0.5 else "black",
+                    )
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def plot_prediction_grid(items: Sequence[tuple[Any, str, str]], path: Path, cols: int = 5) -> None:
+    """``items``: (PIL image, title line 1, title line 2) — like the seed's unseen-images figure."""
+    n = len(items)
+    cols = min(cols, max(1, n))
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, line1, line2) in zip(axes.flat, items, strict=False):
+        ax.imshow(image)
+        ax.set_title(f"{line1}\n{line2}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)

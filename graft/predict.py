@@ -1,0 +1,116 @@
+"""Inference on files and folders with a trained run's own preprocessing.
+
+A :class:`Predictor` is built from a run folder (or a ``model.safetensors``) alone: the input
+size, normalisation and class names come from the checkpoint, so prediction can never
+preprocess differently from training. Files that cannot be read get a per-file error; the
+rest are still predicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import IMAGE_EXTENSIONS, ImageFiles, _iter_files, build_transform, make_loader
+from .errors import DataError
+from .model import GraftModel, load_model
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (class, probability), best first
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
+
+    def to_dict(self) -> dict:
+        out: dict = {"path": self.path}
+        if self.error:
+            out["error"] = self.error
+        else:
+            out["label"] = self.label
+            out["top"] = [{"class": c, "probability": round(p, 6)} for c, p in self.top]
+        return out
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given; folders expanded (recursively) to the images inside them."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(f for f in _iter_files(p) if f.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            out.append(p)  # missing or unreadable files become per-file errors
+    return out
+
+
+class Predictor:
+    def __init__(self, model: GraftModel, engine: object | None = None, workers: int = 0):
+        from .train import choose_engine
+
+        self.model = model.eval()
+        self.engine = engine or choose_engine()
+        self.model.to(self.engine.device)  # type: ignore[attr-defined]
+        if self.engine.channels_last:  # type: ignore[attr-defined]
+            self.model.to(memory_format=torch.channels_last)
+        self.info = model.info
+        self.classes = list(model.info.classes)
+        self.workers = workers
+        self.transform = build_transform(self.info.img_size, self.info.mean, self.info.std, "none")
+
+    @classmethod
+    def from_run(cls, run: str | Path, workers: int = 0) -> Predictor:
+        return cls(load_model(run), workers=workers)
+
+    @torch.no_grad()
+    def predict_proba(
+        self, paths: Sequence[str | Path], batch_size: int = 32
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """Probabilities ``[len(paths), n_classes]`` (NaN rows for failures) and
+        ``{index: reason}`` for files that could not be read."""
+        engine = self.engine
+        dataset = ImageFiles([Path(p) for p in paths], None, self.transform, self.info.img_size)
+        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
+        failed: dict[int, str] = {}
+        if not len(paths):
+            return probs, failed
+        for batch in make_loader(dataset, batch_size, shuffle=False, seed=0, workers=self.workers):
+            failed.update(dict(batch["failed"]))
+            if len(batch["index"]) == 0:
+                continue
+            x = engine.prepare(batch["images"])  # type: ignore[attr-defined]
+            with engine.context():  # type: ignore[attr-defined]
+                logits = self.model(x).float()
+            probs[batch["index"].numpy()] = logits.softmax(1).cpu().numpy()
+        return probs, failed
+
+    def predict(
+        self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32
+    ) -> list[Prediction]:
+        probs, failed = self.predict_proba(paths, batch_size)
+        k = max(1, min(top_k, len(self.classes)))
+        out = []
+        for i, p in enumerate(paths):
+            if i in failed:
+                out.append(Prediction(str(p), [], failed[i]))
+                continue
+            order = np.argsort(-probs[i])[:k]
+            out.append(Prediction(str(p), [(self.classes[j], float(probs[i, j])) for j in order]))
+        return out
+
+
+def predict_paths(
+    run: str | Path, inputs: Iterable[str | Path], top_k: int = 3
+) -> list[Prediction]:
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise DataError("No images to predict: the folders given hold no image files.")
+    return Predictor.from_run(run).predict(paths, top_k)

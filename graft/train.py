@@ -1,0 +1,780 @@
+"""Training: the seed's two stages, done right.
+
+    1. scan the folder, split it (stratified, seeded) and write the split to the run folder;
+    2. stage 1 ("frozen"): the backbone never changes, so its outputs are computed once per
+       image (and per augmented view) and only the new head trains, on those cached features;
+    3. stage 2 ("fine-tune"): unfreeze the last N blocks (or all), new optimizer with a much
+       lower learning rate and a smaller batch. When only the top blocks learn, the frozen
+       bottom's activations are cached too, so an epoch runs just the top;
+    4. after every epoch: history row, best-so-far checkpoint (by validation loss);
+    5. keep the best epoch of either stage, evaluate it once on the held-out test split,
+       plot the curves and write the diagnosis.
+
+BatchNorm layers of the backbone stay in inference mode throughout (see ``GraftModel.train``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .backbones import get_spec
+from .config import TrainConfig
+from .data import (
+    ImageFiles,
+    build_transform,
+    default_workers,
+    make_loader,
+    make_split,
+    scan,
+    write_split,
+)
+from .errors import RunExistsError
+from .io import atomic_write_json, atomic_write_text
+from .model import GraftModel, ModelInfo, build_model
+from .progress import Reporter
+
+# Run-folder files graft owns; --force removes exactly these, never anything else.
+RUN_FILES = (
+    "config.json",
+    "split.csv",
+    "history.csv",
+    "model.safetensors",
+    "summary.json",
+    "skipped.csv",
+    "learning_curves.png",
+    "class_counts.png",
+    "confusion_matrix.png",
+    "evaluation.json",
+)
+#: Cache activations at the fine-tuning cut only while they fit in this many bytes.
+CUT_CACHE_BUDGET = int(os.environ.get("GRAFT_CUT_CACHE_MB", "2048")) * 2**20
+
+
+# --------------------------------------------------------------------------- engine choice
+
+
+@dataclass
+class Engine:
+    """Where and how tensors are computed; chosen once, printed for the user."""
+
+    device: torch.device
+    autocast: torch.dtype | None
+    channels_last: bool
+    reason: str
+
+    def context(self) -> Any:
+        if self.autocast is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def choose_engine() -> Engine:
+    if torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Engine(
+            torch.device("cuda"),
+            dtype,
+            True,
+            f"CUDA ({torch.cuda.get_device_name()}), {str(dtype).split('.')[1]} autocast",
+        )
+    if _cpu_has_bf16():
+        return Engine(
+            torch.device("cpu"),
+            torch.bfloat16,
+            True,
+            "CPU with native bf16: bf16 autocast + channels_last",
+        )
+    # Without native bf16 (e.g. AVX2-only CPUs) bf16 autocast is ~25x slower, not faster.
+    return Engine(torch.device("cpu"), None, True, "CPU without native bf16: fp32 + channels_last")
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class EpochRecord:
+    stage: str
+    epoch: int  # within its stage, from 1
+    step: int  # across both stages, from 1: the curves' time axis
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    seconds: float
+
+    FIELDS = (
+        "stage",
+        "epoch",
+        "step",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "lr",
+        "seconds",
+    )
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    classes: list[str]
+    history: list[EpochRecord]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def prepare_run_dir(out: Path, force: bool) -> None:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunExistsError(f"{out} exists and is a file. Choose another --out.")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise RunExistsError(
+                f"Run folder {out} already exists and is not empty. Choose another --out, or "
+                "pass --force to replace the run in it."
+            )
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "predictions", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_history(path: Path, history: list[EpochRecord]) -> None:
+    lines = [",".join(EpochRecord.FIELDS)]
+    for r in history:
+        values = [getattr(r, f) for f in EpochRecord.FIELDS]
+        lines.append(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def class_weights_for(counts: list[int], mode: str) -> tuple[torch.Tensor | None, str]:
+    """Inverse-frequency weights (mean 1) when asked, or when ``auto`` sees >2x imbalance."""
+    ratio = max(counts) / max(1, min(counts))
+    if mode == "none" or (mode == "auto" and ratio <= 2.0):
+        why = "off" if mode == "none" else f"off (classes within {ratio:.1f}x of each other)"
+        return None, why
+    c = torch.tensor(counts, dtype=torch.float32)
+    w = c.sum() / (len(counts) * c)
+    return w, f"inverse frequency (largest/smallest = {ratio:.1f}x)"
+
+
+# --------------------------------------------------------------------------- caching
+
+
+@torch.no_grad()
+def extract(
+    model: GraftModel,
+    dataset: ImageFiles,
+    cut: int,
+    engine: Engine,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    reporter: Reporter,
+    label: str,
+) -> torch.Tensor:
+    """Run the frozen backbone up to block ``cut`` once over ``dataset``; returns the
+    activations there (pooled to vectors when ``cut`` is the end of the backbone)."""
+    backbone = model.backbone
+    loader = make_loader(dataset, batch_size, shuffle=False, seed=seed, workers=workers)
+    out: torch.Tensor | None = None
+    with reporter.bar(label, len(dataset)) as advance:
+        for batch in loader:
+            if batch["failed"]:
+                # Files were checked by scan; one that breaks now (changed on disk) is fatal
+                # for a cache that must hold every image, so say which one.
+                index, reason = batch["failed"][0]
+                raise OSError(f"{dataset.paths[index]} could not be read any more: {reason}")
+            x = engine.prepare(batch["images"])
+            with engine.context():
+                maps = x
+                for block in backbone.blocks[:cut]:
+                    maps = block(maps)
+                if cut == len(backbone.blocks):
+                    maps = maps.mean(dim=(2, 3))
+            maps = maps.float().contiguous().cpu()
+            if out is None:
+                out = torch.empty((len(dataset), *maps.shape[1:]), dtype=torch.float32)
+            out[batch["index"]] = maps
+            advance(len(batch["index"]))
+    assert out is not None
+    return out
+
+
+def _top_forward(model: GraftModel, maps: torch.Tensor, cut: int) -> torch.Tensor:
+    """Logits from activations cached at block ``cut``."""
+    blocks = model.backbone.blocks
+    if cut == len(blocks):
+        return model.head(maps)
+    return model.head(model.backbone.forward_maps(maps, start=cut).mean(dim=(2, 3)))
+
+
+# --------------------------------------------------------------------------- epochs
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def train_epoch_cached(
+    model: GraftModel,
+    views: torch.Tensor,
+    labels: torch.Tensor,
+    cut: int,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    batch_size: int,
+    generator: torch.Generator,
+    engine: Engine,
+) -> tuple[float, float]:
+    """One epoch on cached activations ``views[K, N, ...]``: each image appears once, as one of
+    its K cached augmented views picked at random."""
+    model.train()
+    n = views.shape[1]
+    pick = torch.randint(0, views.shape[0], (n,), generator=generator)
+    total_loss, correct = 0.0, 0
+    for idx in _batches(n, batch_size, generator):
+        x = engine.prepare(views[pick[idx], idx])
+        y = labels[idx].to(engine.device)
+        with engine.context():
+            logits = _top_forward(model, x, cut)
+        loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(idx)
+        correct += (logits.argmax(1) == y).sum().item()
+    return total_loss / n, correct / n
+
+
+def train_epoch_images(
+    model: GraftModel,
+    loader: Any,
+    cut: int,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    engine: Engine,
+    reporter: Reporter,
+    label: str,
+) -> tuple[float, float]:
+    """One epoch on decoded, augmented images; blocks below ``cut`` run without gradients."""
+    model.train()
+    total_loss, correct, n = 0.0, 0, 0
+    with reporter.bar(label, len(loader.dataset)) as advance:
+        for batch in loader:
+            if len(batch["index"]) == 0:
+                continue
+            x, y = engine.prepare(batch["images"]), batch["labels"].to(engine.device)
+            with engine.context():
+                if cut > 0:
+                    with torch.no_grad():
+                        x = _run_blocks(model, x, 0, cut)
+                    logits = _top_forward(model, x, cut)
+                else:
+                    logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            n += len(y)
+            advance(len(batch["index"]))
+    return total_loss / max(1, n), correct / max(1, n)
+
+
+def _run_blocks(model: GraftModel, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    for block in model.backbone.blocks[start:stop]:
+        x = block(x)
+    return x
+
+
+@torch.no_grad()
+def evaluate_cached(
+    model: GraftModel,
+    maps: torch.Tensor,
+    labels: torch.Tensor,
+    cut: int,
+    loss_fn: nn.Module,
+    engine: Engine,
+    batch_size: int = 256,
+) -> tuple[float, float]:
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        x = engine.prepare(maps[start : start + batch_size])
+        y = labels[start : start + batch_size].to(engine.device)
+        with engine.context():
+            logits = _top_forward(model, x, cut).float()
+        total_loss += loss_fn(logits, y).item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+    return total_loss / len(labels), correct / len(labels)
+
+
+@torch.no_grad()
+def evaluate_images(
+    model: GraftModel, loader: Any, loss_fn: nn.Module, engine: Engine
+) -> tuple[float, float]:
+    model.eval()
+    total_loss, correct, n = 0.0, 0, 0
+    for batch in loader:
+        if len(batch["index"]) == 0:
+            continue
+        x, y = engine.prepare(batch["images"]), batch["labels"].to(engine.device)
+        with engine.context():
+            logits = model(x).float()
+        total_loss += loss_fn(logits, y).item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    return total_loss / max(1, n), correct / max(1, n)
+
+
+def make_optimizer(params: Any, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay or 1e-2)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Best:
+    """Tracks the best validation loss across both stages and checkpoints it."""
+
+    def __init__(self, model: GraftModel, path: Path):
+        self.model, self.path = model, path
+        self.loss, self.step, self.stage = math.inf, 0, ""
+        self.state: dict[str, torch.Tensor] = {}
+
+    def update(self, record: EpochRecord) -> bool:
+        if record.val_loss < self.loss - 1e-6:
+            self.loss, self.step, self.stage = record.val_loss, record.step, record.stage
+            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.model.save(self.path)
+            return True
+        return False
+
+    def restore(self) -> None:
+        if self.state:
+            self.model.load_state_dict(self.state)
+
+
+def fit(
+    config: TrainConfig,
+    data_root: str | Path,
+    out: str | Path,
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> TrainResult:
+    """Train a classifier on ``data_root`` and write a self-describing run folder to ``out``."""
+    reporter = reporter or Reporter()
+    out = Path(out)
+    started = time.perf_counter()
+    prepare_run_dir(out, force)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    workers = default_workers() if config.workers < 0 else config.workers
+
+    # 1. data ------------------------------------------------------------------------
+    data = scan(data_root, progress=reporter.iter)
+    _write_skipped(out / "skipped.csv", data)
+    for warning in data.warnings:
+        reporter.warn(warning)
+    subsets = make_split(data.labels, data.classes, config.test_size, config.val_size, config.seed)
+    write_split(out / "split.csv", data, subsets)
+    from .plots import plot_class_counts
+
+    plot_class_counts(data.counts, out / "class_counts.png")
+    idx = {s: [i for i, sub in enumerate(subsets) if sub == s] for s in ("train", "val", "test")}
+    paths = {s: [data.paths[i] for i in ix] for s, ix in idx.items()}
+    labels = {
+        s: torch.tensor([data.labels[i] for i in ix], dtype=torch.long) for s, ix in idx.items()
+    }
+    train_counts = [int((labels["train"] == c).sum()) for c in range(len(data.classes))]
+    weights, weights_note = class_weights_for(train_counts, config.class_weights)
+    reporter.info(
+        f"{len(data.paths)} images in {len(data.classes)} classes -> "
+        f"train {len(idx['train'])} / validation {len(idx['val'])} / test {len(idx['test'])} "
+        f"(stratified, seed {config.seed}); class weights: {weights_note}"
+    )
+
+    # 2. model and plan ---------------------------------------------------------------
+    spec = get_spec(config.backbone)
+    info = ModelInfo(
+        config.backbone,
+        config.img_size,
+        spec.mean,
+        spec.std,
+        tuple(data.classes),
+        config.head,
+        config.dropout,
+    )
+    model, weights_source = build_model(
+        info, config.pretrained, config.weights, config.allow_download
+    )
+    engine = choose_engine()
+    model.to(engine.device)
+    if engine.channels_last:
+        model.to(memory_format=torch.channels_last)
+    n_blocks = len(model.backbone.blocks)
+    unfreeze = n_blocks if config.unfreeze == "all" else min(int(config.unfreeze), n_blocks)
+    cut = n_blocks - unfreeze if config.fine_tune_epochs else n_blocks
+    eval_tf = build_transform(config.img_size, spec.mean, spec.std, "none")
+    train_tf = build_transform(config.img_size, spec.mean, spec.std, config.augment)
+    n_views = 1 if config.augment == "none" else config.views
+    cut_bytes = _activation_bytes(model, cut, config.img_size) * (
+        n_views * len(idx["train"]) + len(idx["val"])
+    )
+    cache_cut = 0 < cut < n_blocks and cut_bytes <= CUT_CACHE_BUDGET
+    if not cache_cut and 0 < cut < n_blocks:
+        reporter.info(
+            f"Activations at the cut would take {cut_bytes / 2**20:.0f} MB: fine-tuning "
+            "runs on images, with the frozen blocks under no_grad."
+        )
+    extract_at = cut if cache_cut else n_blocks
+    plan = _describe_plan(config, n_blocks, unfreeze, n_views, cache_cut, workers)
+    reporter.info(f"Backbone {config.backbone} ({weights_source}); engine: {engine.reason}")
+    reporter.info("Plan: " + plan)
+    atomic_write_json(
+        out / "config.json",
+        {
+            **config.to_dict(),
+            "data_root": str(data.root),
+            "classes": data.classes,
+            "weights_source": weights_source,
+            "engine": engine.reason,
+            "plan": plan,
+            "versions": _versions(),
+        },
+    )
+
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(engine.device) if weights is not None else None)
+    eval_loss_fn = nn.CrossEntropyLoss()  # validation loss is unweighted: the honest number
+    history: list[EpochRecord] = []
+    best = _Best(model, out / "model.safetensors")
+    generator = torch.Generator().manual_seed(config.seed)
+    timings: dict[str, float] = {}
+
+    # 3. cache the frozen part once --------------------------------------------------
+    t0 = time.perf_counter()
+    model.eval()
+    need_cache = config.epochs > 0 or cache_cut
+    train_views = val_maps = torch.empty(0)
+    if need_cache:
+        train_views = torch.stack(
+            [
+                extract(
+                    model,
+                    ImageFiles(
+                        paths["train"],
+                        labels["train"].tolist(),
+                        eval_tf if v == 0 else train_tf,
+                        config.img_size,
+                    ),
+                    extract_at,
+                    engine,
+                    64,
+                    workers,
+                    config.seed + v,
+                    reporter,
+                    f"Caching train features (view {v + 1}/{n_views})",
+                )
+                for v in range(n_views)
+            ]
+        )
+        val_maps = extract(
+            model,
+            ImageFiles(paths["val"], labels["val"].tolist(), eval_tf, config.img_size),
+            extract_at,
+            engine,
+            64,
+            workers,
+            config.seed,
+            reporter,
+            "Caching validation features",
+        )
+    timings["cache_seconds"] = time.perf_counter() - t0
+
+    def record(
+        stage: str,
+        epoch: int,
+        tr: tuple[float, float],
+        va: tuple[float, float],
+        lr: float,
+        seconds: float,
+    ) -> None:
+        rec = EpochRecord(stage, epoch, len(history) + 1, tr[0], tr[1], va[0], va[1], lr, seconds)
+        history.append(rec)
+        improved = best.update(rec)
+        write_history(out / "history.csv", history)
+        reporter.epoch(rec, improved)
+
+    # 4. stage 1: frozen backbone, the head learns -------------------------------------
+    if config.epochs:
+        model.freeze_backbone()
+        if extract_at == n_blocks:
+            feats, val_feats = train_views, val_maps
+        else:  # pool the cut activations through the frozen top once
+            feats = torch.stack([_pool_top(model, v, extract_at, engine) for v in train_views])
+            val_feats = _pool_top(model, val_maps, extract_at, engine)
+        optimizer = make_optimizer(
+            model.head.parameters(), config.optimizer, config.lr, config.weight_decay
+        )
+        reporter.stage(
+            f"Stage 1: frozen {config.backbone}, training the head "
+            f"(lr {config.lr:g}, batch {config.batch_size})"
+        )
+        t_stage = time.perf_counter()
+        stale = 0
+        for epoch in range(1, config.epochs + 1):
+            t = time.perf_counter()
+            tr = train_epoch_cached(
+                model,
+                feats,
+                labels["train"],
+                n_blocks,
+                optimizer,
+                loss_fn,
+                config.batch_size,
+                generator,
+                engine,
+            )
+            va = evaluate_cached(model, val_feats, labels["val"], n_blocks, eval_loss_fn, engine)
+            record("frozen", epoch, tr, va, config.lr, time.perf_counter() - t)
+            stale = 0 if history[-1].step == best.step else stale + 1
+            if config.patience and stale >= config.patience:
+                reporter.info(f"Early stop: validation loss has not improved for {stale} epochs.")
+                break
+        timings["frozen_seconds"] = time.perf_counter() - t_stage
+        best.restore()
+
+    # 5. stage 2: fine-tune ------------------------------------------------------------
+    if config.fine_tune_epochs:
+        model.unfreeze(unfreeze)
+        optimizer = make_optimizer(
+            model.parameters(), config.optimizer, config.fine_tune_lr, config.weight_decay
+        )
+        reporter.stage(
+            f"Stage 2: fine-tuning the last {unfreeze} of {n_blocks} blocks "
+            f"(lr {config.fine_tune_lr:g}, batch {config.fine_tune_batch_size})"
+        )
+        t_stage = time.perf_counter()
+        stale = 0
+        train_loader = val_loader = None
+        if not cache_cut:
+            train_loader = make_loader(
+                ImageFiles(paths["train"], labels["train"].tolist(), train_tf, config.img_size),
+                config.fine_tune_batch_size,
+                shuffle=True,
+                seed=config.seed,
+                workers=workers,
+            )
+            val_loader = make_loader(
+                ImageFiles(paths["val"], labels["val"].tolist(), eval_tf, config.img_size),
+                64,
+                shuffle=False,
+                seed=config.seed,
+                workers=workers,
+            )
+        for epoch in range(1, config.fine_tune_epochs + 1):
+            t = time.perf_counter()
+            if cache_cut:
+                tr = train_epoch_cached(
+                    model,
+                    train_views,
+                    labels["train"],
+                    cut,
+                    optimizer,
+                    loss_fn,
+                    config.fine_tune_batch_size,
+                    generator,
+                    engine,
+                )
+                va = evaluate_cached(model, val_maps, labels["val"], cut, eval_loss_fn, engine)
+            else:
+                tr = train_epoch_images(
+                    model,
+                    train_loader,
+                    cut,
+                    optimizer,
+                    loss_fn,
+                    engine,
+                    reporter,
+                    f"Fine-tune epoch {epoch}",
+                )
+                va = evaluate_images(model, val_loader, eval_loss_fn, engine)
+            record("fine-tune", epoch, tr, va, config.fine_tune_lr, time.perf_counter() - t)
+            stale = 0 if history[-1].step == best.step else stale + 1
+            if config.patience and stale >= config.patience:
+                reporter.info(f"Early stop: validation loss has not improved for {stale} epochs.")
+                break
+        timings["fine_tune_seconds"] = time.perf_counter() - t_stage
+        best.restore()
+
+    # 6. keep the best, evaluate once on the held-out test split ------------------------
+    model.eval()
+    from .diagnose import diagnose
+    from .evaluate import evaluate_files
+    from .plots import plot_learning_curves
+
+    diagnosis = diagnose(history)
+    plot_learning_curves(
+        history,
+        out / "learning_curves.png",
+        best_step=best.step,
+        title=f"{config.backbone} @ {config.img_size}px: {diagnosis.verdict}",
+    )
+    test_metrics = evaluate_files(
+        model,
+        paths["test"],
+        labels["test"].tolist(),
+        data.classes,
+        out_dir=out,
+        engine=engine,
+        workers=workers,
+        title="held-out test split",
+    )
+    timings["total_seconds"] = time.perf_counter() - started
+    summary = {
+        "classes": data.classes,
+        "counts": data.counts,
+        "split": {s: len(ix) for s, ix in idx.items()},
+        "skipped_files": len(data.skipped),
+        "class_weights": weights_note,
+        "engine": engine.reason,
+        "plan": plan,
+        "best": {"stage": best.stage, "step": best.step, "val_loss": best.loss},
+        "diagnosis": diagnosis.to_dict(),
+        "test": {k: test_metrics[k] for k in ("accuracy", "loss", "n")},
+        "timings": timings,
+        "epoch_seconds": _epoch_seconds(history),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    reporter.diagnosis(diagnosis)
+    reporter.info(
+        f"Held-out test accuracy {test_metrics['accuracy']:.1%} on {test_metrics['n']} "
+        f"images (loss {test_metrics['loss']:.3f})."
+    )
+    return TrainResult(out, data.classes, history, summary)
+
+
+@torch.no_grad()
+def _pool_top(model: GraftModel, maps: torch.Tensor, start: int, engine: Engine) -> torch.Tensor:
+    out = []
+    for i in range(0, len(maps), 256):
+        x = engine.prepare(maps[i : i + 256])
+        with engine.context():
+            out.append(model.backbone.forward_maps(x, start=start).mean(dim=(2, 3)).float().cpu())
+    return torch.cat(out)
+
+
+def _activation_bytes(model: GraftModel, cut: int, img_size: int) -> int:
+    if cut >= len(model.backbone.blocks):
+        return model.backbone.num_features * 4
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        x = _run_blocks(model.eval(), torch.zeros(1, 3, img_size, img_size, device=device), 0, cut)
+    return x.numel() * 4
+
+
+def _describe_plan(
+    config: TrainConfig, n_blocks: int, unfreeze: int, views: int, cache_cut: bool, workers: int
+) -> str:
+    parts = []
+    if config.epochs:
+        parts.append(
+            f"stage 1 trains the head for up to {config.epochs} epochs on cached backbone "
+            f"features ({views} view{'s' if views > 1 else ''} per training image, "
+            f"augment={config.augment}): the backbone runs once per view, not once per epoch"
+        )
+    if config.fine_tune_epochs:
+        where = (
+            "on cached activations at the cut, so an epoch runs only the unfrozen top"
+            if cache_cut
+            else "on freshly decoded, augmented images"
+        )
+        parts.append(
+            f"stage 2 fine-tunes the last {unfreeze}/{n_blocks} blocks for up to "
+            f"{config.fine_tune_epochs} epochs {where}"
+        )
+    parts.append(
+        f"early stopping after {config.patience} epochs without a better validation loss"
+        if config.patience
+        else "no early stopping"
+    )
+    parts.append(f"{workers} decoding worker(s)")
+    return "; ".join(parts) + "."
+
+
+def _epoch_seconds(history: list[EpochRecord]) -> dict[str, float]:
+    out = {}
+    for stage in ("frozen", "fine-tune"):
+        secs = [r.seconds for r in history if r.stage == stage]
+        if secs:
+            out[stage] = float(np.mean(secs))
+    return out
+
+
+def _write_skipped(path: Path, data: Any) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    for p, reason in data.skipped:
+        writer.writerow([str(p), reason])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _versions() -> dict[str, str]:
+    import sklearn
+    import timm
+    import torchvision
+
+    return {
+        "graft": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+
+
+__all__ = ["EpochRecord", "TrainResult", "choose_engine", "fit"]

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from graft import DataError, ImageClassifier, NotFittedError, RunExistsError
+from graft.evaluate import evaluate_run
+from graft.predict import Predictor
+
+
+def test_evaluate_on_the_held_out_split_matches_training_summary(trained_run: Path) -> None:
+    result = evaluate_run(trained_run)
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert result["n"] == summary["test"]["n"] == 9
+    assert result["accuracy"] == pytest.approx(summary["test"]["accuracy"])
+    assert set(result["per_class"]) == {"circle", "square", "triangle"}
+    assert sum(m["support"] for m in result["per_class"].values()) == 9
+    assert np.asarray(result["confusion_matrix"]).sum() == 9
+
+
+def test_evaluate_on_another_folder(trained_run: Path, unseen_dir: Path, tmp_path: Path) -> None:
+    result = evaluate_run(trained_run, unseen_dir, out_dir=tmp_path / "ev")
+    assert result["n"] == 9 and result["accuracy"] >= 0.6
+    assert (tmp_path / "ev" / "confusion_matrix.png").is_file()
+
+
+def test_evaluate_folder_with_an_unknown_class_names_it(
+    trained_run: Path, unseen_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "ev"
+    shutil.copytree(unseen_dir, folder)
+    (folder / "hexagon").mkdir()
+    shutil.copy(next(unseen_dir.glob("circle/*")), folder / "hexagon" / "x.png")
+    with pytest.raises(DataError, match=r"does not know: hexagon.*circle, square, triangle"):
+        evaluate_run(trained_run, folder)
+
+
+def test_predict_gives_probabilities_and_a_per_file_error(
+    trained_run: Path, unseen_dir: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really")
+    files = sorted(unseen_dir.rglob("*.png")) + sorted(unseen_dir.rglob("*.jpg"))
+    predictor = Predictor.from_run(trained_run)
+    preds = predictor.predict([*files, bad, tmp_path / "missing.png"], top_k=2)
+    assert [p.error is None for p in preds] == [True] * len(files) + [False, False]
+    assert "not an image" in preds[-2].error and "No such file" in preds[-1].error
+    for p in preds[:-2]:
+        assert len(p.top) == 2 and p.top[0][1] >= p.top[1][1]
+    probs, failed = predictor.predict_proba(files)
+    assert not failed and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    right = sum(p.label == Path(p.path).parent.name for p in preds[:-2])
+    assert right >= 6
+
+
+def test_prediction_is_independent_of_batch_composition(
+    trained_run: Path, unseen_dir: Path
+) -> None:
+    files = sorted(unseen_dir.rglob("*.png"))
+    predictor = Predictor.from_run(trained_run)
+    together, _ = predictor.predict_proba(files)
+    alone = np.concatenate([predictor.predict_proba([f])[0] for f in files])
+    assert np.allclose(together, alone, atol=1e-5)
+
+
+def test_library_facade(
+    trained_run: Path, shapes_dir: Path, unseen_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(NotFittedError, match="fit"):
+        ImageClassifier().predict(["x.png"])
+    clf = ImageClassifier.load(trained_run)
+    assert clf.classes_ == ["circle", "square", "triangle"]
+    files = sorted(unseen_dir.rglob("*.png"))
+    labels = clf.predict(files)
+    probs = clf.predict_proba(files)
+    assert probs.shape == (len(files), 3)
+    assert labels == [clf.classes_[i] for i in probs.argmax(1)]
+    assert 0.6 <= clf.score(unseen_dir) <= 1.0
+    copy = clf.save(tmp_path / "copy")
+    assert np.allclose(ImageClassifier.load(copy).predict_proba(files), probs)
+    with pytest.raises(RunExistsError):
+        clf.save(copy)
+
+
+def test_library_fit_returns_self(tmp_path: Path, shapes_dir: Path) -> None:
+    from conftest import FAST
+
+    clf = ImageClassifier(**{**FAST, "epochs": 2, "fine_tune_epochs": 0})
+    assert clf.fit(shapes_dir, out=tmp_path / "run") is clf
+    assert clf.classes_ == ["circle", "square", "triangle"]
+    assert clf.run_dir_ == tmp_path / "run" and len(clf.history_) == 2
+    img = Image.open(next(shapes_dir.glob("square/*.png")))
+    img.save(tmp_path / "sq.png")
+    assert clf.predict([tmp_path / "sq.png"])[0] in clf.classes_
