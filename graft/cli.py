@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -367,9 +368,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         items = []
         for p in preds:
             if not p.error:
-                items.append(
-                    (load_image(p.path, 256), Path(p.path).name, f"{p.top[0][0]} {p.top[0][1]:.1%}")
-                )
+                # A file in a folder named like a class is taken to be of that class.
+                truth = Path(p.path).parent.name
+                correct = (p.label == truth) if truth in predictor.classes else None
+                caption = f"{p.top[0][0]} {p.top[0][1]:.1%}"
+                items.append((load_image(p.path, 256), _short_name(p.path), caption, correct))
         if items:
             plot_prediction_grid(items, Path(args.grid))
             print(f"Grid: {args.grid}", file=sys.stderr)
@@ -381,6 +384,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
         return PARTIAL_FAILURE_EXIT
     return 0
+
+
+def _short_name(path: str, width: int = 28) -> str:
+    name = Path(path).name
+    return name if len(name) <= width else name[: width // 2 - 1] + "…" + name[-width // 2 :]
 
 
 COMMANDS = {"scan": cmd_scan, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}
@@ -397,6 +405,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"graft {args.command}: interrupted.", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: say so in one line, keep the details
+        if os.environ.get("GRAFT_DEBUG"):
+            raise
+        print(
+            f"graft {args.command}: unexpected error: {type(exc).__name__}: {exc}\n"
+            "This is a bug in graft; run again with GRAFT_DEBUG=1 to see the traceback and "
+            "please report it.",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

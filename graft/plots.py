@@ -29,16 +29,15 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def plot_class_counts(counts: dict[str, int], path: Path) -> None:
-    names, values = list(counts), list(counts.values())
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(names) + 2), 3.6))
-    bars = ax.bar(names, values, color="#4c72b0")
-    ax.bar_label(bars, padding=2, fontsize=9)
-    ax.set_ylabel("images")
+    """Horizontal bars: class names stay readable however many or long they are."""
+    names, values = list(counts)[::-1], list(counts.values())[::-1]
+    fig, ax = plt.subplots(figsize=(7.0, max(2.4, 0.38 * len(names) + 1.2)))
+    bars = ax.barh(names, values, color="#4c72b0")
+    ax.bar_label(bars, padding=3, fontsize=9)
+    ax.set_xlabel("images")
     ax.set_title(f"Images per class ({sum(values)} in {len(names)} classes)")
-    ax.set_ylim(0, max(values) * 1.15 + 1)
+    ax.set_xlim(0, max(values) * 1.12 + 1)
     ax.spines[["top", "right"]].set_visible(False)
-    if len(names) > 6 or max(len(n) for n in names) > 10:
-        plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
     _save(fig, path)
 
 
@@ -86,9 +85,17 @@ def plot_learning_curves(
         if best_step:
             ax.axvline(best_step, color="#2a9d4b", lw=1.2, alpha=0.8, label="best (kept)")
         ax.set_xlabel("epoch (both stages)")
-        ax.set_ylabel(label)
+        if not ax.get_ylabel():
+            ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
+        if key == "loss":
+            losses = [getattr(r, f"{p}_loss") for r in history for p in ("train", "val")]
+            positive = [v for v in losses if v > 0]
+            # Losses spanning orders of magnitude flatten to a line at 0 on a linear axis.
+            if positive and max(positive) / min(positive) > 50:
+                ax.set_yscale("log")
+                ax.set_ylabel("loss (log scale)")
         if key == "acc":
             ax.set_ylim(-0.02, 1.02)
             ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
@@ -130,16 +137,21 @@ def plot_confusion_matrix(
     _save(fig, path)
 
 
-def plot_prediction_grid(items: Sequence[tuple[Any, str, str]], path: Path, cols: int = 5) -> None:
-    """``items``: (PIL image, title line 1, title line 2) — like the seed's unseen-images figure."""
+def plot_prediction_grid(
+    items: Sequence[tuple[Any, str, str, bool | None]], path: Path, cols: int = 5
+) -> None:
+    """Images with their file name and predicted class, like the seed's figure of unseen
+    images. ``items``: (PIL image, line 1, line 2, correct?) — the title is green when the
+    prediction matches the image's folder name, red when it does not, black when unknown."""
     n = len(items)
     cols = min(cols, max(1, n))
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (image, line1, line2) in zip(axes.flat, items, strict=False):
+    colours = {True: "#1a7f37", False: "#cf222e", None: "black"}
+    for ax, (image, line1, line2, correct) in zip(axes.flat, items, strict=False):
         ax.imshow(image)
-        ax.set_title(f"{line1}\n{line2}", fontsize=9)
+        ax.set_title(f"{line1}\n{line2}", fontsize=9, color=colours[correct])
     fig.tight_layout()
     _save(fig, path)

@@ -655,7 +655,12 @@ def fit(
         history,
         out / "learning_curves.png",
         best_step=best.step,
-        title=f"{config.backbone} @ {config.img_size}px: {diagnosis.verdict}",
+        title=f"{config.backbone} @ {config.img_size}px: {diagnosis.verdict}"
+        + (
+            "\n(but validation was perfect at once: suspect near-duplicates across the split)"
+            if diagnosis.notes
+            else ""
+        ),
     )
     test_metrics = evaluate_files(
         model,
