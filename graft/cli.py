@@ -100,6 +100,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="auto: inverse-frequency loss weights when classes differ by >2x",
     )
     s.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="where cached backbone features are kept and reused (default: ~/.cache/graft)",
+    )
+    s.add_argument("--no-cache", action="store_true", help="keep backbone features in memory only")
+    s.add_argument(
         "--workers",
         type=int,
         default=default("workers"),
@@ -253,6 +260,7 @@ def _config_from_args(args: argparse.Namespace) -> object:
         views=args.views,
         class_weights=args.class_weights,
         workers=args.workers,
+        cache_dir="" if args.no_cache else args.cache_dir,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

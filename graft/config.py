@@ -38,6 +38,9 @@ class TrainConfig:
     views: int = 4  # augmented views per training image cached for the frozen stage
     class_weights: str = "auto"
     workers: int = -1  # image-decoding worker processes; -1 = choose from the CPU count
+    # Where frozen-backbone outputs are cached across runs; None = the user cache
+    # (~/.cache/graft/features or $GRAFT_CACHE_DIR), "" = keep them in memory only.
+    cache_dir: str | None = None
     # --- stage 1: frozen backbone, new head
     epochs: int = 10
     batch_size: int = 32

@@ -21,6 +21,7 @@ import hashlib
 import io
 import math
 import os
+import random
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -122,6 +123,7 @@ class ScanResult:
     classes: list[str]
     paths: list[Path]  # absolute paths of images that decoded
     labels: list[int]  # index into ``classes``
+    sha256: list[str] = field(default_factory=list)  # content hash of each image
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
     unsupported: list[Path] = field(default_factory=list)  # files with other extensions
     warnings: list[str] = field(default_factory=list)
@@ -213,21 +215,25 @@ def scan(
 
     paths: list[Path] = []
     labels: list[int] = []
+    hashes: list[str] = []
     skipped: list[tuple[Path, str]] = []
     iterator: Iterable[tuple[Path, int]] = candidates
     if progress is not None:
         iterator = progress(candidates, len(candidates), "Checking images")  # type: ignore[arg-type]
     for path, label in iterator:
-        if decode:
-            try:
-                load_image(path, size_hint=64)
-            except Exception as exc:
-                skipped.append((path, describe_decode_error(exc)))
-                continue
+        try:
+            # Read once: the bytes give both the content hash and the decode check.
+            content = path.read_bytes()
+            if decode:
+                load_image(content, size_hint=64)
+        except Exception as exc:  # one bad file must never stop a scan
+            skipped.append((path, describe_decode_error(exc)))
+            continue
         paths.append(path)
         labels.append(label)
+        hashes.append(hashlib.sha256(content).hexdigest())
 
-    data = ScanResult(root, class_list, paths, labels, skipped, unsupported)
+    data = ScanResult(root, class_list, paths, labels, hashes, skipped, unsupported)
     counts = data.counts
     if classes is None:
         empty = [name for name, n in counts.items() if n == 0]
@@ -323,9 +329,9 @@ def write_split(path: Path, data: ScanResult, subsets: Sequence[str]) -> None:
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "class", "subset"])
-    for p, label, subset in zip(data.paths, data.labels, subsets, strict=True):
-        writer.writerow([data.relpath(p), data.classes[label], subset])
+    writer.writerow(["path", "class", "subset", "sha256"])
+    for p, label, subset, sha in zip(data.paths, data.labels, subsets, data.sha256, strict=True):
+        writer.writerow([data.relpath(p), data.classes[label], subset, sha])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -386,7 +392,11 @@ def build_transform(
 
 
 class ImageFiles(Dataset):
-    """Images from a list of files; a file that fails to decode yields ``None`` (skipped)."""
+    """Images from a list of files; a file that fails to decode yields ``None`` (skipped).
+
+    ``seeds`` (one per file) make each image's random augmentation a function of the image
+    alone, not of the batch or worker it lands in: cached views are then reproducible.
+    """
 
     def __init__(
         self,
@@ -394,11 +404,13 @@ class ImageFiles(Dataset):
         labels: Sequence[int] | None,
         transform: Callable[[Image.Image], torch.Tensor],
         size_hint: int | None = None,
+        seeds: Sequence[int] | None = None,
     ):
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.transform = transform
         self.size_hint = size_hint
+        self.seeds = list(seeds) if seeds is not None else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -406,9 +418,28 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | tuple[None, str, int]:
         try:
             image = load_image(self.paths[i], self.size_hint)
-        except Exception as exc:
+        except Exception as exc:  # reported per file by the caller
             return None, describe_decode_error(exc), i
-        return self.transform(image), self.labels[i], i
+        if self.seeds is None:
+            return self.transform(image), self.labels[i], i
+        # Seed this image's augmentation without disturbing anyone else's random stream.
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seeds[i])
+            random.seed(self.seeds[i])
+            tensor = self.transform(image)
+        random.setstate(state)
+        return tensor, self.labels[i], i
+
+    def subset(self, indices: Sequence[int]) -> ImageFiles:
+        pick = list(indices)
+        return ImageFiles(
+            [self.paths[i] for i in pick],
+            [self.labels[i] for i in pick],
+            self.transform,
+            self.size_hint,
+            [self.seeds[i] for i in pick] if self.seeds is not None else None,
+        )
 
 
 def collate_skipping(batch: list) -> dict:

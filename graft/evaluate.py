@@ -56,12 +56,13 @@ def evaluate_files(
     engine: Any = None,
     workers: int = 0,
     title: str = "",
+    onnx_path: Path | None = None,
 ) -> dict[str, Any]:
     """Predict ``paths`` and score them against ``labels``; files that fail are listed."""
     from .plots import plot_confusion_matrix
     from .predict import Predictor
 
-    predictor = Predictor(model, engine=engine, workers=workers)
+    predictor = Predictor(model, engine=engine, workers=workers, onnx_path=onnx_path)
     probs, failed = predictor.predict_proba(paths)
     keep = [i for i in range(len(paths)) if i not in failed]
     result = metrics_from_probs(probs[keep], [labels[i] for i in keep], classes)
@@ -87,7 +88,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run on its held-out test split, or on a labelled ``folder``."""
     from .data import read_split, scan
-    from .model import load_model
+    from .model import load_model, resolve_model_file
 
     run = Path(run)
     model = load_model(run)
@@ -113,7 +114,15 @@ def evaluate_run(
         title = f"folder {Path(folder).name}"
         out = Path(out_dir) if out_dir else run / f"eval-{Path(folder).resolve().name}"
         result_skipped = [{"path": str(p), "reason": r} for p, r in data.skipped]
-    result = evaluate_files(model, paths, labels, classes, out_dir=out, title=title)
+    result = evaluate_files(
+        model,
+        paths,
+        labels,
+        classes,
+        out_dir=out,
+        title=title,
+        onnx_path=resolve_model_file(run).with_suffix(".onnx"),
+    )
     if folder is not None:
         result["failed"] = result_skipped + result["failed"]
         atomic_write_json(out / "evaluation.json", result)

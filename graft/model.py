@@ -126,11 +126,8 @@ def build_model(
     return GraftModel(backbone, head, info), source
 
 
-def load_model(path: str | Path) -> GraftModel:
-    """Rebuild a model from a ``model.safetensors`` written by :meth:`GraftModel.save`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+def resolve_model_file(path: str | Path) -> Path:
+    """``RUN_DIR`` or ``RUN_DIR/model.safetensors`` -> the weights file, or a clear error."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
@@ -138,6 +135,15 @@ def load_model(path: str | Path) -> GraftModel:
         raise RunFolderError(
             f"No trained model at {path}. Point graft at a run folder made by `graft train`."
         )
+    return path
+
+
+def load_model(path: str | Path) -> GraftModel:
+    """Rebuild a model from a ``model.safetensors`` written by :meth:`GraftModel.save`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = resolve_model_file(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}

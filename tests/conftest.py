@@ -16,6 +16,15 @@ from PIL import Image, ImageDraw
 
 os.environ.setdefault("GRAFT_CUT_CACHE_MB", "2048")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tests share one feature cache of their own, never the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("feature-cache")
+    os.environ["GRAFT_CACHE_DIR"] = str(path)
+    return path
+
+
 SHAPES = ("circle", "square", "triangle")
 
 

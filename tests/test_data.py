@@ -5,9 +5,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import SHAPES, draw_shape, make_dataset
 from PIL import Image
 
+from conftest import SHAPES, draw_shape, make_dataset
 from graft.data import build_transform, load_image, make_split, read_split, scan, write_split
 from graft.errors import DataError, SplitError
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, make_dataset
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import FAST, make_dataset
 from graft import RunExistsError, TrainConfig, fit
 from graft.backbones import create_backbone
 from graft.errors import SplitError, UsageError
