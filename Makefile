@@ -21,8 +21,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+bench: $(STAMP)
+	$(PY) benchmarks/bench_speed.py --json runs/bench_speed.json
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check graft tests scripts
+	$(VENV)/bin/ruff check graft tests scripts benchmarks
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,294 @@
+"""Side-by-side speed benchmark: the seed workflow done the plain way vs graft's default.
+
+    python benchmarks/bench_speed.py                # full: 10 + 10 epochs each way (~10 min)
+    python benchmarks/bench_speed.py --quick        # 3 + 3 epochs, for a fast check
+    make bench                                      # the full run
+
+Runs, on the same images and the same split (the demo's five Pokémon sprites):
+
+1. plain:  a hand-written PyTorch loop as in the seed tutorial: eager fp32, the frozen backbone
+           recomputed every epoch, then the whole network fine-tuned at 1e-5 (batch 16);
+2. graft:  ``graft.fit`` with its defaults and a cold (empty) feature cache;
+3. predict: model throughput at batch 32 and single-image latency, eager fp32 PyTorch vs
+           graft's engine, plus end-to-end files/s through ``Predictor``.
+
+Each part runs in its own process, so peak memory (VmHWM) is per part. Prints one table
+with ratios and, with --json, writes all figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --------------------------------------------------------------------------- children
+
+
+def run_plain(data_dir: str, epochs: int, ft_epochs: int) -> dict:
+    """The seed's workflow in a plain PyTorch loop (no caching, no engine tricks)."""
+    import torch
+    from torch import nn
+
+    from graft.backbones import create_backbone, get_spec
+    from graft.data import ImageFiles, build_transform, make_loader, make_split, scan
+    from graft.model import make_head
+
+    torch.manual_seed(42)
+    t_start = time.perf_counter()
+    data = scan(data_dir)
+    subsets = make_split(data.labels, data.classes, 0.2, 0.1, seed=42)
+    spec = get_spec("efficientnet_lite0")
+    pick = {s: [i for i, x in enumerate(subsets) if x == s] for s in ("train", "val", "test")}
+
+    def loader(subset: str, augment: str, batch: int, shuffle: bool):
+        tf = build_transform(128, spec.mean, spec.std, augment)
+        files = ImageFiles(
+            [data.paths[i] for i in pick[subset]], [data.labels[i] for i in pick[subset]], tf, 128
+        )
+        return make_loader(files, batch, shuffle=shuffle, seed=42, workers=1)
+
+    backbone, _ = create_backbone(spec)
+    model = nn.Sequential(backbone, make_head(backbone.num_features, len(data.classes)))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def epoch(opt, train_loader) -> None:
+        model.train()
+        backbone.eval()  # frozen BN, as Keras' trainable=False
+        for b in train_loader:
+            opt.zero_grad()
+            loss_fn(model(b["images"]), b["labels"]).backward()
+            opt.step()
+
+    @torch.no_grad()
+    def accuracy(subset: str) -> float:
+        model.eval()
+        right = n = 0
+        for b in loader(subset, "none", 64, False):
+            right += (model(b["images"]).argmax(1) == b["labels"]).sum().item()
+            n += len(b["labels"])
+        return right / n
+
+    frozen_epoch_s, ft_epoch_s = [], []
+    backbone.requires_grad_(False)
+    opt = torch.optim.Adam(model[1].parameters(), 1e-3)
+    for _ in range(epochs):
+        t = time.perf_counter()
+        epoch(opt, loader("train", "light", 32, True))
+        accuracy("val")  # the seed validates every epoch
+        frozen_epoch_s.append(time.perf_counter() - t)
+    backbone.requires_grad_(True)
+    opt = torch.optim.Adam(model.parameters(), 1e-5)
+    for _ in range(ft_epochs):
+        t = time.perf_counter()
+        epoch(opt, loader("train", "light", 16, True))
+        accuracy("val")
+        ft_epoch_s.append(time.perf_counter() - t)
+    return {
+        "wall_s": time.perf_counter() - t_start,
+        "test_acc": accuracy("test"),
+        "frozen_epoch_s": sum(frozen_epoch_s) / max(1, len(frozen_epoch_s)),
+        "fine_tune_epoch_s": sum(ft_epoch_s) / max(1, len(ft_epoch_s)),
+        "n_test": len(pick["test"]),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_graft(data_dir: str, epochs: int, ft_epochs: int) -> dict:
+    from graft import TrainConfig, fit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(epochs=epochs, fine_tune_epochs=ft_epochs, cache_dir=f"{tmp}/cache")
+        t = time.perf_counter()
+        result = fit(cfg, data_dir, f"{tmp}/run")
+        wall = time.perf_counter() - t
+    s = result.summary
+    return {
+        "wall_s": wall,
+        "test_acc": s["test"]["accuracy"],
+        "frozen_epoch_s": s["epoch_seconds"].get("frozen", 0.0),
+        "fine_tune_epoch_s": s["epoch_seconds"].get("fine-tune", 0.0),
+        "cache_s": s["timings"]["cache_seconds"],
+        "plan": s["plan"],
+        "engine": s["engine"],
+        "epochs_run": len(result.history),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_predict(data_dir: str, backend: str) -> dict:
+    """Model throughput (batch 32), single-image latency, and files/s end to end."""
+    import numpy as np
+    import torch
+
+    from graft import TrainConfig, fit
+    from graft.data import scan
+    from graft.predict import Predictor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # A small trained run to predict with (the numbers do not depend on how well).
+        fit(
+            TrainConfig(epochs=1, fine_tune_epochs=0, augment="none", cache_dir=""),
+            data_dir,
+            f"{tmp}/run",
+        )
+        if backend == "eager":
+            from graft.engines import Probabilities
+            from graft.model import load_model
+
+            model = Probabilities(load_model(f"{tmp}/run")).eval()
+
+            def forward(x):
+                with torch.no_grad():
+                    return model(x)
+
+            predictor = Predictor.from_run(f"{tmp}/run", backend="torch")
+        else:
+            predictor = Predictor.from_run(f"{tmp}/run")
+            forward = predictor.runner
+        x32, x1 = torch.randn(32, 3, 128, 128), torch.randn(1, 3, 128, 128)
+        for _ in range(3):
+            forward(x32)
+        t = time.perf_counter()
+        n = 20
+        for _ in range(n):
+            forward(x32)
+        throughput = 32 * n / (time.perf_counter() - t)
+        lat = []
+        for _ in range(10):
+            forward(x1)
+        for _ in range(200):
+            t = time.perf_counter()
+            forward(x1)
+            lat.append(time.perf_counter() - t)
+        files = scan(data_dir, decode=False).paths[:640]
+        t = time.perf_counter()
+        predictor.predict(files)
+        files_s = len(files) / (time.perf_counter() - t)
+    return {
+        "engine": getattr(forward, "name", "PyTorch eager fp32"),
+        "throughput_b32": throughput,
+        "latency_p50_ms": float(np.median(lat) * 1000),
+        "latency_p99_ms": float(np.percentile(lat, 99) * 1000),
+        "files_per_s": files_s,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def child(mode: str, *args: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, *args]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=None, help="dataset folder (default: the demo sprites)")
+    p.add_argument("--quick", action="store_true", help="3 + 3 epochs instead of 10 + 10")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        mode, *rest = args.child
+        fn = {"plain": run_plain, "graft": run_graft}.get(mode)
+        result = fn(rest[0], int(rest[1]), int(rest[2])) if fn else run_predict(rest[0], rest[1])
+        print(json.dumps(result))
+        return
+
+    data = args.data
+    if data is None:
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "demo_data.py")],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        data = out.stdout.splitlines()[0]
+    e = "3" if args.quick else "10"
+    print(
+        f"data: {data}; epochs: {e} frozen + {e} fine-tune; cpus: {os.cpu_count()}", file=sys.stderr
+    )
+    results = {}
+    for name, call in (
+        ("plain", lambda: child("plain", data, e, e)),
+        ("graft", lambda: child("graft", data, e, e)),
+        ("predict_eager", lambda: child("predict", data, "eager")),
+        ("predict_graft", lambda: child("predict", data, "graft")),
+    ):
+        print(f"running {name}...", file=sys.stderr)
+        results[name] = call()
+    pl, gr = results["plain"], results["graft"]
+    pe, pg = results["predict_eager"], results["predict_graft"]
+    rows = [
+        ("whole workflow wall time (s)", pl["wall_s"], gr["wall_s"], pl["wall_s"] / gr["wall_s"]),
+        ("held-out test accuracy", pl["test_acc"], gr["test_acc"], None),
+        (
+            "frozen-stage epoch (s)",
+            pl["frozen_epoch_s"],
+            gr["frozen_epoch_s"],
+            pl["frozen_epoch_s"] / max(gr["frozen_epoch_s"], 1e-9),
+        ),
+        (
+            "fine-tune epoch (s)",
+            pl["fine_tune_epoch_s"],
+            gr["fine_tune_epoch_s"],
+            pl["fine_tune_epoch_s"] / max(gr["fine_tune_epoch_s"], 1e-9),
+        ),
+        ("training peak RSS (MB)", pl["peak_rss_mb"], gr["peak_rss_mb"], None),
+        (
+            "predict img/s, batch 32",
+            pe["throughput_b32"],
+            pg["throughput_b32"],
+            pg["throughput_b32"] / pe["throughput_b32"],
+        ),
+        (
+            "predict latency p50, 1 image (ms)",
+            pe["latency_p50_ms"],
+            pg["latency_p50_ms"],
+            pe["latency_p50_ms"] / pg["latency_p50_ms"],
+        ),
+        (
+            "predict files/s end to end",
+            pe["files_per_s"],
+            pg["files_per_s"],
+            pg["files_per_s"] / pe["files_per_s"],
+        ),
+        ("predict peak RSS (MB)", pe["peak_rss_mb"], pg["peak_rss_mb"], None),
+    ]
+    print(f"\n{'':38} {'plain/eager':>12} {'graft':>12} {'ratio':>8}")
+    for label, a, b, r in rows:
+        ratio = f"{r:7.1f}x" if r is not None else ""
+        print(f"{label:38} {a:12.4g} {b:12.4g} {ratio:>8}")
+    share = 100 * gr["frozen_epoch_s"] / pl["frozen_epoch_s"]
+    print(
+        f"\nfrozen epoch on cached features = {share:.2f}% "
+        f"of a recomputed one; graft cache pass {gr['cache_s']:.1f} s"
+    )
+    print(f"graft plan: {gr['plan']}\ngraft predict engine: {pg['engine']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
