@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import PARTIAL_FAILURE_EXIT, GraftError
+from .errors import PARTIAL_FAILURE_EXIT, GraftError, RunFolderError, UsageError
+from .io import display as _display
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -156,8 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("train", help="train and fine-tune a classifier")
-    p.add_argument("root", help="folder with one sub-folder per class")
-    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("root", nargs="?", help="folder with one sub-folder per class")
+    p.add_argument("--out", help="run folder to create")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last finished epoch (options and split "
+        "come from the run folder)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="print only errors")
     _add_train_options(p)
@@ -234,7 +241,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if data.skipped:
         console.print(f"[yellow]{len(data.skipped)} file(s) could not be decoded and are left out:")
         for p, reason in data.skipped:
-            console.print(f"  {p}: {reason}")
+            console.print(f"  {display(p)}: {display(reason)}")
     if data.unsupported:
         console.print(f"{len(data.unsupported)} file(s) with unsupported extensions ignored.")
     for w in data.warnings:
@@ -279,9 +286,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .progress import Reporter
     from .train import fit
 
-    config = _config_from_args(args)
     reporter = Reporter(verbose=not args.quiet)
-    result = fit(config, args.root, args.out, force=args.force, reporter=reporter)  # type: ignore[arg-type]
+    if args.resume:
+        from .config import TrainConfig
+        from .io import read_json
+
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            raise RunFolderError(
+                f"Nothing to resume: {saved} does not exist. Start a run with "
+                "`graft train ROOT --out DIR`."
+            )
+        config = TrainConfig.from_dict(read_json(saved))
+        result = fit(config, args.root, args.resume, reporter=reporter, resume=True)
+    else:
+        if not args.root or not args.out:
+            raise UsageError("graft train needs ROOT and --out DIR (or --resume RUN_DIR).")
+        config = _config_from_args(args)
+        result = fit(config, args.root, args.out, force=args.force, reporter=reporter)  # type: ignore[arg-type]
     out = result.run_dir
     reporter.info(
         f"Run folder: {out}\n  model        {out / 'model.safetensors'}\n"
@@ -321,7 +343,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
         console.print(table)
         for f in result["failed"]:
-            console.print(f"[yellow]skipped[/] {f['path']}: {f['reason']}")
+            console.print(f"[yellow]skipped[/] {display(f['path'])}: {display(f['reason'])}")
         console.print(f"Confusion matrix: {Path(result['output_dir']) / 'confusion_matrix.png'}")
     return PARTIAL_FAILURE_EXIT if result["failed"] else 0
 
@@ -347,7 +369,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             header += [f"class_{i}", f"probability_{i}"]
         writer.writerow(header)
         for p in preds:
-            row = [p.path, p.error or ""]
+            row = [_display(p.path), _display(p.error or "")]
             for c, prob in p.top:
                 row += [c, f"{prob:.6f}"]
             writer.writerow(row)
@@ -361,10 +383,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         table.add_column("next classes", ratio=2)
         for p in preds:
             if p.error:
-                table.add_row(p.path, "[red]error", p.error)
+                table.add_row(display(p.path), "[red]error", display(p.error))
             else:
                 table.add_row(
-                    p.path,
+                    display(p.path),
                     f"{p.top[0][0]} {p.top[0][1]:.1%}",
                     ", ".join(f"{c} {q:.1%}" for c, q in p.top[1:]),
                 )
@@ -392,6 +414,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
         return PARTIAL_FAILURE_EXIT
     return 0
+
+
+def display(text: object) -> str:
+    """Printable in the terminal: non-UTF-8 bytes replaced, rich markup characters escaped."""
+    from rich.markup import escape
+
+    return escape(_display(text))
 
 
 def _short_name(path: str, width: int = 28) -> str:

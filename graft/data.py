@@ -340,7 +340,7 @@ def read_split(
 ) -> tuple[list[Path], list[int], list[str]]:
     index = {c: i for i, c in enumerate(classes)}
     paths, labels, subsets = [], [], []
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         for row in csv.DictReader(fh):
             paths.append(root / row["path"])
             labels.append(index[row["class"]])
@@ -467,10 +467,16 @@ def default_workers() -> int:
 
 
 def make_loader(
-    dataset: ImageFiles, batch_size: int, shuffle: bool, seed: int, workers: int = -1
+    dataset: ImageFiles,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    workers: int = -1,
+    generator: torch.Generator | None = None,
 ) -> DataLoader:
     workers = default_workers() if workers < 0 else workers
-    generator = torch.Generator().manual_seed(seed)
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -33,7 +33,8 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        # surrogateescape: file names that are not valid UTF-8 survive a round trip.
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -53,3 +54,10 @@ def atomic_save(path: Path, save: Callable[[str], None]) -> None:
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def display(path: object) -> str:
+    """A path as printable text: bytes that are not UTF-8 become U+FFFD instead of crashing
+    the console."""
+    text = str(path)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

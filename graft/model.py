@@ -105,12 +105,13 @@ class GraftModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------ saving
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the weights (or ``state``, a state dict of this model) with their metadata."""
         from safetensors.torch import save_file
 
         from .io import atomic_save
 
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state or self.state_dict()).items()}
         atomic_save(Path(path), lambda tmp: save_file(state, tmp, metadata=self.info.to_metadata()))
 
 

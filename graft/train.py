@@ -15,13 +15,15 @@ BatchNorm layers of the backbone stay in inference mode throughout (see ``GraftM
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import os
 import platform
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +45,8 @@ from .data import (
     write_split,
 )
 from .engines import FrozenPart, Runner, make_runner
-from .errors import DataError, RunExistsError
-from .io import atomic_write_json, atomic_write_text
+from .errors import DataError, RunExistsError, RunFolderError
+from .io import atomic_save, atomic_write_json, atomic_write_text, read_json
 from .model import GraftModel, ModelInfo, build_model
 from .progress import Reporter
 
@@ -61,6 +63,7 @@ RUN_FILES = (
     "confusion_matrix.png",
     "evaluation.json",
     "model.onnx",
+    "checkpoint.safetensors",
 )
 #: Cache activations at the fine-tuning cut only while they fit in this many bytes.
 CUT_CACHE_BUDGET = int(os.environ.get("GRAFT_CUT_CACHE_MB", "2048")) * 2**20
@@ -384,6 +387,14 @@ class _Best:
         if self.state:
             self.model.load_state_dict(self.state)
 
+    def resume(self, tensors: dict[str, torch.Tensor]) -> None:
+        """After a restart: the best weights are the (still pretrained) model with the
+        checkpoint's ``best.*`` tensors on top. They are written back to disk, because the
+        interrupted run may have saved a newer epoch's weights before its checkpoint."""
+        self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.state.update({k[5:]: v for k, v in tensors.items() if k.startswith("best.")})
+        self.model.save(self.path, self.state)
+
 
 def fit(
     config: TrainConfig,
@@ -391,26 +402,41 @@ def fit(
     out: str | Path,
     force: bool = False,
     reporter: Reporter | None = None,
+    resume: bool = False,
 ) -> TrainResult:
-    """Train a classifier on ``data_root`` and write a self-describing run folder to ``out``."""
+    """Train a classifier on ``data_root`` and write a self-describing run folder to ``out``.
+
+    ``resume=True`` continues an interrupted run in ``out`` from its last finished epoch, on
+    exactly the files of its split; the result equals that of an uninterrupted run.
+    """
     reporter = reporter or Reporter()
     out = Path(out)
     started = time.perf_counter()
-    prepare_run_dir(out, force)
+    if not resume:
+        prepare_run_dir(out, force)
+    else:
+        for leftover in out.glob(".*.tmp"):  # half-written files of the interrupted run
+            leftover.unlink(missing_ok=True)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     workers = default_workers() if config.workers < 0 else config.workers
 
     # 1. data ------------------------------------------------------------------------
-    data = scan(data_root, progress=reporter.iter)
-    _write_skipped(out / "skipped.csv", data)
-    for warning in data.warnings:
-        reporter.warn(warning)
-    subsets = make_split(data.labels, data.classes, config.test_size, config.val_size, config.seed)
-    write_split(out / "split.csv", data, subsets)
-    from .plots import plot_class_counts
+    if resume:
+        data, subsets = _data_from_split(out, data_root)
+        reporter.info(f"Resuming {out}: {len(data.paths)} images from its split.csv")
+    else:
+        data = scan(data_root, progress=reporter.iter)
+        _write_skipped(out / "skipped.csv", data)
+        for warning in data.warnings:
+            reporter.warn(warning)
+        subsets = make_split(
+            data.labels, data.classes, config.test_size, config.val_size, config.seed
+        )
+        write_split(out / "split.csv", data, subsets)
+        from .plots import plot_class_counts
 
-    plot_class_counts(data.counts, out / "class_counts.png")
+        plot_class_counts(data.counts, out / "class_counts.png")
     idx = {s: [i for i, sub in enumerate(subsets) if sub == s] for s in ("train", "val", "test")}
     paths = {s: [data.paths[i] for i in ix] for s, ix in idx.items()}
     labels = {
@@ -553,79 +579,106 @@ def fit(
         write_history(out / "history.csv", history)
         reporter.epoch(rec, improved)
 
-    # 4. stage 1: frozen backbone, the head learns -------------------------------------
-    # Training's randomness (dropout, batch order) must not depend on how much of the
-    # cache was already on disk.
-    torch.manual_seed(config.seed)
-    if config.epochs:
-        model.freeze_backbone()
-        if extract_at == n_blocks:
-            feats, val_feats = train_views, val_maps
-        else:  # pool the cut activations through the frozen top once
-            feats = torch.stack([_pool_top(model, v, extract_at, engine) for v in train_views])
-            val_feats = _pool_top(model, val_maps, extract_at, engine)
-        optimizer = make_optimizer(
-            model.head.parameters(), config.optimizer, config.lr, config.weight_decay
+    # 4-5. the two stages: frozen (only the head learns), then fine-tuning -------------
+    checkpoint = out / CHECKPOINT
+    state = _load_checkpoint(checkpoint) if resume else None
+    if state is not None:
+        history.extend(EpochRecord(**r) for r in state["history"])
+        best.loss, best.step, best.stage = (
+            state["best"]["loss"],
+            state["best"]["step"],
+            state["best"]["stage"],
         )
-        reporter.stage(
-            f"Stage 1: frozen {config.backbone}, training the head "
-            f"(lr {config.lr:g}, batch {config.batch_size})"
+        best.resume(state["tensors"])
+        reporter.info(
+            f"Continuing after {state['stage']} epoch {state['epoch']} "
+            f"({len(history)} epochs done)."
         )
-        t_stage = time.perf_counter()
-        stale = 0
-        for epoch in range(1, config.epochs + 1):
-            t = time.perf_counter()
-            tr = train_epoch_cached(
-                model,
-                feats,
-                labels["train"],
-                n_blocks,
-                optimizer,
-                loss_fn,
+    elif resume:
+        reporter.info("No finished epoch to continue from: starting the stages afresh.")
+    stages = [
+        s for s, n in (("frozen", config.epochs), ("fine-tune", config.fine_tune_epochs)) if n
+    ]
+    loader_generator = torch.Generator()
+    for stage_index, stage in enumerate(stages):
+        if state is not None and stages.index(state["stage"]) > stage_index:
+            continue  # finished before the interruption
+        # Each stage's randomness (dropout, batch order, augmentation) starts from the seed,
+        # so a resumed run enters a stage exactly as an uninterrupted one does.
+        torch.manual_seed(config.seed + stage_index)
+        generator.manual_seed(config.seed + stage_index)
+        loader_generator.manual_seed(config.seed + stage_index)
+        if stage == "frozen":
+            model.freeze_backbone()
+            if extract_at == n_blocks:
+                feats, val_feats = train_views, val_maps
+            else:  # pool the cut activations through the frozen top once
+                feats = torch.stack([_pool_top(model, v, extract_at, engine) for v in train_views])
+                val_feats = _pool_top(model, val_maps, extract_at, engine)
+            params, lr, batch, epochs = (
+                model.head.parameters(),
+                config.lr,
                 config.batch_size,
-                generator,
-                engine,
+                config.epochs,
             )
-            va = evaluate_cached(model, val_feats, labels["val"], n_blocks, eval_loss_fn, engine)
-            record("frozen", epoch, tr, va, config.lr, time.perf_counter() - t)
-            stale = 0 if history[-1].step == best.step else stale + 1
-            if config.patience and stale >= config.patience:
-                reporter.info(f"Early stop: validation loss has not improved for {stale} epochs.")
-                break
-        timings["frozen_seconds"] = time.perf_counter() - t_stage
-        best.restore()
+            title = (
+                f"Stage 1: frozen {config.backbone}, training the head "
+                f"(lr {config.lr:g}, batch {config.batch_size})"
+            )
 
-    # 5. stage 2: fine-tune ------------------------------------------------------------
-    if config.fine_tune_epochs:
-        model.unfreeze(unfreeze)
-        optimizer = make_optimizer(
-            model.parameters(), config.optimizer, config.fine_tune_lr, config.weight_decay
-        )
-        reporter.stage(
-            f"Stage 2: fine-tuning the last {unfreeze} of {n_blocks} blocks "
-            f"(lr {config.fine_tune_lr:g}, batch {config.fine_tune_batch_size})"
-        )
+        else:
+            model.unfreeze(unfreeze)
+            params, lr, batch = model.parameters(), config.fine_tune_lr, config.fine_tune_batch_size
+            epochs = config.fine_tune_epochs
+            title = (
+                f"Stage 2: fine-tuning the last {unfreeze} of {n_blocks} blocks "
+                f"(lr {config.fine_tune_lr:g}, batch {config.fine_tune_batch_size})"
+            )
+            if not cache_cut:
+                train_loader = make_loader(
+                    ImageFiles(paths["train"], labels["train"].tolist(), train_tf, config.img_size),
+                    batch,
+                    shuffle=True,
+                    seed=config.seed,
+                    workers=workers,
+                    generator=loader_generator,
+                )
+                val_loader = make_loader(
+                    ImageFiles(paths["val"], labels["val"].tolist(), eval_tf, config.img_size),
+                    64,
+                    shuffle=False,
+                    seed=config.seed,
+                    workers=workers,
+                )
+
+        optimizer = make_optimizer(params, config.optimizer, lr, config.weight_decay)
+        start, stale = 1, 0
+        if state is not None and state["stage"] == stage:
+            if state["stage_done"]:
+                best.restore()
+                continue
+            _restore_checkpoint(state, model, optimizer, generator, loader_generator)
+            start, stale = state["epoch"] + 1, state["stale"]
+        reporter.stage(title)
         t_stage = time.perf_counter()
-        stale = 0
-        train_loader = val_loader = None
-        if not cache_cut:
-            train_loader = make_loader(
-                ImageFiles(paths["train"], labels["train"].tolist(), train_tf, config.img_size),
-                config.fine_tune_batch_size,
-                shuffle=True,
-                seed=config.seed,
-                workers=workers,
-            )
-            val_loader = make_loader(
-                ImageFiles(paths["val"], labels["val"].tolist(), eval_tf, config.img_size),
-                64,
-                shuffle=False,
-                seed=config.seed,
-                workers=workers,
-            )
-        for epoch in range(1, config.fine_tune_epochs + 1):
+        for epoch in range(start, epochs + 1):
             t = time.perf_counter()
-            if cache_cut:
+            if stage == "frozen":
+                tr = train_epoch_cached(
+                    model,
+                    feats,
+                    labels["train"],
+                    n_blocks,
+                    optimizer,
+                    loss_fn,
+                    config.batch_size,
+                    generator,
+                    engine,
+                )
+                va = evaluate_cached(
+                    model, val_feats, labels["val"], n_blocks, eval_loss_fn, engine
+                )
+            elif cache_cut:
                 tr = train_epoch_cached(
                     model,
                     train_views,
@@ -650,12 +703,29 @@ def fit(
                     f"Fine-tune epoch {epoch}",
                 )
                 va = evaluate_images(model, val_loader, eval_loss_fn, engine)
-            record("fine-tune", epoch, tr, va, config.fine_tune_lr, time.perf_counter() - t)
+            record(stage, epoch, tr, va, lr, time.perf_counter() - t)
             stale = 0 if history[-1].step == best.step else stale + 1
-            if config.patience and stale >= config.patience:
+            stop = bool(config.patience and stale >= config.patience)
+            _save_checkpoint(
+                checkpoint,
+                model,
+                optimizer,
+                generator,
+                loader_generator,
+                {
+                    "stage": stage,
+                    "epoch": epoch,
+                    "stale": stale,
+                    "stage_done": stop or epoch == epochs,
+                    "best": {"loss": best.loss, "step": best.step, "stage": best.stage},
+                    "history": [asdict(r) for r in history],
+                },
+                best.state,
+            )
+            if stop:
                 reporter.info(f"Early stop: validation loss has not improved for {stale} epochs.")
                 break
-        timings["fine_tune_seconds"] = time.perf_counter() - t_stage
+        timings[f"{stage}_seconds"] = time.perf_counter() - t_stage
         best.restore()
 
     # 6. keep the best, evaluate once on the held-out test split ------------------------
@@ -709,6 +779,109 @@ def fit(
         f"images (loss {test_metrics['loss']:.3f})."
     )
     return TrainResult(out, data.classes, history, summary)
+
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def _save_checkpoint(
+    path: Path,
+    model: GraftModel,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    loader_generator: torch.Generator,
+    meta: dict[str, Any],
+    best_state: dict[str, torch.Tensor],
+) -> None:
+    """Everything needed to continue after this epoch, in one atomically written file.
+
+    Only tensors that can have changed are stored (those that are learning, and the head):
+    the rest of the backbone is still exactly its pretrained weights.
+    """
+    from safetensors.torch import save_file
+
+    learning = {n for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {
+        f"model.{k}": v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if k in learning or k.startswith("head.")
+    }
+    # The best weights so far differ from the pretrained ones in the same tensors at most.
+    for k, v in best_state.items():
+        if k in learning or k.startswith("head."):
+            tensors[f"best.{k}"] = v.detach().cpu().contiguous()
+    opt = optimizer.state_dict()
+    for index, entry in opt["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.generator"] = generator.get_state()
+    tensors["rng.loader"] = loader_generator.get_state()
+    meta = {**meta, "param_groups": opt["param_groups"]}
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any] | None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = json.loads((fh.metadata() or {})["state"])
+        meta["tensors"] = load_file(str(path))
+    except Exception as exc:
+        raise RunFolderError(
+            f"The checkpoint {path} is unreadable ({exc}). Delete it to restart the stages "
+            "from the beginning, or start a new run."
+        ) from exc
+    return meta
+
+
+def _restore_checkpoint(
+    state: dict[str, Any],
+    model: GraftModel,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    loader_generator: torch.Generator,
+) -> None:
+    tensors = state["tensors"]
+    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(model_state, strict=False)
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    generator.set_state(tensors["rng.generator"])
+    loader_generator.set_state(tensors["rng.loader"])
+
+
+def _data_from_split(out: Path, data_root: str | Path | None) -> tuple[Any, list[str]]:
+    """The images of an existing run, exactly as its split.csv lists them."""
+    from .data import ScanResult
+
+    config, split = out / "config.json", out / "split.csv"
+    if not config.is_file() or not split.is_file():
+        raise RunFolderError(
+            f"Nothing to resume in {out}: it has no config.json/split.csv. "
+            "Start a new run with `graft train ROOT --out DIR`."
+        )
+    saved = read_json(config)
+    root = Path(data_root or saved["data_root"]).resolve()
+    classes = list(saved["classes"])
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels, subsets, hashes = [], [], [], []
+    with open(split, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        for row in csv.DictReader(fh):
+            paths.append(root / row["path"])
+            labels.append(index[row["class"]])
+            subsets.append(row["subset"])
+            hashes.append(row["sha256"])
+    return ScanResult(root, classes, paths, labels, hashes), subsets
 
 
 @torch.no_grad()

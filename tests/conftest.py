@@ -98,6 +98,14 @@ FAST = dict(
 )
 
 
+def cli_args(cfg: dict) -> list[str]:
+    """A config dict as `graft train` options."""
+    out = []
+    for key, value in cfg.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> Path:
     from graft import TrainConfig, fit

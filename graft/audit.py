@@ -1,0 +1,220 @@
+"""Duplicate and leakage audit: the check that makes validation numbers mean something.
+
+When neighbouring frames of one animation, or near-copies of one picture, fall on both sides
+of a random split, the model is "validated" on images it has in effect already seen, and
+validation accuracy says nothing about new images. The audit finds:
+
+- exact duplicates (identical file content, by SHA-256);
+- exact duplicates filed under different classes (almost always a labelling error);
+- near-duplicates: pairs whose backbone embeddings have cosine similarity >= a threshold;
+- pairs that straddle the split (one image in train, its near-copy in validation or test).
+
+Near-duplicate pairs are joined into clusters (connected components); ``--group-by auto``
+keeps each cluster on one side of the split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Cosine similarity of pooled ImageNet features above which two images count as near-copies.
+#: Consecutive animation frames and re-encoded copies score above it; different photos of
+#: one class rarely do.
+DEFAULT_THRESHOLD = 0.95
+
+
+@dataclass
+class AuditReport:
+    n: int
+    threshold: float
+    exact_groups: list[list[int]] = field(default_factory=list)
+    cross_class: list[tuple[int, int]] = field(default_factory=list)
+    near_pairs: list[tuple[int, int, float]] = field(default_factory=list)
+    clusters: list[int] = field(default_factory=list)  # cluster id per image
+    straddling: list[tuple[int, int, float]] = field(default_factory=list)
+
+    @property
+    def n_clusters_multi(self) -> int:
+        _, counts = np.unique(self.clusters, return_counts=True)
+        return int((counts > 1).sum())
+
+    @property
+    def images_in_clusters(self) -> int:
+        _, counts = np.unique(self.clusters, return_counts=True)
+        return int(counts[counts > 1].sum())
+
+    def to_dict(
+        self, paths: Sequence[Path] | None = None, root: Path | None = None, limit: int = 20
+    ) -> dict[str, Any]:
+        def name(i: int) -> str:
+            if paths is None:
+                return str(i)
+            p = Path(paths[i])
+            return p.relative_to(root).as_posix() if root and p.is_relative_to(root) else str(p)
+
+        return {
+            "images": self.n,
+            "threshold": self.threshold,
+            "exact_duplicate_groups": len(self.exact_groups),
+            "exact_duplicate_files": sum(len(g) - 1 for g in self.exact_groups),
+            "cross_class_duplicates": [[name(a), name(b)] for a, b in self.cross_class[:limit]],
+            "near_duplicate_pairs": len(self.near_pairs),
+            "near_duplicate_clusters": self.n_clusters_multi,
+            "images_in_clusters": self.images_in_clusters,
+            "straddling_pairs": len(self.straddling),
+            "straddling_examples": [
+                [name(a), name(b), round(s, 4)] for a, b, s in self.straddling[:limit]
+            ],
+        }
+
+
+def near_duplicate_pairs(
+    embeddings: np.ndarray, threshold: float, chunk: int = 2048
+) -> list[tuple[int, int, float]]:
+    """All pairs (i < j) with cosine similarity >= ``threshold``, in chunks so that memory
+    stays ``chunk x n`` rather than ``n x n``."""
+    x = np.asarray(embeddings, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    pairs: list[tuple[int, int, float]] = []
+    for start in range(0, len(x), chunk):
+        sims = x[start : start + chunk] @ x.T
+        rows, cols = np.nonzero(sims >= threshold)
+        for r, c in zip(rows, cols, strict=True):
+            i = start + int(r)
+            if i < c:
+                pairs.append((i, int(c), float(sims[r, c])))
+    return pairs
+
+
+def _components(n: int, edges: Sequence[tuple[int, int]]) -> list[int]:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if not edges:
+        return list(range(n))
+    a = np.array([e[0] for e in edges])
+    b = np.array([e[1] for e in edges])
+    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return [int(v) for v in labels]
+
+
+def audit(
+    shas: Sequence[str],
+    labels: Sequence[int],
+    embeddings: np.ndarray | None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> AuditReport:
+    """Find exact and near duplicates; ``straddling`` is filled by :func:`check_split`."""
+    n = len(shas)
+    report = AuditReport(n=n, threshold=threshold)
+    by_hash: dict[str, list[int]] = {}
+    for i, h in enumerate(shas):
+        by_hash.setdefault(h, []).append(i)
+    report.exact_groups = [g for g in by_hash.values() if len(g) > 1]
+    for group in report.exact_groups:
+        for a in group:
+            for b in group:
+                if a < b and labels[a] != labels[b]:
+                    report.cross_class.append((a, b))
+    exact_edges = [(g[0], j) for g in report.exact_groups for j in g[1:]]
+    if embeddings is not None:
+        exact = {(a, b) for g in report.exact_groups for a in g for b in g if a < b}
+        report.near_pairs = [
+            p for p in near_duplicate_pairs(embeddings, threshold) if (p[0], p[1]) not in exact
+        ]
+    edges = exact_edges + [(a, b) for a, b, _ in report.near_pairs]
+    report.clusters = _components(n, edges)
+    return report
+
+
+def check_split(report: AuditReport, subsets: Sequence[str]) -> None:
+    """Record the duplicate pairs that sit on different sides of the split."""
+    pairs = [(g[0], j, 1.0) for g in report.exact_groups for j in g[1:]] + report.near_pairs
+    report.straddling = sorted(
+        ((a, b, s) for a, b, s in pairs if subsets[a] != subsets[b]), key=lambda p: -p[2]
+    )
+
+
+def explain(
+    report: AuditReport, classes: Sequence[str], labels: Sequence[int], paths: Sequence[Path]
+) -> list[str]:
+    """Plain-language findings, each saying what it does to the numbers."""
+    out = []
+    if report.exact_groups:
+        extra = sum(len(g) - 1 for g in report.exact_groups)
+        out.append(
+            f"{extra} file(s) are exact copies of another file ({len(report.exact_groups)} groups)."
+        )
+    if report.cross_class:
+        a, b = report.cross_class[0]
+        out.append(
+            f"{len(report.cross_class)} identical pair(s) are filed under different classes, "
+            f"e.g. {paths[a].name} ({classes[labels[a]]}) and {paths[b].name} "
+            f"({classes[labels[b]]}): probably labelling errors."
+        )
+    if report.near_pairs:
+        out.append(
+            f"{len(report.near_pairs)} near-duplicate pair(s) (cosine >= {report.threshold}) "
+            f"form {report.n_clusters_multi} cluster(s) holding {report.images_in_clusters} of "
+            f"{report.n} images."
+        )
+    if report.straddling:
+        a, b, s = report.straddling[0]
+        out.append(
+            f"LEAKAGE: {len(report.straddling)} duplicate pair(s) straddle the train/validation/"
+            f"test split (e.g. {paths[a].name} and {paths[b].name}, similarity {s:.3f}). "
+            "Validation and test accuracy will overstate how the model does on new images. "
+            "Keep each group on one side: --group-by auto, or --group-by REGEX on the file "
+            "names."
+        )
+    return out
+
+
+def plot_pairs(
+    pairs: Sequence[tuple[int, int, float]],
+    paths: Sequence[Path],
+    subsets: Sequence[str] | None,
+    out: Path,
+    limit: int = 6,
+    title: str = "Near-duplicates across the split",
+) -> None:
+    """Example pairs side by side, labelled with their subset and similarity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import load_image
+    from .plots import _save
+
+    pairs = list(pairs)[:limit]
+    if not pairs:
+        return
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(5.2, 2.5 * len(pairs)), squeeze=False)
+    for row, (a, b, s) in enumerate(pairs):
+        for col, i in enumerate((a, b)):
+            ax = axes[row, col]
+            ax.imshow(load_image(paths[i], 256))
+            ax.axis("off")
+            where = f" [{subsets[i]}]" if subsets is not None else ""
+            name = Path(paths[i]).name
+            ax.set_title(f"{name[:26]}{where}", fontsize=8)
+        axes[row, 0].text(
+            1.04,
+            0.5,
+            f"{s:.3f}",
+            transform=axes[row, 0].transAxes,
+            fontsize=9,
+            ha="left",
+            va="center",
+            color="#cf222e",
+        )
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, out)
