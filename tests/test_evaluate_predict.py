@@ -97,3 +97,23 @@ def test_library_fit_returns_self(tmp_path: Path, shapes_dir: Path) -> None:
     img = Image.open(next(shapes_dir.glob("square/*.png")))
     img.save(tmp_path / "sq.png")
     assert clf.predict([tmp_path / "sq.png"])[0] in clf.classes_
+
+
+@pytest.mark.parametrize("damage", ["truncate", "tamper"])
+def test_damaged_model_file_is_a_clear_error(trained_run: Path, tmp_path: Path, damage: str,
+                                             capsys) -> None:
+    from graft.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    weights = run / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 3]
+    else:
+        data[10:40] = b"{" * 30  # corrupt the JSON header
+    weights.write_bytes(bytes(data))
+    (run / "model.onnx").unlink(missing_ok=True)
+    assert main(["predict", str(run), str(next(trained_run.glob("*.png")))]) == 4
+    err = capsys.readouterr().err
+    assert "Could not read" in err and "Traceback" not in err
