@@ -87,7 +87,7 @@ def near_duplicate_pairs(
         for r, c in zip(rows, cols, strict=True):
             i = start + int(r)
             if i < c:
-                pairs.append((i, int(c), float(sims[r, c])))
+                pairs.append((i, int(c), min(1.0, round(float(sims[r, c]), 5))))
     return pairs
 
 
@@ -176,43 +176,75 @@ def explain(
     return out
 
 
+def pick_examples(
+    pairs: Sequence[tuple[int, int, float]],
+    clusters: Sequence[int],
+    labels: Sequence[int],
+    limit: int = 6,
+) -> list[tuple[int, int, float]]:
+    """A few telling pairs: near (not byte-identical) copies first, one per cluster, spread
+    over the classes."""
+    chosen: list[tuple[int, int, float]] = []
+    seen_clusters: set[int] = set()
+    seen_labels: set[int] = set()
+    ordered = sorted(pairs, key=lambda p: (p[2] >= 0.9999, -p[2]))
+    for relax in (False, True):
+        for a, b, s in ordered:
+            if len(chosen) >= limit:
+                return chosen
+            if (a, b, s) in chosen:
+                continue
+            if not relax and (clusters[a] in seen_clusters or labels[a] in seen_labels):
+                continue
+            chosen.append((a, b, s))
+            seen_clusters.add(clusters[a])
+            seen_labels.add(labels[a])
+    return chosen
+
+
 def plot_pairs(
     pairs: Sequence[tuple[int, int, float]],
     paths: Sequence[Path],
     subsets: Sequence[str] | None,
     out: Path,
-    limit: int = 6,
+    root: Path | None = None,
     title: str = "Near-duplicates across the split",
 ) -> None:
-    """Example pairs side by side, labelled with their subset and similarity."""
+    """Example pairs side by side (three pairs a row), with subset and similarity."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from .data import load_image
+    from .io import display
     from .plots import _save
 
-    pairs = list(pairs)[:limit]
+    pairs = list(pairs)[:12]  # a picture of examples, never of everything
     if not pairs:
         return
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(5.2, 2.5 * len(pairs)), squeeze=False)
-    for row, (a, b, s) in enumerate(pairs):
-        for col, i in enumerate((a, b)):
-            ax = axes[row, col]
+    per_row = min(3, len(pairs))
+    rows = (len(pairs) + per_row - 1) // per_row
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(4.6 * per_row, 2.7 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for n, (a, b, s) in enumerate(pairs):
+        r, c = divmod(n, per_row)
+        for k, i in enumerate((a, b)):
+            ax = axes[r, 2 * c + k]
             ax.imshow(load_image(paths[i], 256))
-            ax.axis("off")
-            where = f" [{subsets[i]}]" if subsets is not None else ""
-            name = Path(paths[i]).name
-            ax.set_title(f"{name[:26]}{where}", fontsize=8)
-        axes[row, 0].text(
-            1.04,
-            0.5,
-            f"{s:.3f}",
-            transform=axes[row, 0].transAxes,
-            fontsize=9,
-            ha="left",
-            va="center",
+            p = Path(paths[i])
+            name = p.relative_to(root).as_posix() if root and p.is_relative_to(root) else p.name
+            where = f"\n[{subsets[i]}]" if subsets is not None else ""
+            ax.set_title(f"{display(name)[-30:]}{where}", fontsize=8)
+        axes[r, 2 * c].text(
+            1.0,
+            -0.08,
+            f"similarity {s:.3f}",
+            transform=axes[r, 2 * c].transAxes,
+            fontsize=8,
+            ha="center",
+            va="top",
             color="#cf222e",
         )
     fig.suptitle(title, fontsize=11)

@@ -83,6 +83,22 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--seed", type=int, default=default("seed"))
     s.add_argument(
+        "--group-by",
+        default=None,
+        metavar="REGEX|auto",
+        help="keep related images on one side of the split: a regex on each file's path "
+        "relative to ROOT (group = first capture group or the whole match), or 'auto' for "
+        "near-duplicate clusters",
+    )
+    s.add_argument("--groups-csv", default=None, metavar="CSV", help="CSV with columns path,group")
+    s.add_argument(
+        "--dup-threshold",
+        type=float,
+        default=default("dup_threshold"),
+        help="cosine similarity of backbone features above which two images count as "
+        "near-duplicates (default: %(default)s)",
+    )
+    s.add_argument(
         "--augment",
         default=default("augment"),
         choices=["none", "light", "strong"],
@@ -267,6 +283,9 @@ def _config_from_args(args: argparse.Namespace) -> object:
         views=args.views,
         class_weights=args.class_weights,
         workers=args.workers,
+        group_by=args.group_by,
+        groups_csv=args.groups_csv,
+        dup_threshold=args.dup_threshold,
         cache_dir="" if args.no_cache else args.cache_dir,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -424,7 +443,7 @@ def display(text: object) -> str:
 
 
 def _short_name(path: str, width: int = 28) -> str:
-    name = Path(path).name
+    name = _display(Path(path).name)
     return name if len(name) <= width else name[: width // 2 - 1] + "…" + name[-width // 2 :]
 
 

@@ -34,6 +34,12 @@ class TrainConfig:
     test_size: float = 0.2  # held out, only used by evaluate
     val_size: float = 0.1  # taken from the rest; early stopping and model selection
     seed: int = 42
+    # Keep groups of related images on one side of the split: a regex on each file's path
+    # relative to the root (group = first capture group, or the whole match), or "auto" for
+    # the audit's near-duplicate clusters. groups_csv maps path -> group instead.
+    group_by: str | None = None
+    groups_csv: str | None = None
+    dup_threshold: float = 0.95  # cosine similarity above which two images are near-copies
     augment: str = "light"
     views: int = 4  # augmented views per training image cached for the frozen stage
     class_weights: str = "auto"
@@ -83,6 +89,15 @@ class TrainConfig:
                 raise bad(name, value, "use a fraction between 0 and 0.5, e.g. 0.2")
         if self.test_size + self.val_size >= 0.8:
             raise UsageError("--test-size plus --val-size must leave most images for training.")
+        if self.group_by and self.group_by != "auto":
+            try:
+                re.compile(self.group_by)
+            except re.error as exc:
+                raise bad("group_by", self.group_by, f"it is not a valid regex ({exc})") from None
+        if self.group_by and self.groups_csv:
+            raise UsageError("Use either --group-by or --groups-csv, not both.")
+        if not (0.5 <= self.dup_threshold <= 1.0):
+            raise bad("dup_threshold", self.dup_threshold, "use a cosine similarity in [0.5, 1]")
         if self.augment not in AUGMENTS:
             raise bad("augment", self.augment, f"choose one of {', '.join(AUGMENTS)}")
         if self.optimizer not in OPTIMIZERS:

@@ -22,6 +22,7 @@ import io
 import math
 import os
 import random
+import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -324,14 +325,96 @@ def make_split(
     return [str(s) for s in subset]
 
 
-def write_split(path: Path, data: ScanResult, subsets: Sequence[str]) -> None:
+def make_group_split(
+    labels: Sequence[int],
+    groups: Sequence[str],
+    classes: Sequence[str],
+    test_size: float,
+    val_size: float,
+    seed: int,
+) -> list[str]:
+    """Like :func:`make_split`, but every group (e.g. the frames of one animation) lands on
+    one side only; classes stay as balanced across the subsets as the groups allow."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.asarray(labels)
+    g = np.asarray(groups)
+    n_groups = len(set(groups))
+    k_test = max(2, round(1 / test_size))
+    k_val = max(2, round((1 - test_size) / val_size))
+    if n_groups < k_test + 1:
+        raise SplitError(
+            f"Only {n_groups} groups: too few to hold out whole groups for validation and "
+            "testing. Use a finer --group-by pattern, or more data."
+        )
+    index = np.arange(len(y))
+    try:
+        rest, test = next(
+            StratifiedGroupKFold(k_test, shuffle=True, random_state=seed).split(index, y, g)
+        )
+        train, val = next(
+            StratifiedGroupKFold(k_val, shuffle=True, random_state=seed).split(
+                rest, y[rest], g[rest]
+            )
+        )
+    except ValueError as exc:
+        raise SplitError(f"Could not split the dataset by group: {exc}") from exc
+    val = rest[val]
+    train = rest[train]
+    missing = [classes[c] for c in sorted(set(y.tolist())) if c not in set(y[train].tolist())]
+    if missing:
+        raise SplitError(
+            f"Splitting by group left no training images of: {', '.join(missing)}. Each "
+            "class needs images from at least 3 groups (sources)."
+        )
+    subset = np.empty(len(y), dtype=object)
+    subset[train], subset[val], subset[test] = "train", "val", "test"
+    return [str(v) for v in subset]
+
+
+def groups_from_pattern(relpaths: Sequence[str], pattern: str) -> tuple[list[str], int]:
+    """The group of each file from a regex on its path relative to the dataset root: the
+    first capture group, or the whole match. Unmatched files are groups of their own;
+    returns the groups and how many files did not match."""
+    regex = re.compile(pattern)
+    out, unmatched = [], 0
+    for rel in relpaths:
+        m = regex.search(rel)
+        if m is None:
+            unmatched += 1
+            out.append(f"file:{rel}")
+        else:
+            out.append(m.group(1) if regex.groups else m.group(0))
+    return out, unmatched
+
+
+def groups_from_csv(path: Path, relpaths: Sequence[str]) -> tuple[list[str], int]:
+    """Groups from a CSV with columns ``path`` (relative to the dataset root) and ``group``."""
+    mapping: dict[str, str] = {}
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"path", "group"} <= set(reader.fieldnames):
+            raise DataError(
+                f"{path} needs the columns 'path' and 'group' (found {reader.fieldnames})."
+            )
+        for row in reader:
+            mapping[row["path"].strip()] = row["group"].strip()
+    out = [mapping.get(rel, f"file:{rel}") for rel in relpaths]
+    return out, sum(rel not in mapping for rel in relpaths)
+
+
+def write_split(
+    path: Path, data: ScanResult, subsets: Sequence[str], groups: Sequence[str] | None = None
+) -> None:
     from .io import atomic_write_text
 
+    groups = groups or [""] * len(subsets)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "class", "subset", "sha256"])
-    for p, label, subset, sha in zip(data.paths, data.labels, subsets, data.sha256, strict=True):
-        writer.writerow([data.relpath(p), data.classes[label], subset, sha])
+    writer.writerow(["path", "class", "subset", "sha256", "group"])
+    rows = zip(data.paths, data.labels, subsets, data.sha256, groups, strict=True)
+    for p, label, subset, sha, group in rows:
+        writer.writerow([data.relpath(p), data.classes[label], subset, sha, group])
     atomic_write_text(path, buf.getvalue())
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .audit import audit, check_split, explain, pick_examples, plot_pairs
 from .backbones import get_spec
 from .cache import FeatureCache, default_cache_dir, item_seed
 from .config import TrainConfig
@@ -39,6 +40,7 @@ from .data import (
     ImageFiles,
     build_transform,
     default_workers,
+    make_group_split,
     make_loader,
     make_split,
     scan,
@@ -64,6 +66,8 @@ RUN_FILES = (
     "evaluation.json",
     "model.onnx",
     "checkpoint.safetensors",
+    "audit.json",
+    "leakage_pairs.png",
 )
 #: Cache activations at the fine-tuning cut only while they fit in this many bytes.
 CUT_CACHE_BUDGET = int(os.environ.get("GRAFT_CUT_CACHE_MB", "2048")) * 2**20
@@ -423,32 +427,17 @@ def fit(
 
     # 1. data ------------------------------------------------------------------------
     if resume:
-        data, subsets = _data_from_split(out, data_root)
+        data, subsets, groups = _data_from_split(out, data_root)
         reporter.info(f"Resuming {out}: {len(data.paths)} images from its split.csv")
     else:
         data = scan(data_root, progress=reporter.iter)
         _write_skipped(out / "skipped.csv", data)
         for warning in data.warnings:
             reporter.warn(warning)
-        subsets = make_split(
-            data.labels, data.classes, config.test_size, config.val_size, config.seed
-        )
-        write_split(out / "split.csv", data, subsets)
         from .plots import plot_class_counts
 
         plot_class_counts(data.counts, out / "class_counts.png")
-    idx = {s: [i for i, sub in enumerate(subsets) if sub == s] for s in ("train", "val", "test")}
-    paths = {s: [data.paths[i] for i in ix] for s, ix in idx.items()}
-    labels = {
-        s: torch.tensor([data.labels[i] for i in ix], dtype=torch.long) for s, ix in idx.items()
-    }
-    train_counts = [int((labels["train"] == c).sum()) for c in range(len(data.classes))]
-    weights, weights_note = class_weights_for(train_counts, config.class_weights)
-    reporter.info(
-        f"{len(data.paths)} images in {len(data.classes)} classes -> "
-        f"train {len(idx['train'])} / validation {len(idx['val'])} / test {len(idx['test'])} "
-        f"(stratified, seed {config.seed}); class weights: {weights_note}"
-    )
+    everything = list(range(len(data.paths)))
 
     # 2. model and plan ---------------------------------------------------------------
     spec = get_spec(config.backbone)
@@ -474,8 +463,9 @@ def fit(
     eval_tf = build_transform(config.img_size, spec.mean, spec.std, "none")
     train_tf = build_transform(config.img_size, spec.mean, spec.std, config.augment)
     n_views = 1 if config.augment == "none" else config.views
+    n_train = len(everything) * (1 - config.test_size - config.val_size)
     cut_bytes = _activation_bytes(model, cut, config.img_size) * (
-        n_views * len(idx["train"]) + len(idx["val"])
+        (n_views - 1) * n_train + len(everything)
     )
     cache_cut = 0 < cut < n_blocks and cut_bytes <= CUT_CACHE_BUDGET
     if not cache_cut and 0 < cut < n_blocks:
@@ -487,30 +477,10 @@ def fit(
     plan = _describe_plan(config, n_blocks, unfreeze, n_views, cache_cut, workers)
     reporter.info(f"Backbone {config.backbone} ({weights_source}); engine: {engine.reason}")
     reporter.info("Plan: " + plan)
-    atomic_write_json(
-        out / "config.json",
-        {
-            **config.to_dict(),
-            "data_root": str(data.root),
-            "classes": data.classes,
-            "weights_source": weights_source,
-            "engine": engine.reason,
-            "plan": plan,
-            "versions": _versions(),
-        },
-    )
-
-    loss_fn = nn.CrossEntropyLoss(weight=weights.to(engine.device) if weights is not None else None)
-    eval_loss_fn = nn.CrossEntropyLoss()  # validation loss is unweighted: the honest number
-    history: list[EpochRecord] = []
-    best = _Best(model, out / "model.safetensors")
-    generator = torch.Generator().manual_seed(config.seed)
-    timings: dict[str, float] = {}
 
     # 3. run the frozen part once per image (and view), through the on-disk cache -------
     t0 = time.perf_counter()
     model.eval()
-    train_views = val_maps = torch.empty(0)
     cache = FeatureCache(
         None if config.cache_dir == "" else Path(config.cache_dir or default_cache_dir()),
         {
@@ -520,50 +490,135 @@ def fit(
             "cut": f"{extract_at}/{n_blocks}",
         },
     )
-    if config.epochs > 0 or cache_cut:
-        notes: list[str] = []
-        runner = make_runner(
-            FrozenPart(model.backbone, extract_at), config.img_size, engine, notes=notes
-        )
-        for note in notes:
-            reporter.warn(note)
-        reporter.info(f"Frozen forward passes: {runner.name}")
+    notes: list[str] = []
+    runner = make_runner(
+        FrozenPart(model.backbone, extract_at), config.img_size, engine, notes=notes
+    )
+    for note in notes:
+        reporter.warn(note)
+    reporter.info(f"Frozen forward passes: {runner.name}")
 
-        def cached(subset: str, view: int, transform: Any, label: str) -> torch.Tensor:
-            shas = [data.sha256[i] for i in idx[subset]]
-            name = "clean" if view == 0 else f"{config.augment}-seed{config.seed}-view{view}"
-            seeds = [item_seed(h, view, config.seed) for h in shas] if view else None
-            files = ImageFiles(
-                paths[subset], labels[subset].tolist(), transform, config.img_size, seeds
-            )
-            return cache.get_or_compute(
-                name,
-                shas,
-                lambda missing: extract(
-                    runner, files.subset(missing), 64, workers, config.seed, reporter, label
-                ),
-            )
+    def cached(indices: list[int], view: int, transform: Any, label: str) -> torch.Tensor:
+        shas = [data.sha256[i] for i in indices]
+        name = "clean" if view == 0 else f"{config.augment}-seed{config.seed}-view{view}"
+        seeds = [item_seed(h, view, config.seed) for h in shas] if view else None
+        files = ImageFiles(
+            [data.paths[i] for i in indices],
+            [data.labels[i] for i in indices],
+            transform,
+            config.img_size,
+            seeds,
+        )
+        return cache.get_or_compute(
+            name,
+            shas,
+            lambda missing: extract(
+                runner, files.subset(missing), 64, workers, config.seed, reporter, label
+            ),
+        )
 
-        train_views = torch.stack(
-            [
-                cached(
-                    "train",
-                    v,
-                    eval_tf if v == 0 else train_tf,
-                    f"Caching train features (view {v + 1}/{n_views})",
-                )
-                for v in range(n_views)
-            ]
+    # Every image once, unaugmented: the validation/test inputs, view 0 of the training
+    # images, and the embeddings the duplicate audit compares.
+    clean = cached(everything, 0, eval_tf, "Computing backbone features")
+
+    # 4. audit for duplicates and leakage, then split -----------------------------------
+    if not resume:
+        embeddings = (
+            clean if extract_at == n_blocks else _pool_top(model, clean, extract_at, engine)
         )
-        val_maps = cached("val", 0, eval_tf, "Caching validation features")
-        if engine.channels_last:
-            model.to(memory_format=torch.channels_last)
-        reporter.info(
-            f"Feature cache: {cache.hits} reused, {cache.misses} computed "
-            f"({cache.folder or 'in memory only'})"
+        report = audit(data.sha256, data.labels, embeddings.numpy(), config.dup_threshold)
+        groups, group_note = _resolve_groups(config, data, report)
+        if groups is None:
+            subsets = make_split(
+                data.labels, data.classes, config.test_size, config.val_size, config.seed
+            )
+        else:
+            subsets = make_group_split(
+                data.labels, groups, data.classes, config.test_size, config.val_size, config.seed
+            )
+        write_split(out / "split.csv", data, subsets, groups)
+        check_split(report, subsets)
+        findings = explain(report, data.classes, data.labels, data.paths)
+        for finding in findings:
+            reporter.warn(finding)
+        if group_note:
+            reporter.info(group_note)
+        examples = pick_examples(
+            report.straddling or [(a, b, 1.0) for a, b in report.cross_class],
+            report.clusters,
+            data.labels,
         )
-    timings["cache_seconds"] = time.perf_counter() - t0
-    timings["cache_hits"], timings["cache_misses"] = cache.hits, cache.misses
+        if examples:
+            plot_pairs(
+                examples,
+                data.paths,
+                subsets,
+                out / "leakage_pairs.png",
+                data.root,
+                title="Near-duplicates on both sides of the split"
+                if report.straddling
+                else "Identical images in different classes",
+            )
+        atomic_write_json(
+            out / "audit.json",
+            {
+                **report.to_dict(data.paths, data.root),
+                "findings": findings,
+                "grouping": group_note or "none: images split one by one",
+            },
+        )
+        atomic_write_json(
+            out / "config.json",
+            {
+                **config.to_dict(),
+                "data_root": str(data.root),
+                "classes": data.classes,
+                "weights_source": weights_source,
+                "engine": engine.reason,
+                "plan": plan,
+                "versions": _versions(),
+            },
+        )
+    idx = {s: [i for i, sub in enumerate(subsets) if sub == s] for s in ("train", "val", "test")}
+    paths = {s: [data.paths[i] for i in ix] for s, ix in idx.items()}
+    labels = {
+        s: torch.tensor([data.labels[i] for i in ix], dtype=torch.long) for s, ix in idx.items()
+    }
+    train_counts = [int((labels["train"] == c).sum()) for c in range(len(data.classes))]
+    weights, weights_note = class_weights_for(train_counts, config.class_weights)
+    how = "grouped" if any(groups or []) else "stratified"
+    reporter.info(
+        f"{len(data.paths)} images in {len(data.classes)} classes -> "
+        f"train {len(idx['train'])} / validation {len(idx['val'])} / test {len(idx['test'])} "
+        f"({how}, seed {config.seed}); class weights: {weights_note}"
+    )
+
+    # 5. augmented views of the training images ----------------------------------------
+    train_views = torch.stack(
+        [clean[idx["train"]]]
+        + [
+            cached(idx["train"], v, train_tf, f"Caching augmented views ({v + 1}/{n_views})")
+            for v in range(1, n_views)
+        ]
+    )
+    val_maps = clean[idx["val"]]
+    if engine.channels_last:
+        model.to(memory_format=torch.channels_last)
+    reporter.info(
+        f"Feature cache: {cache.hits} reused, {cache.misses} computed "
+        f"({cache.folder or 'in memory only'})"
+    )
+    timings: dict[str, float] = {
+        "cache_seconds": time.perf_counter() - t0,
+        "cache_hits": cache.hits,
+        "cache_misses": cache.misses,
+    }
+
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(engine.device) if weights is not None else None)
+    eval_loss_fn = nn.CrossEntropyLoss()  # validation loss is unweighted: the honest number
+    history: list[EpochRecord] = []
+    best = _Best(model, out / "model.safetensors")
+    generator = torch.Generator().manual_seed(config.seed)
 
     def record(
         stage: str,
@@ -579,7 +634,7 @@ def fit(
         write_history(out / "history.csv", history)
         reporter.epoch(rec, improved)
 
-    # 4-5. the two stages: frozen (only the head learns), then fine-tuning -------------
+    # 6-7. the two stages: frozen (only the head learns), then fine-tuning -------------
     checkpoint = out / CHECKPOINT
     state = _load_checkpoint(checkpoint) if resume else None
     if state is not None:
@@ -728,7 +783,7 @@ def fit(
         timings[f"{stage}_seconds"] = time.perf_counter() - t_stage
         best.restore()
 
-    # 6. keep the best, evaluate once on the held-out test split ------------------------
+    # 8. keep the best, evaluate once on the held-out test split ------------------------
     model.eval()
     from .diagnose import diagnose
     from .evaluate import evaluate_files
@@ -768,6 +823,7 @@ def fit(
         "plan": plan,
         "best": {"stage": best.stage, "step": best.step, "val_loss": best.loss},
         "diagnosis": diagnosis.to_dict(),
+        "audit": read_json(out / "audit.json") if (out / "audit.json").is_file() else None,
         "test": {k: test_metrics[k] for k in ("accuracy", "loss", "n")},
         "timings": timings,
         "epoch_seconds": _epoch_seconds(history),
@@ -860,7 +916,33 @@ def _restore_checkpoint(
     loader_generator.set_state(tensors["rng.loader"])
 
 
-def _data_from_split(out: Path, data_root: str | Path | None) -> tuple[Any, list[str]]:
+def _resolve_groups(config: TrainConfig, data: Any, report: Any) -> tuple[list[str] | None, str]:
+    """The group of each image, from --group-by / --groups-csv, and a sentence saying so."""
+    from .data import groups_from_csv, groups_from_pattern
+
+    rel = [data.relpath(p) for p in data.paths]
+    if config.groups_csv:
+        groups, unmatched = groups_from_csv(Path(config.groups_csv), rel)
+        source = f"groups from {config.groups_csv}"
+    elif config.group_by == "auto":
+        groups, unmatched = [f"cluster-{c}" for c in report.clusters], 0
+        source = (
+            f"near-duplicate clusters kept together (--group-by auto, cosine >= "
+            f"{config.dup_threshold})"
+        )
+    elif config.group_by:
+        groups, unmatched = groups_from_pattern(rel, config.group_by)
+        source = f"groups from --group-by {config.group_by!r}"
+    else:
+        return None, ""
+    n = len(set(groups))
+    note = f"Split by group: {source}; {n} groups"
+    if unmatched:
+        note += f" ({unmatched} files matched no group and form groups of their own)"
+    return groups, note + "."
+
+
+def _data_from_split(out: Path, data_root: str | Path | None) -> tuple[Any, list[str], list[str]]:
     """The images of an existing run, exactly as its split.csv lists them."""
     from .data import ScanResult
 
@@ -874,14 +956,15 @@ def _data_from_split(out: Path, data_root: str | Path | None) -> tuple[Any, list
     root = Path(data_root or saved["data_root"]).resolve()
     classes = list(saved["classes"])
     index = {c: i for i, c in enumerate(classes)}
-    paths, labels, subsets, hashes = [], [], [], []
+    paths, labels, subsets, hashes, groups = [], [], [], [], []
     with open(split, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         for row in csv.DictReader(fh):
             paths.append(root / row["path"])
             labels.append(index[row["class"]])
             subsets.append(row["subset"])
             hashes.append(row["sha256"])
-    return ScanResult(root, classes, paths, labels, hashes), subsets
+            groups.append(row.get("group", ""))
+    return ScanResult(root, classes, paths, labels, hashes), subsets, groups
 
 
 @torch.no_grad()

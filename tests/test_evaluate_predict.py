@@ -100,8 +100,9 @@ def test_library_fit_returns_self(tmp_path: Path, shapes_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "tamper"])
-def test_damaged_model_file_is_a_clear_error(trained_run: Path, tmp_path: Path, damage: str,
-                                             capsys) -> None:
+def test_damaged_model_file_is_a_clear_error(
+    trained_run: Path, tmp_path: Path, damage: str, capsys
+) -> None:
     from graft.cli import main
 
     run = tmp_path / "run"
