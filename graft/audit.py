@@ -250,3 +250,51 @@ def plot_pairs(
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _save(fig, out)
+
+
+def audit_dataset(
+    data: Any,
+    backbone: str = "efficientnet_lite0",
+    img_size: int = 128,
+    threshold: float = DEFAULT_THRESHOLD,
+    cache_dir: str | None = None,
+    reporter: Any = None,
+    weights: str | None = None,
+) -> AuditReport:
+    """Audit a scanned dataset with a pretrained backbone's pooled features (cached)."""
+    import torch
+
+    from .backbones import create_backbone, get_spec
+    from .cache import FeatureCache, default_cache_dir
+    from .data import ImageFiles, build_transform
+    from .engines import FrozenPart, make_runner
+    from .progress import Reporter
+    from .train import _weights_identity, choose_engine, extract
+
+    reporter = reporter or Reporter()
+    spec = get_spec(backbone)
+    model, source = create_backbone(spec, weights=weights)
+    engine = choose_engine()
+    n_blocks = len(model.blocks)
+    runner = make_runner(FrozenPart(model, n_blocks), img_size, engine)
+    cache = FeatureCache(
+        None if cache_dir == "" else Path(cache_dir or default_cache_dir()),
+        {
+            "backbone": backbone,
+            "weights": _weights_identity(source),
+            "img_size": img_size,
+            "cut": f"{n_blocks}/{n_blocks}",
+        },
+    )
+    files = ImageFiles(
+        data.paths, data.labels, build_transform(img_size, spec.mean, spec.std, "none"), img_size
+    )
+    with torch.no_grad():
+        emb = cache.get_or_compute(
+            "clean",
+            data.sha256,
+            lambda missing: extract(
+                runner, files.subset(missing), 64, 0, 0, reporter, "Computing backbone features"
+            ),
+        )
+    return audit(data.sha256, data.labels, emb.numpy(), threshold)

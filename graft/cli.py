@@ -171,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to save the class-count bar chart (default: ./<root>_class_counts.png)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--no-audit", action="store_true", help="skip the duplicate audit (no backbone needed)"
+    )
+    p.add_argument(
+        "--dup-threshold",
+        type=float,
+        default=0.95,
+        help="cosine similarity for near-duplicates (default: %(default)s)",
+    )
+    p.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="backbone whose features compare images (default: %(default)s)",
+    )
+    p.add_argument("--img-size", type=int, default=128)
 
     p = sub.add_parser("train", help="train and fine-tune a classifier")
     p.add_argument("root", nargs="?", help="folder with one sub-folder per class")
@@ -227,6 +242,37 @@ def cmd_scan(args: argparse.Namespace) -> int:
     data = scan(args.root, progress=reporter.iter)
     plot = Path(args.plot or f"{Path(data.root).name}_class_counts.png")
     plot_class_counts(data.counts, plot)
+    findings: list[str] = []
+    audit_summary = None
+    pairs_png = plot.with_name(plot.stem.replace("_class_counts", "") + "_duplicates.png")
+    if not args.no_audit:
+        from .audit import audit_dataset, explain, pick_examples, plot_pairs
+
+        report = audit_dataset(
+            data, args.backbone, args.img_size, args.dup_threshold, reporter=reporter
+        )
+        findings = explain(report, data.classes, data.labels, data.paths)
+        if report.near_pairs or report.exact_groups:
+            findings.append(
+                "A random train/validation split would put these copies on both sides and "
+                "overstate accuracy: train with --group-by auto (or --group-by REGEX)."
+            )
+        audit_summary = report.to_dict(data.paths, data.root)
+        examples = pick_examples(
+            report.near_pairs or [(a, b, 1.0) for a, b in report.cross_class],
+            report.clusters,
+            data.labels,
+        )
+        if examples:
+            plot_pairs(
+                examples,
+                data.paths,
+                None,
+                pairs_png,
+                data.root,
+                title="Near-duplicate examples (a random split would leak them)",
+            )
+            findings.append(f"Example pairs: {pairs_png}")
     if args.json:
         print(
             json.dumps(
@@ -239,6 +285,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
                     "unsupported": [str(p) for p in data.unsupported],
                     "warnings": data.warnings,
                     "plot": str(plot),
+                    "audit": audit_summary,
+                    "findings": findings,
                 },
                 indent=2,
             )
@@ -262,6 +310,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
         console.print(f"{len(data.unsupported)} file(s) with unsupported extensions ignored.")
     for w in data.warnings:
         console.print(f"[yellow]warning:[/] {w}")
+    for f in findings:
+        console.print(f"[yellow]audit:[/] {display(f)}")
+    if audit_summary is not None and not findings:
+        console.print("audit: no duplicates or near-duplicates found.")
     console.print(f"Bar chart: {plot}")
     return 0
 
@@ -345,22 +397,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         console = Console()
+        lo, hi = result["accuracy_ci95"]
         table = Table(
             title=f"{result['data']}: accuracy {result['accuracy']:.1%} "
-            f"on {result['n']} images, loss {result['loss']:.3f}",
+            f"(95% CI {lo:.1%}-{hi:.1%}) on {result['n']} images, loss {result['loss']:.3f}, "
+            f"calibration error {result['calibration']['ece']:.3f}",
             title_justify="left",
         )
-        for col in ("class", "precision", "recall", "F1", "support"):
+        for col in ("class", "precision", "recall", "recall 95% CI", "F1", "support"):
             table.add_column(col, justify="left" if col == "class" else "right")
         for name, m in result["per_class"].items():
             table.add_row(
                 name,
                 f"{m['precision']:.3f}",
                 f"{m['recall']:.3f}",
+                f"{m['recall_ci95'][0]:.2f}-{m['recall_ci95'][1]:.2f}",
                 f"{m['f1']:.3f}",
                 str(m["support"]),
             )
         console.print(table)
+        for c in result["most_confused"]:
+            console.print(f"confused: {c['true']} taken for {c['predicted']} ({c['count']}x)")
         for f in result["failed"]:
             console.print(f"[yellow]skipped[/] {display(f['path'])}: {display(f['reason'])}")
         console.print(f"Confusion matrix: {Path(result['output_dir']) / 'confusion_matrix.png'}")

@@ -147,14 +147,14 @@ class FrozenPart(nn.Module):
 
 
 class Probabilities(nn.Module):
-    """The whole classifier with softmax, the graph that prediction exports."""
+    """The whole classifier with its calibrated softmax: the graph prediction exports."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).softmax(dim=1)
+        return (self.model(x) / self.model.info.temperature).softmax(dim=1)
 
 
 __all__ = [

@@ -6,6 +6,7 @@ Reports accuracy, loss, per-class precision/recall/F1 and the confusion matrix (
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,32 +18,99 @@ from .io import atomic_write_json, read_json
 from .model import GraftModel
 
 
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (sound at 0%, 100% and small n)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def calibration(probs: np.ndarray, labels: Sequence[int], bins: int = 10) -> dict[str, Any]:
+    """Expected calibration error and the reliability-diagram bins (by top probability)."""
+    y = np.asarray(labels)
+    conf = probs.max(1) if len(y) else np.zeros(0)
+    right = (probs.argmax(1) == y) if len(y) else np.zeros(0, dtype=bool)
+    edges = np.linspace(0, 1, bins + 1)
+    table, ece = [], 0.0
+    for lo, hi in itertools.pairwise(edges):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            gap = abs(right[inside].mean() - conf[inside].mean())
+            ece += inside.mean() * gap
+            table.append(
+                {
+                    "low": float(lo),
+                    "high": float(hi),
+                    "n": int(inside.sum()),
+                    "confidence": float(conf[inside].mean()),
+                    "accuracy": float(right[inside].mean()),
+                }
+            )
+    return {"ece": float(ece), "bins": table}
+
+
+def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
+    """The temperature that minimises the validation log-loss (1-D, bounded search)."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(labels)
+    z = np.asarray(logits, dtype=np.float64)
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        s = s - s.max(1, keepdims=True)
+        logp = s - np.log(np.exp(s).sum(1, keepdims=True))
+        return float(-logp[np.arange(len(y)), y].mean())
+
+    best = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(best.x))
+
+
 def metrics_from_probs(
     probs: np.ndarray, labels: Sequence[int], classes: Sequence[str]
 ) -> dict[str, Any]:
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     y = np.asarray(labels)
-    pred = probs.argmax(1)
+    pred = probs.argmax(1) if len(y) else np.zeros(0, dtype=int)
     k = len(classes)
     eps = 1e-12
     loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], eps, 1.0)).mean()) if len(y) else 0.0
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=list(range(k)), zero_division=0)
+    matrix = confusion_matrix(y, pred, labels=list(range(k)))
+    correct = int((pred == y).sum())
+    confused = sorted(
+        (
+            (int(matrix[i, j]), classes[i], classes[j])
+            for i in range(k)
+            for j in range(k)
+            if i != j and matrix[i, j]
+        ),
+        reverse=True,
+    )
     return {
         "n": len(y),
-        "accuracy": float((pred == y).mean()) if len(y) else 0.0,
+        "accuracy": correct / len(y) if len(y) else 0.0,
+        "accuracy_ci95": wilson(correct, len(y)),
         "loss": loss,
         "per_class": {
             c: {
                 "precision": float(p[i]),
                 "recall": float(r[i]),
+                "recall_ci95": wilson(int(matrix[i, i]), int(s[i])),
                 "f1": float(f[i]),
                 "support": int(s[i]),
             }
             for i, c in enumerate(classes)
         },
         "macro_f1": float(f[s > 0].mean()) if (s > 0).any() else 0.0,
-        "confusion_matrix": confusion_matrix(y, pred, labels=list(range(k))).tolist(),
+        "confusion_matrix": matrix.tolist(),
+        "most_confused": [{"true": t, "predicted": q, "count": n} for n, t, q in confused[:5]],
+        "calibration": calibration(probs, y) if len(y) else {"ece": 0.0, "bins": []},
         "classes": list(classes),
     }
 
@@ -67,8 +135,30 @@ def evaluate_files(
     keep = [i for i in range(len(paths)) if i not in failed]
     result = metrics_from_probs(probs[keep], [labels[i] for i in keep], classes)
     result["data"] = title
+    result["temperature"] = model.info.temperature
     result["failed"] = [{"path": str(paths[i]), "reason": r} for i, r in sorted(failed.items())]
+    # The most confidently wrong images: where to look for label errors and hard cases.
+    wrong = [i for i in keep if probs[i].argmax() != labels[i]]
+    wrong.sort(key=lambda i: -float(probs[i].max()))
+    result["top_losses"] = [
+        {
+            "path": str(paths[i]),
+            "true": classes[labels[i]],
+            "predicted": classes[int(probs[i].argmax())],
+            "probability": float(probs[i].max()),
+            "probability_of_true": float(probs[i][labels[i]]),
+        }
+        for i in wrong[:12]
+    ]
     if out_dir is not None:
+        from .plots import plot_reliability, plot_top_losses
+
+        plot_reliability(
+            result["calibration"],
+            Path(out_dir) / "reliability.png",
+            title=f"Calibration: {title} (ECE {result['calibration']['ece']:.3f})",
+        )
+        plot_top_losses(result["top_losses"], Path(out_dir) / "top_losses.png")
         plot_confusion_matrix(
             np.asarray(result["confusion_matrix"]),
             classes,

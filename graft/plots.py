@@ -155,3 +155,78 @@ def plot_prediction_grid(
         ax.set_title(f"{line1}\n{line2}", fontsize=9, color=colours[correct])
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_reliability(calib: dict, path: Path, title: str = "Calibration") -> None:
+    """Reliability diagram: how often predictions of each confidence were right."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    ax.plot([0, 1], [0, 1], "--", color="#888", lw=1, label="perfectly calibrated")
+    bins = calib.get("bins", [])
+    if bins:
+        centres = [(b["low"] + b["high"]) / 2 for b in bins]
+        ax.bar(
+            centres,
+            [b["accuracy"] for b in bins],
+            width=0.09,
+            color="#4c72b0",
+            alpha=0.8,
+            label="accuracy in bin",
+        )
+        ax.plot(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            "o",
+            color="#dd8452",
+            ms=4,
+            label="mean confidence",
+        )
+        for c, b in zip(centres, bins, strict=True):
+            ax.text(
+                c,
+                min(1.0, b["accuracy"]) + 0.02,
+                str(b["n"]),
+                ha="center",
+                fontsize=7,
+                color="#555",
+            )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("predicted probability of the top class")
+    ax.set_ylabel("fraction correct")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    _save(fig, path)
+
+
+def plot_top_losses(items: Sequence[dict], path: Path, cols: int = 4) -> None:
+    """The most confidently wrong images, with predicted / true class and probability."""
+    from .data import load_image
+    from .io import display
+
+    if not items:
+        fig, ax = plt.subplots(figsize=(5, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No wrong predictions.", ha="center", va="center")
+        _save(fig, path)
+        return
+    n = len(items)
+    cols = min(cols, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.7 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, item in zip(axes.flat, items, strict=False):
+        try:
+            ax.imshow(load_image(item["path"], 256))
+        except Exception:  # the file changed since evaluation: show the text only
+            pass
+        ax.set_title(
+            f"{display(Path(item['path']).name)[:24]}\npredicted {item['predicted']} "
+            f"{item['probability']:.0%}\ntrue {item['true']}",
+            fontsize=8,
+            color="#cf222e",
+        )
+    fig.suptitle("Most confidently wrong", fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)

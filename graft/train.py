@@ -23,7 +23,7 @@ import platform
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from .data import (
 )
 from .engines import FrozenPart, Runner, make_runner
 from .errors import DataError, RunExistsError, RunFolderError
+from .evaluate import fit_temperature
 from .io import atomic_save, atomic_write_json, atomic_write_text, read_json
 from .model import GraftModel, ModelInfo, build_model
 from .progress import Reporter
@@ -68,6 +69,8 @@ RUN_FILES = (
     "checkpoint.safetensors",
     "audit.json",
     "leakage_pairs.png",
+    "reliability.png",
+    "top_losses.png",
 )
 #: Cache activations at the fine-tuning cut only while they fit in this many bytes.
 CUT_CACHE_BUDGET = int(os.environ.get("GRAFT_CUT_CACHE_MB", "2048")) * 2**20
@@ -783,7 +786,20 @@ def fit(
         timings[f"{stage}_seconds"] = time.perf_counter() - t_stage
         best.restore()
 
-    # 8. keep the best, evaluate once on the held-out test split ------------------------
+    # 8. calibrate the kept model on validation data (temperature scaling) ----------------
+    model.eval()
+    stale_cache = config.fine_tune_epochs > 0 and not cache_cut  # backbone changed below
+    val_logits = (
+        _logits_from_images(model, paths["val"], eval_tf, config.img_size, engine, workers)
+        if stale_cache
+        else _logits_cached(model, val_maps, extract_at, engine)
+    )
+    temperature = fit_temperature(val_logits.numpy(), labels["val"].tolist())
+    model.info = replace(model.info, temperature=temperature)
+    model.save(out / "model.safetensors")
+    reporter.info(f"Calibration: temperature {temperature:.3f} fitted on the validation split.")
+
+    # 9. keep the best, evaluate once on the held-out test split ------------------------
     model.eval()
     from .diagnose import diagnose
     from .evaluate import evaluate_files
@@ -824,15 +840,18 @@ def fit(
         "best": {"stage": best.stage, "step": best.step, "val_loss": best.loss},
         "diagnosis": diagnosis.to_dict(),
         "audit": read_json(out / "audit.json") if (out / "audit.json").is_file() else None,
-        "test": {k: test_metrics[k] for k in ("accuracy", "loss", "n")},
+        "test": {k: test_metrics[k] for k in ("accuracy", "accuracy_ci95", "loss", "n")},
+        "calibration": {"temperature": temperature, "test_ece": test_metrics["calibration"]["ece"]},
         "timings": timings,
         "epoch_seconds": _epoch_seconds(history),
     }
     atomic_write_json(out / "summary.json", summary)
     reporter.diagnosis(diagnosis)
+    lo, hi = test_metrics["accuracy_ci95"]
     reporter.info(
-        f"Held-out test accuracy {test_metrics['accuracy']:.1%} on {test_metrics['n']} "
-        f"images (loss {test_metrics['loss']:.3f})."
+        f"Held-out test accuracy {test_metrics['accuracy']:.1%} (95% CI {lo:.1%}-{hi:.1%}) on "
+        f"{test_metrics['n']} images, loss {test_metrics['loss']:.3f}, calibration error "
+        f"{test_metrics['calibration']['ece']:.3f}."
     )
     return TrainResult(out, data.classes, history, summary)
 
@@ -965,6 +984,35 @@ def _data_from_split(out: Path, data_root: str | Path | None) -> tuple[Any, list
             hashes.append(row["sha256"])
             groups.append(row.get("group", ""))
     return ScanResult(root, classes, paths, labels, hashes), subsets, groups
+
+
+@torch.no_grad()
+def _logits_cached(
+    model: GraftModel, maps: torch.Tensor, start: int, engine: Engine
+) -> torch.Tensor:
+    out = []
+    for i in range(0, len(maps), 256):
+        x = engine.prepare(maps[i : i + 256])
+        with engine.context():
+            out.append(_top_forward(model, x, start).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def _logits_from_images(
+    model: GraftModel,
+    paths: list[Path],
+    transform: Any,
+    img_size: int,
+    engine: Engine,
+    workers: int,
+) -> torch.Tensor:
+    files = ImageFiles(paths, None, transform, img_size)
+    out = torch.empty(len(paths), len(model.info.classes))
+    for batch in make_loader(files, 64, shuffle=False, seed=0, workers=workers):
+        with engine.context():
+            out[batch["index"]] = model(engine.prepare(batch["images"])).float().cpu()
+    return out
 
 
 @torch.no_grad()

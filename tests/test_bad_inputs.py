@@ -157,7 +157,9 @@ def test_predict_and_evaluate_name_each_bad_file(
         assert ("error" not in preds[name]) == ok, preds[name]
     # a human-readable table with the odd name does not crash the terminal either
     assert main(["predict", str(trained_run), str(odd)]) == 7
-    assert "caf" in capsys.readouterr().out
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["predict", str(trained_run), str(odd), "--csv"]) == 7
+    assert "caf\ufffd-latin1.png" in capsys.readouterr().out
 
     folder = tmp_path / "eval"
     shutil.copytree(corpus_dataset, folder, symlinks=True)

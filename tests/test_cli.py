@@ -25,6 +25,7 @@ def test_scan_reports_counts_skipped_files_and_draws_the_chart(shapes_dir, tmp_p
     result = json.loads(out)
     assert result["counts"] == {"circle": 15, "square": 15, "triangle": 14}
     assert [Path(s["path"]).name for s in result["skipped"]] == ["broken.jpg"]
+    assert result["audit"]["exact_duplicate_files"] == 0 and result["audit"]["images"] == 44
     assert Image.open(tmp_path / "c.png").size[0] > 300
     code, out, _ = run(["scan", shapes_dir, "--plot", tmp_path / "d.png"], capsys)
     assert code == 0 and "broken.jpg" in out and "total" in out

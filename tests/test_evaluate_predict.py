@@ -118,3 +118,41 @@ def test_damaged_model_file_is_a_clear_error(
     assert main(["predict", str(run), str(next(trained_run.glob("*.png")))]) == 4
     err = capsys.readouterr().err
     assert "Could not read" in err and "Traceback" not in err
+
+
+def test_wilson_interval_and_calibration_numbers() -> None:
+    from graft.evaluate import calibration, fit_temperature, wilson
+
+    lo, hi = wilson(9, 10)
+    assert 0.59 < lo < 0.6 and 0.98 < hi < 0.99  # the textbook values 0.596-0.982
+    assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    calib = calibration(probs, [0, 1, 0, 0])
+    # bin 0.9: 50% right at 90% confidence; bin 0.6: 100% right at 60% confidence
+    assert calib["ece"] == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    logits = rng.normal(size=(400, 3))
+    logits[np.arange(400), y] += 2.0
+    # the same logits made 4x over-confident: the fitted temperature undoes it
+    assert fit_temperature(logits * 4, y) == pytest.approx(4 * fit_temperature(logits, y), rel=0.05)
+
+
+def test_evaluation_reports_intervals_calibration_and_top_losses(trained_run: Path) -> None:
+    from safetensors import safe_open
+
+    result = evaluate_run(trained_run)
+    lo, hi = result["accuracy_ci95"]
+    assert lo <= result["accuracy"] <= hi
+    assert all(len(m["recall_ci95"]) == 2 for m in result["per_class"].values())
+    assert 0 <= result["calibration"]["ece"] <= 1
+    assert (trained_run / "reliability.png").is_file() and (
+        trained_run / "top_losses.png"
+    ).is_file()
+    with safe_open(str(trained_run / "model.safetensors"), "pt") as fh:
+        temperature = float(fh.metadata()["temperature"])
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["calibration"]["temperature"] == pytest.approx(temperature)
+    assert 0.05 <= temperature <= 20 and result["temperature"] == pytest.approx(temperature)
+    for item in result["top_losses"]:
+        assert item["predicted"] != item["true"] and item["probability"] >= 1 / 3
