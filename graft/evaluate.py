@@ -66,7 +66,7 @@ def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
         logp = s - np.log(np.exp(s).sum(1, keepdims=True))
         return float(-logp[np.arange(len(y)), y].mean())
 
-    best = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    best = minimize_scalar(nll, bounds=(np.log(0.25), np.log(10.0)), method="bounded")
     return float(np.exp(best.x))
 
 

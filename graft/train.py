@@ -794,10 +794,17 @@ def fit(
         if stale_cache
         else _logits_cached(model, val_maps, extract_at, engine)
     )
-    temperature = fit_temperature(val_logits.numpy(), labels["val"].tolist())
+    val_right = bool((val_logits.argmax(1) == labels["val"]).all())
+    if val_right:
+        # With no validation errors the log-loss keeps falling as the temperature goes to 0:
+        # fitting would make every prediction look certain. Leave the model as it is.
+        temperature = 1.0
+        reporter.info("Calibration: not fitted (no validation errors to calibrate against).")
+    else:
+        temperature = fit_temperature(val_logits.numpy(), labels["val"].tolist())
+        reporter.info(f"Calibration: temperature {temperature:.3f} fitted on the validation split.")
     model.info = replace(model.info, temperature=temperature)
     model.save(out / "model.safetensors")
-    reporter.info(f"Calibration: temperature {temperature:.3f} fitted on the validation split.")
 
     # 9. keep the best, evaluate once on the held-out test split ------------------------
     model.eval()
@@ -841,7 +848,11 @@ def fit(
         "diagnosis": diagnosis.to_dict(),
         "audit": read_json(out / "audit.json") if (out / "audit.json").is_file() else None,
         "test": {k: test_metrics[k] for k in ("accuracy", "accuracy_ci95", "loss", "n")},
-        "calibration": {"temperature": temperature, "test_ece": test_metrics["calibration"]["ece"]},
+        "calibration": {
+            "temperature": temperature,
+            "fitted": not val_right,
+            "test_ece": test_metrics["calibration"]["ece"],
+        },
         "timings": timings,
         "epoch_seconds": _epoch_seconds(history),
     }

@@ -134,8 +134,8 @@ def test_wilson_interval_and_calibration_numbers() -> None:
     y = rng.integers(0, 3, 400)
     logits = rng.normal(size=(400, 3))
     logits[np.arange(400), y] += 2.0
-    # the same logits made 4x over-confident: the fitted temperature undoes it
-    assert fit_temperature(logits * 4, y) == pytest.approx(4 * fit_temperature(logits, y), rel=0.05)
+    # the same logits made 3x over-confident: the fitted temperature undoes it
+    assert fit_temperature(logits * 3, y) == pytest.approx(3 * fit_temperature(logits, y), rel=0.05)
 
 
 def test_evaluation_reports_intervals_calibration_and_top_losses(trained_run: Path) -> None:
@@ -153,6 +153,8 @@ def test_evaluation_reports_intervals_calibration_and_top_losses(trained_run: Pa
         temperature = float(fh.metadata()["temperature"])
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["calibration"]["temperature"] == pytest.approx(temperature)
-    assert 0.05 <= temperature <= 20 and result["temperature"] == pytest.approx(temperature)
+    if not summary["calibration"]["fitted"]:  # a perfect validation split cannot calibrate
+        assert temperature == 1.0
+    assert 0.25 <= temperature <= 10 and result["temperature"] == pytest.approx(temperature)
     for item in result["top_losses"]:
         assert item["predicted"] != item["true"] and item["probability"] >= 1 / 3
