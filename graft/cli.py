@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write evaluation.json and the plot")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    p = sub.add_parser("report", help="write the run's self-contained HTML report")
+    p.add_argument("run", help="run folder made by `graft train`")
+    p.add_argument("--out", default=None, help="where to write it (default: RUN/report.html)")
+
     p = sub.add_parser("predict", help="classify images")
     p.add_argument("run", help="run folder made by `graft train`")
     p.add_argument("paths", nargs="+", help="image files or folders")
@@ -504,7 +508,23 @@ def _short_name(path: str, width: int = 28) -> str:
     return name if len(name) <= width else name[: width // 2 - 1] + "…" + name[-width // 2 :]
 
 
-COMMANDS = {"scan": cmd_scan, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    run = Path(args.run)
+    if not (run / "summary.json").is_file():
+        raise RunFolderError(f"{run} has no summary.json: it is not a finished graft run.")
+    print(f"Report: {write_report(run, args.out)}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {
+    "scan": cmd_scan,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "report": cmd_report,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -71,6 +71,7 @@ RUN_FILES = (
     "leakage_pairs.png",
     "reliability.png",
     "top_losses.png",
+    "report.html",
 )
 #: Cache activations at the fine-tuning cut only while they fit in this many bytes.
 CUT_CACHE_BUDGET = int(os.environ.get("GRAFT_CUT_CACHE_MB", "2048")) * 2**20
@@ -857,6 +858,9 @@ def fit(
         "epoch_seconds": _epoch_seconds(history),
     }
     atomic_write_json(out / "summary.json", summary)
+    from .report import write_report
+
+    write_report(out)
     reporter.diagnosis(diagnosis)
     lo, hi = test_metrics["accuracy_ci95"]
     reporter.info(
