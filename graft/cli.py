@@ -145,6 +145,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="'all', or how many of the backbone's last blocks to train (default: %(default)s)",
     )
     f.add_argument(
+        "--unknown-precision",
+        type=float,
+        default=default("unknown_precision"),
+        help="answer 'unknown' below the confidence at which validation predictions are right "
+        "this often (default: %(default)s; 0 = always answer)",
+    )
+    f.add_argument(
         "--patience",
         type=int,
         default=default("patience"),
@@ -209,7 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="labelled folder to evaluate on (default: the run's test split)",
     )
     p.add_argument("--out", default=None, help="where to write evaluation.json and the plot")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation (flip and crops); reports its effect",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("lr-find", help="plot loss against learning rate and suggest one")
+    p.add_argument("root", help="folder with one sub-folder per class")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--weights", default=None, metavar="PATH")
+    p.add_argument("--img-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--head", default="linear")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default="lr_find.png", help="the plot (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the curve and suggestion as JSON")
 
     p = sub.add_parser("report", help="write the run's self-contained HTML report")
     p.add_argument("run", help="run folder made by `graft train`")
@@ -219,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder made by `graft train`")
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="average over flipped and cropped views (slower, often steadier)",
+    )
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--csv", action="store_true", help="print CSV")
@@ -353,6 +381,7 @@ def _config_from_args(args: argparse.Namespace) -> object:
         fine_tune_batch_size=args.fine_tune_batch_size,
         unfreeze=args.unfreeze,
         patience=args.patience,
+        unknown_precision=args.unknown_precision,
         allow_download=not args.offline,
     )
 
@@ -396,7 +425,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
     from .progress import Reporter
 
-    result = evaluate_run(args.run, args.folder, args.out, Reporter(verbose=not args.json))
+    result = evaluate_run(
+        args.run, args.folder, args.out, Reporter(verbose=not args.json), tta=args.tta
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -420,6 +451,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 str(m["support"]),
             )
         console.print(table)
+        if "tta_effect" in result:
+            t = result["tta_effect"]
+            console.print(
+                f"TTA: accuracy {t['accuracy_without']:.1%} -> {t['accuracy_with']:.1%}, "
+                f"loss {t['loss_without']:.3f} -> {t['loss_with']:.3f}"
+            )
+        o = result["open_set"]
+        if o["threshold"] > 0:
+            console.print(
+                f"Open set: below {o['threshold']:.1%} confidence the answer is "
+                f"'unknown': {o['coverage']:.1%} answered, "
+                f"{o['answered_accuracy']:.1%} of those right."
+            )
         for c in result["most_confused"]:
             console.print(f"confused: {c['true']} taken for {c['predicted']} ({c['count']}x)")
         for f in result["failed"]:
@@ -437,7 +481,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.paths)
     if not paths:
         raise UsageError("No images to predict: the folders given hold no image files.")
-    predictor = Predictor.from_run(args.run)
+    predictor = Predictor.from_run(args.run, tta=args.tta)
     preds = predictor.predict(paths, args.top_k)
     if args.json:
         print(json.dumps([p.to_dict() for p in preds], indent=2))
@@ -467,7 +511,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             else:
                 table.add_row(
                     display(p.path),
-                    f"{p.top[0][0]} {p.top[0][1]:.1%}",
+                    (
+                        f"unknown (best {p.top[0][0]} {p.top[0][1]:.1%})"
+                        if p.unknown
+                        else f"{p.top[0][0]} {p.top[0][1]:.1%}"
+                    ),
                     ", ".join(f"{c} {q:.1%}" for c, q in p.top[1:]),
                 )
         Console().print(table)
@@ -481,7 +529,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 # A file in a folder named like a class is taken to be of that class.
                 truth = Path(p.path).parent.name
                 correct = (p.label == truth) if truth in predictor.classes else None
-                caption = f"{p.top[0][0]} {p.top[0][1]:.1%}"
+                caption = f"{p.label} {p.top[0][1]:.1%}"
                 items.append((load_image(p.path, 256), _short_name(p.path), caption, correct))
         if items:
             plot_prediction_grid(items, Path(args.grid))
@@ -508,6 +556,30 @@ def _short_name(path: str, width: int = 28) -> str:
     return name if len(name) <= width else name[: width // 2 - 1] + "…" + name[-width // 2 :]
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .lr_find import lr_find
+    from .progress import Reporter
+
+    config = TrainConfig(
+        backbone=args.backbone,
+        weights=args.weights,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        head=args.head,
+        seed=args.seed,
+    )
+    result = lr_find(args.root, config, args.out, reporter=Reporter(verbose=not args.json))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"Suggested learning rate for the head: {result['suggested_lr']:.1e} "
+            f"(loss lowest at {result['min_loss_lr']:.1e}). Plot: {result['plot']}"
+        )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -524,6 +596,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "report": cmd_report,
+    "lr-find": cmd_lr_find,
 }
 
 

@@ -61,6 +61,10 @@ class TrainConfig:
     # trains only the top 2 blocks: the bottom stays as pretrained (it generalises better to
     # images from elsewhere) and its activations are cached, so an epoch costs seconds.
     unfreeze: str = "2"
+    # --- after training
+    # predict answers "unknown" below a confidence chosen on validation data so that the
+    # answered predictions are right this often; 0 = always answer
+    unknown_precision: float = 0.95
     # --- both stages
     patience: int = 3  # epochs without a better validation loss before stopping; 0 = never
     allow_download: bool = True  # may fetch weights (VGG16) when they are not on disk
@@ -98,6 +102,8 @@ class TrainConfig:
             raise UsageError("Use either --group-by or --groups-csv, not both.")
         if not (0.5 <= self.dup_threshold <= 1.0):
             raise bad("dup_threshold", self.dup_threshold, "use a cosine similarity in [0.5, 1]")
+        if not (0.0 <= self.unknown_precision < 1.0):
+            raise bad("unknown_precision", self.unknown_precision, "use a fraction in [0, 1)")
         if self.augment not in AUGMENTS:
             raise bad("augment", self.augment, f"choose one of {', '.join(AUGMENTS)}")
         if self.optimizer not in OPTIMIZERS:

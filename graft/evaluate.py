@@ -70,6 +70,40 @@ def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
     return float(np.exp(best.x))
 
 
+def choose_unknown_threshold(
+    probs: np.ndarray, labels: Sequence[int], target_precision: float
+) -> float:
+    """The lowest confidence threshold at which the answered predictions are right at least
+    ``target_precision`` of the time (so as few images as possible are called unknown)."""
+    if target_precision <= 0 or not len(labels):
+        return 0.0
+    y = np.asarray(labels)
+    conf = probs.max(1)
+    right = probs.argmax(1) == y
+    if right.mean() >= target_precision:
+        return 0.0
+    order = np.argsort(-conf)
+    precision = np.cumsum(right[order]) / np.arange(1, len(y) + 1)
+    ok = np.nonzero(precision >= target_precision)[0]
+    if len(ok) == 0:  # never reached: answer only the single most confident band
+        return float(conf[order[0]])
+    return float(conf[order[ok.max()]])
+
+
+def open_set_stats(probs: np.ndarray, labels: Sequence[int], threshold: float) -> dict:
+    y = np.asarray(labels)
+    if not len(y):
+        return {"threshold": threshold, "coverage": 0.0, "answered_accuracy": 0.0}
+    answered = probs.max(1) >= threshold
+    acc = float((probs.argmax(1) == y)[answered].mean()) if answered.any() else 0.0
+    return {
+        "threshold": threshold,
+        "coverage": float(answered.mean()),
+        "answered_accuracy": acc,
+        "unknown": int((~answered).sum()),
+    }
+
+
 def metrics_from_probs(
     probs: np.ndarray, labels: Sequence[int], classes: Sequence[str]
 ) -> dict[str, Any]:
@@ -125,17 +159,21 @@ def evaluate_files(
     workers: int = 0,
     title: str = "",
     onnx_path: Path | None = None,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Predict ``paths`` and score them against ``labels``; files that fail are listed."""
     from .plots import plot_confusion_matrix
     from .predict import Predictor
 
-    predictor = Predictor(model, engine=engine, workers=workers, onnx_path=onnx_path)
+    predictor = Predictor(model, engine=engine, workers=workers, onnx_path=onnx_path, tta=tta)
     probs, failed = predictor.predict_proba(paths)
     keep = [i for i in range(len(paths)) if i not in failed]
     result = metrics_from_probs(probs[keep], [labels[i] for i in keep], classes)
     result["data"] = title
     result["temperature"] = model.info.temperature
+    result["open_set"] = open_set_stats(
+        probs[keep], [labels[i] for i in keep], model.info.unknown_threshold
+    )
     result["failed"] = [{"path": str(paths[i]), "reason": r} for i, r in sorted(failed.items())]
     # The most confidently wrong images: where to look for label errors and hard cases.
     wrong = [i for i in keep if probs[i].argmax() != labels[i]]
@@ -175,6 +213,7 @@ def evaluate_run(
     folder: str | Path | None = None,
     out_dir: str | Path | None = None,
     reporter: Any = None,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run on its held-out test split, or on a labelled ``folder``."""
     from .data import read_split, scan
@@ -204,15 +243,24 @@ def evaluate_run(
         title = f"folder {Path(folder).name}"
         out = Path(out_dir) if out_dir else run / f"eval-{Path(folder).resolve().name}"
         result_skipped = [{"path": str(p), "reason": r} for p, r in data.skipped]
+    onnx = resolve_model_file(run).with_suffix(".onnx")
+    plain = None
+    if tta:  # the same images without TTA, to report what TTA changed
+        plain = evaluate_files(model, paths, labels, classes, onnx_path=onnx)
     result = evaluate_files(
-        model,
-        paths,
-        labels,
-        classes,
-        out_dir=out,
-        title=title,
-        onnx_path=resolve_model_file(run).with_suffix(".onnx"),
+        model, paths, labels, classes, out_dir=out, title=title, onnx_path=onnx, tta=tta
     )
+    result["tta"] = tta
+    if plain is not None:
+        result["tta_effect"] = {
+            "accuracy_without": plain["accuracy"],
+            "accuracy_with": result["accuracy"],
+            "loss_without": plain["loss"],
+            "loss_with": result["loss"],
+            "ece_without": plain["calibration"]["ece"],
+            "ece_with": result["calibration"]["ece"],
+        }
+        atomic_write_json(out / "evaluation.json", result)
     if folder is not None:
         result["failed"] = result_skipped + result["failed"]
         atomic_write_json(out / "evaluation.json", result)

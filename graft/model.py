@@ -34,6 +34,8 @@ class ModelInfo:
     #: logits are divided by this before the softmax; fitted on validation data after
     #: training so that a predicted 80% is right about 80% of the time (1.0 = uncalibrated)
     temperature: float = 1.0
+    #: below this top probability, predict answers "unknown" (chosen on validation data)
+    unknown_threshold: float = 0.0
 
     def to_metadata(self) -> dict[str, str]:
         data = asdict(self)
@@ -49,6 +51,7 @@ class ModelInfo:
         except (KeyError, json.JSONDecodeError) as exc:
             raise WeightsError(f"The model file lacks graft's metadata ({exc}).") from exc
         data["temperature"] = float(json.loads(meta.get("temperature", "1.0")))
+        data["unknown_threshold"] = float(json.loads(meta.get("unknown_threshold", "0.0")))
         data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
         data["classes"] = tuple(data["classes"])
         return cls(**data)

@@ -27,10 +27,13 @@ class Prediction:
     path: str
     top: list[tuple[str, float]]  # (class, probability), best first
     error: str | None = None
+    unknown: bool = False  # the top probability is below the run's "unknown" threshold
 
     @property
     def label(self) -> str | None:
-        return self.top[0][0] if self.top else None
+        if not self.top:
+            return None
+        return "unknown" if self.unknown else self.top[0][0]
 
     def to_dict(self) -> dict:
         out: dict = {"path": self.path}
@@ -40,6 +43,17 @@ class Prediction:
             out["label"] = self.label
             out["top"] = [{"class": c, "probability": round(p, 6)} for c, p in self.top]
         return out
+
+
+def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """Test-time augmentation: the image, its mirror, and a central 85% crop (resized back)
+    and its mirror. Their probabilities are averaged."""
+    size = x.shape[-1]
+    m = max(1, round(size * 0.075))
+    crop = torch.nn.functional.interpolate(
+        x[..., m:-m, m:-m], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
+    return [x, x.flip(3), crop, crop.flip(3)]
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
@@ -65,6 +79,7 @@ class Predictor:
         workers: int = 0,
         onnx_path: Path | None = None,
         backend: str = "auto",
+        tta: bool = False,
     ):
         from .engines import Probabilities, TorchRunner, make_runner
         from .train import choose_engine
@@ -77,6 +92,7 @@ class Predictor:
         self.info = model.info
         self.classes = list(model.info.classes)
         self.workers = workers
+        self.tta = tta
         self.transform = build_transform(self.info.img_size, self.info.mean, self.info.std, "none")
         self.notes: list[str] = []
         graph = Probabilities(self.model)
@@ -88,7 +104,9 @@ class Predictor:
             )
 
     @classmethod
-    def from_run(cls, run: str | Path, workers: int = 0, backend: str = "auto") -> Predictor:
+    def from_run(
+        cls, run: str | Path, workers: int = 0, backend: str = "auto", tta: bool = False
+    ) -> Predictor:
         from .model import resolve_model_file
 
         weights = resolve_model_file(run)
@@ -97,7 +115,9 @@ class Predictor:
             onnx_path.unlink(missing_ok=True)  # stale: the weights changed since the export
         if not os.access(weights.parent, os.W_OK):
             onnx_path = None  # export to a temporary file instead
-        return cls(load_model(weights), workers=workers, onnx_path=onnx_path, backend=backend)
+        return cls(
+            load_model(weights), workers=workers, onnx_path=onnx_path, backend=backend, tta=tta
+        )
 
     @torch.no_grad()
     def predict_proba(
@@ -114,7 +134,13 @@ class Predictor:
             failed.update(dict(batch["failed"]))
             if len(batch["index"]) == 0:
                 continue
-            probs[batch["index"].numpy()] = self.runner(batch["images"]).numpy()
+            x = batch["images"]
+            if self.tta:
+                views = tta_views(x)
+                p = self.runner(torch.cat(views)).reshape(len(views), len(x), -1).mean(0)
+            else:
+                p = self.runner(x)
+            probs[batch["index"].numpy()] = p.numpy()
         return probs, failed
 
     def predict(
@@ -128,7 +154,8 @@ class Predictor:
                 out.append(Prediction(str(p), [], failed[i]))
                 continue
             order = np.argsort(-probs[i])[:k]
-            out.append(Prediction(str(p), [(self.classes[j], float(probs[i, j])) for j in order]))
+            top = [(self.classes[j], float(probs[i, j])) for j in order]
+            out.append(Prediction(str(p), top, unknown=top[0][1] < self.info.unknown_threshold))
         return out
 
 

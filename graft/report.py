@@ -141,6 +141,13 @@ def build_report(run: str | Path) -> str:
                 )
                 + "</p>"
             )
+        o = ev.get("open_set")
+        if o and o["threshold"] > 0:
+            parts.append(
+                f"<p>Open set: below {_pct(o['threshold'])} confidence predict answers "
+                f"<i>unknown</i>; on this split {_pct(o['coverage'])} are answered and "
+                f"{_pct(o['answered_accuracy'])} of those are right.</p>"
+            )
         cal = summary.get("calibration", {})
         parts.append(
             f"<p>Temperature {cal.get('temperature', 1.0):.3f}"

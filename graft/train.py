@@ -48,7 +48,7 @@ from .data import (
 )
 from .engines import FrozenPart, Runner, make_runner
 from .errors import DataError, RunExistsError, RunFolderError
-from .evaluate import fit_temperature
+from .evaluate import choose_unknown_threshold, fit_temperature
 from .io import atomic_save, atomic_write_json, atomic_write_text, read_json
 from .model import GraftModel, ModelInfo, build_model
 from .progress import Reporter
@@ -804,7 +804,14 @@ def fit(
     else:
         temperature = fit_temperature(val_logits.numpy(), labels["val"].tolist())
         reporter.info(f"Calibration: temperature {temperature:.3f} fitted on the validation split.")
-    model.info = replace(model.info, temperature=temperature)
+    val_probs = (val_logits / temperature).softmax(1).numpy()
+    unknown = choose_unknown_threshold(val_probs, labels["val"].tolist(), config.unknown_precision)
+    if unknown > 0:
+        reporter.info(
+            f"Open set: predictions below {unknown:.1%} confidence will answer 'unknown' "
+            f"(keeps validation precision >= {config.unknown_precision:.0%})."
+        )
+    model.info = replace(model.info, temperature=temperature, unknown_threshold=unknown)
     model.save(out / "model.safetensors")
 
     # 9. keep the best, evaluate once on the held-out test split ------------------------
@@ -849,6 +856,7 @@ def fit(
         "diagnosis": diagnosis.to_dict(),
         "audit": read_json(out / "audit.json") if (out / "audit.json").is_file() else None,
         "test": {k: test_metrics[k] for k in ("accuracy", "accuracy_ci95", "loss", "n")},
+        "open_set": test_metrics["open_set"],
         "calibration": {
             "temperature": temperature,
             "fitted": not val_right,

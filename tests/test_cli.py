@@ -107,3 +107,22 @@ def test_train_evaluate_predict_round_trip(shapes_dir, unseen_dir, tmp_path, cap
     assert code == 0
     preds = json.loads(out_text)
     assert len(preds) == 2 and len(preds[0]["top"]) == 3
+
+
+def test_lr_find_command(shapes_dir, tmp_path, capsys):
+    code, out, _ = run(
+        [
+            "lr-find",
+            shapes_dir,
+            "--img-size",
+            64,
+            "--batch-size",
+            8,
+            "--out",
+            tmp_path / "lr.png",
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0 and json.loads(out)["suggested_lr"] > 0
+    assert (tmp_path / "lr.png").is_file()

@@ -158,3 +158,65 @@ def test_evaluation_reports_intervals_calibration_and_top_losses(trained_run: Pa
     assert 0.25 <= temperature <= 10 and result["temperature"] == pytest.approx(temperature)
     for item in result["top_losses"]:
         assert item["predicted"] != item["true"] and item["probability"] >= 1 / 3
+
+
+def test_unknown_threshold_keeps_the_target_precision() -> None:
+    from graft.evaluate import choose_unknown_threshold, open_set_stats
+
+    rng = np.random.default_rng(0)
+    n = 300
+    y = rng.integers(0, 3, n)
+    conf = rng.uniform(0.34, 1.0, n)
+    right = rng.uniform(size=n) < conf  # confident predictions are more often right
+    pred = np.where(right, y, (y + 1) % 3)
+    probs = np.full((n, 3), 0.0)
+    probs[np.arange(n), pred] = conf
+    probs[np.arange(n), (pred + 2) % 3] = 1 - conf
+    t = choose_unknown_threshold(probs, y, 0.9)
+    stats = open_set_stats(probs, y, t)
+    assert 0 < t < 1 and stats["answered_accuracy"] >= 0.9 and 0 < stats["coverage"] < 1
+    assert choose_unknown_threshold(probs, y, 0.0) == 0.0
+    assert choose_unknown_threshold(probs, y, 0.5) == 0.0  # already 67% right overall
+
+
+def test_predict_answers_unknown_below_the_threshold(
+    trained_run: Path, unseen_dir: Path, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from graft.model import load_model
+
+    model = load_model(trained_run)
+    model.info = replace(model.info, unknown_threshold=0.999999)
+    model.save(tmp_path / "model.safetensors")
+    files = sorted(unseen_dir.rglob("*.png"))
+    preds = Predictor.from_run(tmp_path).predict(files)
+    assert all(p.label == "unknown" and p.to_dict()["label"] == "unknown" for p in preds)
+    assert all(p.top[0][0] in ("circle", "square", "triangle") for p in preds)
+    result = evaluate_run(trained_run)
+    assert 0 <= result["open_set"]["coverage"] <= 1
+
+
+def test_tta_averages_views_and_reports_its_effect(
+    trained_run: Path, unseen_dir: Path, tmp_path: Path
+) -> None:
+    files = sorted(unseen_dir.rglob("*.png"))
+    plain, _ = Predictor.from_run(trained_run).predict_proba(files)
+    tta, _ = Predictor.from_run(trained_run, tta=True).predict_proba(files)
+    assert np.allclose(tta.sum(1), 1, atol=1e-5) and not np.allclose(plain, tta)
+    result = evaluate_run(trained_run, unseen_dir, out_dir=tmp_path / "ev", tta=True)
+    effect = result["tta_effect"]
+    assert result["tta"] is True and effect["accuracy_with"] == result["accuracy"]
+    assert 0 <= effect["accuracy_without"] <= 1
+
+
+def test_lr_find_is_stable_and_plots(shapes_dir: Path, tmp_path: Path) -> None:
+    from graft import TrainConfig
+    from graft.lr_find import lr_find
+
+    cfg = TrainConfig(img_size=64, batch_size=8)
+    a = lr_find(shapes_dir, cfg, tmp_path / "a.png")
+    b = lr_find(shapes_dir, cfg, tmp_path / "b.png")
+    assert a["suggested_lr"] == b["suggested_lr"] and a["losses"] == b["losses"]
+    assert 1e-6 < a["suggested_lr"] < 1.0
+    assert (tmp_path / "a.png").stat().st_size > 10_000
