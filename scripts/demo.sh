@@ -28,14 +28,19 @@ $GRAFT evaluate "$OUT" "$ART"
 echo; echo "== graft predict: the five artworks"
 $GRAFT predict "$OUT" "$ART" --grid "$OUT/unseen_predictions.png"
 
+echo; echo "== graft report"
+$GRAFT report "$OUT"
+
 end=$(date +%s)
 cat <<MSG
 
 Demo finished in $((end - start)) s. Results:
+  report (open this)  $OUT/report.html
   run folder          $OUT/
   learning curves     $OUT/learning_curves.png
   confusion matrix    $OUT/confusion_matrix.png
   unseen predictions  $OUT/unseen_predictions.png
   summary             $OUT/summary.json
   artwork evaluation  $OUT/eval-$(basename "$ART")/
+  duplicate audit     $OUT/audit.json, $OUT/leakage_pairs.png
 MSG
