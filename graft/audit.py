@@ -202,6 +202,32 @@ def pick_examples(
     return chosen
 
 
+def draw_examples(
+    report: AuditReport,
+    paths: Sequence[Path],
+    labels: Sequence[int],
+    subsets: Sequence[str] | None,
+    out: Path,
+    root: Path | None,
+) -> bool:
+    """Draw a few telling pairs: those straddling the split when there is one (else all
+    near-duplicates), or identical files in different classes. False when there are none."""
+    pairs = report.straddling if subsets is not None else report.near_pairs
+    examples = pick_examples(
+        pairs or [(a, b, 1.0) for a, b in report.cross_class], report.clusters, labels
+    )
+    if not examples:
+        return False
+    if not pairs:
+        title = "Identical images in different classes"
+    elif subsets is not None:
+        title = "Near-duplicates on both sides of the split"
+    else:
+        title = "Near-duplicate examples (a random split would leak them)"
+    plot_pairs(examples, paths, subsets, out, root, title=title)
+    return True
+
+
 def plot_pairs(
     pairs: Sequence[tuple[int, int, float]],
     paths: Sequence[Path],
@@ -265,11 +291,11 @@ def audit_dataset(
     import torch
 
     from .backbones import create_backbone, get_spec
-    from .cache import FeatureCache, default_cache_dir
+    from .cache import open_cache
     from .data import ImageFiles, build_transform
     from .engines import FrozenPart, make_runner
     from .progress import Reporter
-    from .train import _weights_identity, choose_engine, extract
+    from .train import choose_engine, extract
 
     reporter = reporter or Reporter()
     spec = get_spec(backbone)
@@ -277,15 +303,7 @@ def audit_dataset(
     engine = choose_engine()
     n_blocks = len(model.blocks)
     runner = make_runner(FrozenPart(model, n_blocks), img_size, engine)
-    cache = FeatureCache(
-        None if cache_dir == "" else Path(cache_dir or default_cache_dir()),
-        {
-            "backbone": backbone,
-            "weights": _weights_identity(source),
-            "img_size": img_size,
-            "cut": f"{n_blocks}/{n_blocks}",
-        },
-    )
+    cache = open_cache(cache_dir, backbone, source, img_size, n_blocks, n_blocks)
     files = ImageFiles(
         data.paths, data.labels, build_transform(img_size, spec.mean, spec.std, "none"), img_size
     )

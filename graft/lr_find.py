@@ -33,12 +33,12 @@ def lr_find(
     reporter: Any = None,
 ) -> dict[str, Any]:
     from .backbones import create_backbone, get_spec
-    from .cache import FeatureCache, default_cache_dir
+    from .cache import open_cache
     from .data import ImageFiles, build_transform, make_split, scan
     from .engines import FrozenPart, make_runner
     from .model import make_head
     from .progress import Reporter
-    from .train import _weights_identity, choose_engine, class_weights_for, extract
+    from .train import choose_engine, class_weights_for, extract
 
     reporter = reporter or Reporter()
     data = scan(root, progress=reporter.iter)
@@ -51,15 +51,7 @@ def lr_find(
     engine = choose_engine()
     n = len(backbone.blocks)
     runner = make_runner(FrozenPart(backbone, n), config.img_size, engine)
-    cache = FeatureCache(
-        None if config.cache_dir == "" else Path(config.cache_dir or default_cache_dir()),
-        {
-            "backbone": config.backbone,
-            "weights": _weights_identity(source),
-            "img_size": config.img_size,
-            "cut": f"{n}/{n}",
-        },
-    )
+    cache = open_cache(config.cache_dir, config.backbone, source, config.img_size, n, n)
     files = ImageFiles(
         [data.paths[i] for i in train],
         [data.labels[i] for i in train],

