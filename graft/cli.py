@@ -3,7 +3,10 @@
     graft scan ROOT                         counts, unreadable files, warnings, bar chart
     graft train ROOT --out RUN              both stages, curves, diagnosis, test metrics
     graft evaluate RUN [FOLDER]             metrics on the held-out split or another folder
-    graft predict RUN PATH... [--grid F]    top-k classes per image
+    graft predict RUN PATH... [--grid F]    top-k classes per image ('unknown' when unsure)
+    graft report RUN                        the run's self-contained HTML report
+    graft lr-find ROOT                      loss against learning rate, and a suggestion
+    graft train --resume RUN                continue an interrupted run
 
 Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 data, 4 weights, 5 run folder exists,
 6 run folder incomplete, 7 partial failure (some files could not be read), 130 interrupted.
