@@ -40,6 +40,7 @@ from .data import (
     ImageFiles,
     build_transform,
     default_workers,
+    find_classes,
     make_group_split,
     make_loader,
     make_split,
@@ -421,6 +422,7 @@ def fit(
     out = Path(out)
     started = time.perf_counter()
     if not resume:
+        find_classes(data_root)  # a wrong data path fails before any run folder is made
         prepare_run_dir(out, force)
     else:
         for leftover in out.glob(".*.tmp"):  # half-written files of the interrupted run

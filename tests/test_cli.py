@@ -39,10 +39,14 @@ def test_scan_reports_counts_skipped_files_and_draws_the_chart(shapes_dir, tmp_p
         (["predict", "/no/such/run", "a.png"], 6, "No trained model"),
     ],
 )
-def test_errors_are_one_clear_line_with_a_distinct_exit_code(args, code, message, capsys):
+def test_errors_are_one_clear_line_with_a_distinct_exit_code(
+    args, code, message, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
     got, _out, err = run(args, capsys)
     assert got == code
     assert message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # a failed command leaves nothing behind
 
 
 def test_usage_errors_exit_2(capsys, shapes_dir, tmp_path):
