@@ -334,18 +334,10 @@ def evaluate_cached(
     cut: int,
     loss_fn: nn.Module,
     engine: Engine,
-    batch_size: int = 256,
 ) -> tuple[float, float]:
     model.eval()
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(labels), batch_size):
-        x = engine.prepare(maps[start : start + batch_size])
-        y = labels[start : start + batch_size].to(engine.device)
-        with engine.context():
-            logits = _top_forward(model, x, cut).float()
-        total_loss += loss_fn(logits, y).item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-    return total_loss / len(labels), correct / len(labels)
+    logits = _logits_cached(model, maps, cut, engine)
+    return loss_fn(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
 @torch.no_grad()
@@ -993,15 +985,19 @@ def _data_from_split(out: Path, data_root: str | Path | None) -> tuple[Any, list
 
 
 @torch.no_grad()
+def _batched(fn: Any, maps: torch.Tensor, engine: Engine, batch: int = 256) -> torch.Tensor:
+    """``fn`` over cached activations in batches, on the engine's device, results on CPU."""
+    out = []
+    for i in range(0, len(maps), batch):
+        with engine.context():
+            out.append(fn(engine.prepare(maps[i : i + batch])).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
 def _logits_cached(
     model: GraftModel, maps: torch.Tensor, start: int, engine: Engine
 ) -> torch.Tensor:
-    out = []
-    for i in range(0, len(maps), 256):
-        x = engine.prepare(maps[i : i + 256])
-        with engine.context():
-            out.append(_top_forward(model, x, start).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+    return _batched(lambda x: _top_forward(model, x, start), maps, engine)
 
 
 @torch.no_grad()
@@ -1021,14 +1017,11 @@ def _logits_from_images(
     return out
 
 
-@torch.no_grad()
 def _pool_top(model: GraftModel, maps: torch.Tensor, start: int, engine: Engine) -> torch.Tensor:
-    out = []
-    for i in range(0, len(maps), 256):
-        x = engine.prepare(maps[i : i + 256])
-        with engine.context():
-            out.append(model.backbone.forward_maps(x, start=start).mean(dim=(2, 3)).float().cpu())
-    return torch.cat(out)
+    """Pooled features from activations cached at block ``start`` (frozen top, no grad)."""
+    return _batched(
+        lambda x: model.backbone.forward_maps(x, start=start).mean(dim=(2, 3)), maps, engine
+    )
 
 
 def _activation_bytes(model: GraftModel, cut: int, img_size: int) -> int:
