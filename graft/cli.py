@@ -6,6 +6,8 @@
     graft predict RUN PATH... [--grid F]    top-k classes per image ('unknown' when unsure)
     graft report RUN                        the run's self-contained HTML report
     graft lr-find ROOT                      loss against learning rate, and a suggestion
+    graft export RUN --format onnx          portable model + preprocessing JSON + model card
+    graft serve RUN_OR_EXPORT               HTTP API (/predict, /docs) and a web page
     graft train --resume RUN                continue an interrupted run
 
 Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 data, 4 weights, 5 run folder exists,
@@ -160,6 +162,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         default=default("patience"),
         help="early stopping: epochs without a better validation loss (0 = off)",
     )
+    o = p.add_argument_group("tracking")
+    o.add_argument(
+        "--track",
+        default="",
+        metavar="mlflow,tensorboard",
+        help="also log config, epochs, metrics and artifacts to MLflow (./mlruns or "
+        "$MLFLOW_TRACKING_URI) and/or TensorBoard (RUN/tensorboard)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +269,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PNG",
         help="also draw the images with their top class and probability",
     )
+
+    p = sub.add_parser("export", help="write the model as ONNX, OpenVINO or TorchScript")
+    p.add_argument("run", help="run folder made by `graft train`")
+    p.add_argument(
+        "--format",
+        default="onnx",
+        choices=["onnx", "openvino", "torchscript"],
+        help="model format (default: %(default)s)",
+    )
+    p.add_argument("--out", default=None, help="export folder (default: RUN/export-FORMAT)")
+    p.add_argument("--force", action="store_true", help="replace an existing export in --out")
+
+    p = sub.add_parser("serve", help="HTTP API and web page for a run or an export folder")
+    p.add_argument("source", help="run folder (graft train) or export folder (graft export)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument(
+        "--max-mb", type=float, default=20.0, help="largest image accepted, in MB (default: 20)"
+    )
+    p.add_argument(
+        "--max-files", type=int, default=16, help="most images per request (default: 16)"
+    )
+    p.add_argument("--top-k", type=int, default=3, help="classes returned per image (default: 3)")
     return parser
 
 
@@ -373,6 +408,7 @@ def _config_from_args(args: argparse.Namespace) -> object:
         patience=args.patience,
         unknown_precision=args.unknown_precision,
         allow_download=not args.offline,
+        track=args.track,
     )
 
 
@@ -580,6 +616,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    out = export_run(args.run, args.format, args.out, force=args.force)
+    for f in sorted(out.iterdir()):
+        print(f"  {f.name:<20} {f.stat().st_size / 1e6:8.2f} MB", file=sys.stderr)
+    print(f"Exported {args.format}: {_display(out)}", file=sys.stderr)
+    print(
+        f"Try it:  python {_display(out / 'graft_runtime.py')} {_display(out)} IMAGE",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeSettings, serve
+
+    if args.max_mb <= 0 or args.max_files < 1 or args.top_k < 1:
+        raise UsageError("--max-mb, --max-files and --top-k must be positive.")
+    settings = ServeSettings(max_mb=args.max_mb, max_files=args.max_files, top_k=args.top_k)
+    print(
+        f"Serving {_display(Path(args.source))} on http://{args.host}:{args.port}/ "
+        f"(API docs at /docs; Ctrl+C stops)",
+        file=sys.stderr,
+    )
+    serve(args.source, args.host, args.port, settings)
+    return 0
+
+
 COMMANDS = {
     "scan": cmd_scan,
     "train": cmd_train,
@@ -587,6 +652,8 @@ COMMANDS = {
     "predict": cmd_predict,
     "report": cmd_report,
     "lr-find": cmd_lr_find,
+    "export": cmd_export,
+    "serve": cmd_serve,
 }
 
 

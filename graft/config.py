@@ -68,6 +68,8 @@ class TrainConfig:
     # --- both stages
     patience: int = 3  # epochs without a better validation loss before stopping; 0 = never
     allow_download: bool = True  # may fetch weights (VGG16) when they are not on disk
+    # experiment tracking: "", "mlflow", "tensorboard" or "mlflow,tensorboard" (graft.tracking)
+    track: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,6 +126,9 @@ class TrainConfig:
         if self.unfreeze != "all" and not re.fullmatch(r"[1-9]\d*", str(self.unfreeze)):
             raise bad("unfreeze", self.unfreeze, "use 'all' or a number of last blocks, e.g. 2")
         self.unfreeze = str(self.unfreeze)
+        from .tracking import parse_track
+
+        parse_track(self.track)
 
     # ------------------------------------------------------------------ derived values
     @property

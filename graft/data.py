@@ -23,7 +23,6 @@ import math
 import os
 import random
 import re
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import DataError, SplitError
+from .runtime import load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 #: A class needs one image in each of train, validation and test.
@@ -51,46 +51,6 @@ _LAYOUT_HINT = (
 
 
 # --------------------------------------------------------------------------- decoding
-
-
-def load_image(path: str | Path | bytes, size_hint: int | None = None) -> Image.Image:
-    """Decode one image as 8-bit RGB, the way graft sees every image.
-
-    - EXIF orientation is applied, so a phone photo is upright;
-    - animated images (GIF, WebP) use their first frame;
-    - transparency is composited on white (sprites and logos have transparent backgrounds);
-    - ``size_hint`` lets JPEG decode at a reduced scale (``draft``) when only a small image is
-      needed, which is several times faster for large photos.
-
-    Raises ``OSError``/``ValueError`` (from Pillow) when the file is not a readable image.
-    """
-    source = io.BytesIO(path) if isinstance(path, bytes) else path
-    with warnings.catch_warnings():
-        # A DecompressionBombWarning becomes an error: such an image is refused, not decoded.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(source) as im:
-            if size_hint and im.format == "JPEG":
-                im.draft("RGB", (size_hint, size_hint))
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grey: scale to 8 bits rather than clipping everything to white.
-        arr = np.asarray(im, dtype=np.float64)
-        peak = arr.max() if arr.size and arr.max() > 0 else 1.0
-        im = Image.fromarray((arr / peak * 255).astype(np.uint8), "L")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        im = im.convert("RGBA")
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, im).convert("RGB")
-    return im.convert("RGB")
 
 
 def describe_decode_error(exc: BaseException) -> str:

@@ -71,7 +71,7 @@ class OnnxRunner(Runner):
         return torch.from_numpy(out)
 
 
-def export_onnx(module: nn.Module, img_size: int, path: Path) -> Path:
+def export_onnx(module: nn.Module, img_size: int, path: Path, output_name: str = "output") -> Path:
     """Export ``module`` (images -> anything) with a dynamic batch axis, atomically."""
     from .io import atomic_save
 
@@ -86,8 +86,8 @@ def export_onnx(module: nn.Module, img_size: int, path: Path) -> Path:
                 (example,),
                 tmp,
                 input_names=["images"],
-                output_names=["output"],
-                dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
+                output_names=[output_name],
+                dynamic_axes={"images": {0: "batch"}, output_name: {0: "batch"}},
                 opset_version=17,
                 dynamo=False,
             )

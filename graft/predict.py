@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .data import IMAGE_EXTENSIONS, ImageFiles, _iter_files, build_transform, make_loader
 from .errors import DataError
@@ -142,6 +143,17 @@ class Predictor:
                 p = self.runner(x)
             probs[batch["index"].numpy()] = p.numpy()
         return probs, failed
+
+    @torch.no_grad()
+    def predict_proba_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Probabilities for images already decoded (by :func:`graft.data.load_image`)."""
+        if not images:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        x = torch.stack([self.transform(im) for im in images])
+        if self.tta:
+            views = tta_views(x)
+            return self.runner(torch.cat(views)).reshape(len(views), len(x), -1).mean(0).numpy()
+        return self.runner(x).numpy()
 
     def predict(
         self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32

@@ -181,6 +181,7 @@ def prepare_run_dir(out: Path, force: bool) -> None:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "predictions", ignore_errors=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -409,9 +410,30 @@ def fit(
 
     ``resume=True`` continues an interrupted run in ``out`` from its last finished epoch, on
     exactly the files of its split; the result equals that of an uninterrupted run.
+    ``config.track`` also logs the run to MLflow and/or TensorBoard (graft.tracking).
     """
-    reporter = reporter or Reporter()
-    out = Path(out)
+    from .tracking import Tracker, parse_track
+
+    # MLflow's experiment: the data folder's name (on --resume it comes from the run folder)
+    saved = Path(out) / "config.json"
+    root = data_root or (read_json(saved).get("data_root") if saved.is_file() else None) or out
+    tracker = Tracker(parse_track(config.track), Path(out), Path(root).resolve().name)
+    try:
+        return _fit(config, data_root, Path(out), force, reporter or Reporter(), resume, tracker)
+    except BaseException:
+        tracker.abort()
+        raise
+
+
+def _fit(
+    config: TrainConfig,
+    data_root: str | Path,
+    out: Path,
+    force: bool,
+    reporter: Reporter,
+    resume: bool,
+    tracker: Any,
+) -> TrainResult:
     started = time.perf_counter()
     if not resume:
         find_classes(data_root)  # a wrong data path fails before any run folder is made
@@ -419,6 +441,10 @@ def fit(
     else:
         for leftover in out.glob(".*.tmp"):  # half-written files of the interrupted run
             leftover.unlink(missing_ok=True)
+    tracker.start()
+    tracker.params(config.to_dict())
+    for where in tracker.where:
+        reporter.info(f"Tracking: {where}")
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     workers = default_workers() if config.workers < 0 else config.workers
@@ -612,6 +638,7 @@ def fit(
         improved = best.update(rec)
         write_history(out / "history.csv", history)
         reporter.epoch(rec, improved)
+        tracker.epoch(rec)
 
     # 6-7. the two stages: frozen (only the head learns), then fine-tuning -------------
     checkpoint = out / CHECKPOINT
@@ -844,6 +871,7 @@ def fit(
     from .report import write_report
 
     write_report(out)
+    tracker.finish(summary)
     reporter.diagnosis(diagnosis)
     lo, hi = test_metrics["accuracy_ci95"]
     reporter.info(

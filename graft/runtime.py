@@ -1,0 +1,187 @@
+"""Run an exported graft model with numpy and Pillow only: no graft, no torch (except for
+the TorchScript format), no training dependencies.
+
+This file is graft's single source of how an image is decoded and preprocessed, and
+``graft export`` copies it verbatim into every export folder as ``graft_runtime.py``. So an
+exported model sees exactly the pixels graft trained and evaluated on (checked by
+tests/test_export.py). Use it as a library::
+
+    from graft_runtime import ExportedModel
+    model = ExportedModel("export-onnx")
+    for top in model.predict(["cat.jpg"]):
+        print(top)
+
+or as a script: ``python graft_runtime.py EXPORT_DIR IMAGE...``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+#: the JSON file beside every exported model: preprocessing, labels, calibration, metrics
+METADATA_FILE = "graft.json"
+MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt"}
+
+
+def load_image(source: str | Path | bytes, size_hint: int | None = None) -> Image.Image:
+    """Decode one image as 8-bit RGB, the way graft sees every image.
+
+    - EXIF orientation is applied, so a phone photo is upright;
+    - animated images (GIF, WebP) use their first frame;
+    - transparency is composited on white (sprites and logos have transparent backgrounds);
+    - ``size_hint`` lets JPEG decode at a reduced scale (``draft``) when only a small image is
+      needed, which is several times faster for large photos.
+
+    Raises ``OSError``/``ValueError`` (from Pillow) when the data is not a readable image, and
+    ``Image.DecompressionBombWarning`` for images over Pillow's pixel limit (a "bomb").
+    """
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    with warnings.catch_warnings():
+        # A DecompressionBombWarning becomes an error: such an image is refused, not decoded.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(handle) as im:
+            if size_hint and im.format == "JPEG":
+                im.draft("RGB", (size_hint, size_hint))
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grey: scale to 8 bits rather than clipping everything to white.
+        arr = np.asarray(im, dtype=np.float64)
+        peak = arr.max() if arr.size and arr.max() > 0 else 1.0
+        im = Image.fromarray((arr / peak * 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def preprocess(
+    images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """RGB images -> a float32 NCHW batch: the whole image resized to ``size`` x ``size``
+    (bilinear with antialiasing, as torchvision's ``Resize`` does on a PIL image), scaled to
+    [0, 1], then normalised per channel."""
+    m = np.asarray(mean, dtype=np.float32)
+    s = np.asarray(std, dtype=np.float32)
+    batch = np.empty((len(images), 3, size, size), dtype=np.float32)
+    for i, im in enumerate(images):
+        resized = im.resize((size, size), Image.Resampling.BILINEAR)
+        x = np.asarray(resized, dtype=np.float32) / np.float32(255.0)
+        batch[i] = ((x - m) / s).transpose(2, 0, 1)
+    return batch
+
+
+class ExportedModel:
+    """An export folder (``graft export``) as a predictor: images in, calibrated
+    probabilities out. ``threads`` caps the CPU threads the engine uses."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        self.folder = Path(folder)
+        meta_path = self.folder / METADATA_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"{meta_path} is missing: point at a folder written by `graft export`."
+            )
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        self.format: str = self.meta["format"]
+        pre = self.meta["preprocessing"]
+        self.img_size: int = int(pre["size"])
+        self.mean, self.std = pre["mean"], pre["std"]
+        self.classes: list[str] = list(self.meta["classes"])
+        self.unknown_threshold: float = float(self.meta.get("unknown_threshold", 0.0))
+        self._run = self._load(self.folder / MODEL_FILES[self.format], threads)
+
+    def _load(self, path: Path, threads: int | None) -> Any:
+        if self.format == "onnx":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            self.engine = "ONNX Runtime"
+            return lambda x: session.run(None, {name: x})[0]
+        if self.format == "openvino":
+            import openvino as ov
+
+            config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # bf16 CPUs: keep parity
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads
+            compiled = ov.Core().compile_model(str(path), "CPU", config)
+            self.engine = "OpenVINO"
+            return lambda x: compiled(x)[0]
+        if self.format == "torchscript":
+            import torch
+
+            if threads:
+                torch.set_num_threads(threads)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+                module = torch.jit.load(str(path), map_location="cpu").eval()
+            self.engine = "TorchScript"
+
+            def run(x: np.ndarray) -> np.ndarray:
+                with torch.inference_mode():
+                    return module(torch.from_numpy(x)).numpy()
+
+            return run
+        raise ValueError(f"unknown export format {self.format!r} in {self.folder}")
+
+    def decode(self, source: str | Path | bytes) -> Image.Image:
+        return load_image(source, self.img_size)
+
+    def predict_proba_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Calibrated class probabilities, ``[len(images), len(classes)]``."""
+        if not images:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        x = preprocess(images, self.img_size, self.mean, self.std)
+        return np.asarray(self._run(x), dtype=np.float32)
+
+    def predict_proba(self, sources: Sequence[str | Path | bytes]) -> np.ndarray:
+        return self.predict_proba_images([self.decode(s) for s in sources])
+
+    def predict(self, sources: Sequence[str | Path | bytes], top_k: int = 3) -> list[dict]:
+        """Per image: ``label`` ("unknown" below the threshold) and the ``top`` classes."""
+        out = []
+        for p in self.predict_proba(sources):
+            order = np.argsort(-p)[: max(1, min(top_k, len(self.classes)))]
+            top = [{"class": self.classes[j], "probability": float(p[j])} for j in order]
+            unknown = top[0]["probability"] < self.unknown_threshold
+            out.append({"label": "unknown" if unknown else top[0]["class"], "top": top})
+        return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2:
+        print("usage: python graft_runtime.py EXPORT_DIR IMAGE...", file=sys.stderr)
+        return 2
+    model = ExportedModel(args[0])
+    for path, result in zip(args[1:], model.predict(args[1:]), strict=True):
+        best = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in result["top"])
+        print(f"{path}: {result['label']} ({best})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""`graft export`: every format matches graft's own predict on real image files, and the
+export folder runs without graft or torch (ONNX, OpenVINO)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import draw_shape
+from graft.cli import main
+from graft.errors import RunExistsError
+from graft.export import EXPORT_ATOL, FORMATS, export_run
+from graft.predict import Predictor
+
+
+@pytest.fixture(scope="module")
+def probe_images(tmp_path_factory: pytest.TempPathFactory, unseen_dir: Path) -> list[Path]:
+    """Unseen PNG/JPEG files plus the awkward ones preprocessing must agree on: a large JPEG
+    (decoded at reduced scale), a transparent PNG, an EXIF-rotated JPEG, a grey image."""
+    import random
+
+    folder = tmp_path_factory.mktemp("probe")
+    rng = random.Random(7)
+    big = draw_shape("circle", rng, size=480)
+    big.save(folder / "big.jpg", quality=90)
+    rgba = draw_shape("square", rng).convert("RGBA")
+    rgba.putalpha(Image.new("L", rgba.size, 128))
+    rgba.save(folder / "transparent.png")
+    rotated = draw_shape("triangle", rng, size=96)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    rotated.save(folder / "rotated.jpg", exif=exif)
+    draw_shape("circle", rng).convert("L").save(folder / "grey.png")
+    return sorted(unseen_dir.rglob("*.*")) + sorted(folder.iterdir())
+
+
+STANDALONE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from graft_runtime import ExportedModel
+model = ExportedModel(sys.argv[1])
+probs = model.predict_proba(sys.argv[2:])
+assert "graft" not in sys.modules, "the export must not need graft"
+print(json.dumps({"probs": probs.tolist(), "torch": "torch" in sys.modules,
+                  "labels": [r["label"] for r in model.predict(sys.argv[2:])]}))
+"""
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_matches_graft_predict(
+    fmt: str, trained_run: Path, probe_images: list[Path], tmp_path: Path
+) -> None:
+    out = export_run(trained_run, fmt, tmp_path / f"export-{fmt}")
+    meta = json.loads((out / "graft.json").read_text())
+    assert meta["format"] == fmt and (out / meta["model_file"]).is_file()
+    assert meta["classes"] == ["circle", "square", "triangle"]
+    assert meta["preprocessing"]["size"] == 64 and len(meta["preprocessing"]["mean"]) == 3
+    assert {"graft_runtime.py", "MODEL_CARD.md", "report.html"} <= {p.name for p in out.iterdir()}
+
+    # A fresh interpreter that imports only the export folder's own runtime.
+    result = subprocess.run(
+        [sys.executable, "-c", STANDALONE, str(out), *map(str, probe_images)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    got = json.loads(result.stdout)
+    assert got["torch"] is (fmt == "torchscript")  # ONNX and OpenVINO run without torch
+
+    expected, failed = Predictor.from_run(trained_run).predict_proba(probe_images)
+    assert not failed
+    diff = np.abs(np.asarray(got["probs"]) - expected).max()
+    assert diff <= EXPORT_ATOL[fmt], f"{fmt}: max probability difference {diff:.2e}"
+    assert got["labels"][:3] == [
+        Predictor.from_run(trained_run).classes[i] for i in expected[:3].argmax(1)
+    ]
+
+
+def test_model_card_states_data_metrics_and_limits(trained_run: Path, tmp_path: Path) -> None:
+    out = export_run(trained_run, "onnx", tmp_path / "card")
+    card = (out / "MODEL_CARD.md").read_text()
+    summary = json.loads((trained_run / "summary.json").read_text())
+    acc = f"{100 * summary['test']['accuracy']:.1f}%"
+    for needed in (
+        "## Data",
+        "## Metrics",
+        "## Intended use",
+        "## Limits",
+        "95% interval",
+        acc,
+        "| circle |",
+        "efficientnet_lite0",
+        "graft_runtime.py",
+    ):
+        assert needed in card, needed
+
+
+def test_export_never_overwrites_silently(trained_run: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "exp"
+    assert main(["export", str(trained_run), "--out", str(out)]) == 0
+    stamp = (out / "graft.json").read_text()
+    with pytest.raises(RunExistsError):
+        export_run(trained_run, "onnx", out)
+    assert main(["export", str(trained_run), "--out", str(out)]) == 5
+    assert "--force" in capsys.readouterr().err
+    assert (out / "graft.json").read_text() == stamp  # untouched
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert main(["export", str(trained_run), "--out", str(other), "--force"]) == 5
+    assert (other / "notes.txt").read_text() == "keep me"
+    assert main(["export", str(trained_run), "--out", str(out), "--force"]) == 0
+    assert not list(tmp_path.glob(".exp.*"))  # no staging folder left behind
+
+
+def test_export_of_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
+    assert main(["export", str(tmp_path)]) == 6
+    assert "No trained model" in capsys.readouterr().err
