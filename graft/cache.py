@@ -7,9 +7,11 @@ number and seed (each image's augmentation is seeded from its own hash, so a vie
 depend on which other images were in the batch). Adding images to a dataset recomputes only
 the new ones.
 
-Layout: ``CACHE/<key>/meta.json`` (the key's parts, for people) and one safetensors file per
-view mapping image hash -> tensor. Location: ``--cache-dir``, else ``$GRAFT_CACHE_DIR``, else
-``$XDG_CACHE_HOME/graft/features`` (``~/.cache/graft/features``).
+Layout: ``CACHE/<key>/meta.json`` (the key's parts, for people) and, per view, a folder of
+safetensors shards, each holding the rows of up to ``CHUNK`` images with their hashes in its
+metadata. Shards are written as they are computed and read memory-mapped, so a pass over a
+dataset larger than memory holds the result plus one chunk. Location: ``--cache-dir``, else
+``$GRAFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/graft/features`` (``~/.cache/graft/features``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import torch
 
 from .io import atomic_save, atomic_write_json
 
-#: Bump when graft's transforms change in a way that changes their outputs.
-TRANSFORM_VERSION = 1
+#: Bump when graft's transforms (or the cache layout) change what is stored.
+TRANSFORM_VERSION = 2
+#: images computed (and written as one shard) at a time
+CHUNK = 4096
 
 
 def default_cache_dir() -> Path:
@@ -50,49 +54,106 @@ class FeatureCache:
         self.folder = Path(root) / self.key if root is not None else None
         self.hits = self.misses = 0
 
-    def _file(self, view: int) -> Path:
+    def _folder(self, view: int | str) -> Path:
         assert self.folder is not None
-        return self.folder / f"view{view}.safetensors"
+        return self.folder / f"view-{view}"
 
-    def _load(self, view: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
+    def _index(self, view: int | str) -> dict[str, tuple[Path, int]]:
+        """image hash -> (shard file, row) for everything stored for ``view``."""
+        index: dict[str, tuple[Path, int]] = {}
+        if self.folder is None:
+            return index
+        from safetensors import safe_open
 
-        if self.folder is None or not self._file(view).is_file():
-            return {}
-        try:
-            return load_file(str(self._file(view)))
-        except Exception:  # a damaged cache file is only a miss
-            return {}
+        for shard in sorted(self._folder(view).glob("*.safetensors")):
+            try:
+                with safe_open(str(shard), "pt") as fh:
+                    hashes = json.loads((fh.metadata() or {})["hashes"])
+            except Exception:  # a damaged shard is only a miss
+                continue
+            index.update({h: (shard, row) for row, h in enumerate(hashes)})
+        return index
 
-    def get_or_compute(
-        self,
-        view: int,
-        shas: Sequence[str],
-        compute: Callable[[list[int]], torch.Tensor],
-    ) -> torch.Tensor:
-        """Outputs for ``shas`` in order; ``compute(indices)`` fills in the missing ones."""
-        stored = self._load(view)
-        missing = [i for i, s in enumerate(shas) if s not in stored]
-        self.hits += len(shas) - len(missing)
-        self.misses += len(missing)
-        fresh = compute(missing) if missing else None
-        if fresh is not None:
-            for row, i in enumerate(missing):
-                stored[shas[i]] = fresh[row].contiguous()
-            self._save(view, stored)
-        return torch.stack([stored[s] for s in shas])
-
-    def _save(self, view: int, stored: dict[str, torch.Tensor]) -> None:
+    def _write_shard(self, view: int | str, hashes: list[str], rows: torch.Tensor) -> None:
         if self.folder is None:
             return
         from safetensors.torch import save_file
 
+        name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self._folder(view).mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.folder / "meta.json", self.key_parts)
-            atomic_save(self._file(view), lambda tmp: save_file(stored, tmp))
+            atomic_save(
+                self._folder(view) / f"{name}.safetensors",
+                lambda tmp: save_file(
+                    {"rows": rows.contiguous()}, tmp, metadata={"hashes": json.dumps(hashes)}
+                ),
+            )
         except OSError:
             pass  # a read-only or full cache disk slows later runs down, nothing more
+
+    def get_or_compute(
+        self,
+        view: int | str,
+        shas: Sequence[str],
+        compute: Callable[[list[int]], torch.Tensor],
+        ddp: Any = None,
+        chunk: int = CHUNK,
+    ) -> torch.Tensor:
+        """Outputs for ``shas`` in order; ``compute(indices)`` fills in the missing ones.
+
+        Missing images are computed ``chunk`` at a time and each chunk is written to disk as
+        its own shard at once, so an interrupted pass keeps what it computed, and memory
+        holds the result plus one chunk. Stored rows are read from memory-mapped shards.
+        Under torchrun (``ddp``, a :class:`graft.distributed.Dist`) each chunk is split
+        across ranks and gathered; rank 0 alone reads and writes the disk cache.
+        """
+        distributed = ddp is not None and ddp.active
+        main = not distributed or ddp.main
+        index = self._index(view) if main else {}
+        missing = [i for i, s in enumerate(shas) if s not in index]
+        if distributed:
+            missing = ddp.broadcast(missing)
+        self.hits += len(shas) - len(missing)
+        self.misses += len(missing)
+        out: torch.Tensor | None = None
+        for start in range(0, len(missing), chunk):
+            part = missing[start : start + chunk]
+            if distributed:
+                mine = ddp.shard(part)
+                fresh = ddp.gather_rows(part, compute(mine) if mine else None)
+            else:
+                fresh = compute(part)
+            assert fresh is not None
+            if main:
+                self._write_shard(view, [shas[i] for i in part], fresh)
+            if out is None:
+                out = torch.empty((len(shas), *fresh.shape[1:]), dtype=fresh.dtype)
+            out[part] = fresh
+        if main:
+            out = self._read_stored(index, shas, out)
+        return ddp.broadcast(out) if distributed else out  # type: ignore[return-value]
+
+    @staticmethod
+    def _read_stored(
+        index: dict[str, tuple[Path, int]], shas: Sequence[str], out: torch.Tensor | None
+    ) -> torch.Tensor:
+        from safetensors import safe_open
+
+        wanted: dict[Path, list[tuple[int, int]]] = {}
+        for i, s in enumerate(shas):
+            if s in index:
+                shard, row = index[s]
+                wanted.setdefault(shard, []).append((i, row))
+        for shard, pairs in wanted.items():
+            with safe_open(str(shard), "pt") as fh:
+                stored = fh.get_tensor("rows")  # one shard at a time: at most CHUNK rows
+                if out is None:
+                    out = torch.empty((len(shas), *stored.shape[1:]), dtype=stored.dtype)
+                dest = torch.tensor([i for i, _ in pairs])
+                out[dest] = stored[torch.tensor([r for _, r in pairs])]
+        assert out is not None or not shas
+        return out if out is not None else torch.empty(0)
 
 
 def weights_identity(source: str) -> str:

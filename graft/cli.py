@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import PARTIAL_FAILURE_EXIT, GraftError, RunFolderError, UsageError
@@ -263,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--csv", action="store_true", help="print CSV")
+    fmt.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="stream results to FILE (.jsonl or .csv) as they are computed; run again with "
+        "the same FILE to continue after an interruption",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call")
     p.add_argument(
         "--grid",
         default=None,
@@ -435,6 +444,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = _config_from_args(args)
         result = fit(config, args.root, args.out, force=args.force, reporter=reporter)  # type: ignore[arg-type]
     out = result.run_dir
+    if not result.summary:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     reporter.info(
         f"Run folder: {out}\n  model        {out / 'model.safetensors'}\n"
         f"  curves       {out / 'learning_curves.png'}\n"
@@ -507,7 +518,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.paths)
     if not paths:
         raise UsageError("No images to predict: the folders given hold no image files.")
-    predictor = Predictor.from_run(args.run, tta=args.tta)
+    predictor = Predictor.from_run(args.run, tta=args.tta, workers=-1 if args.out else 0)
+    if args.out:
+        return _predict_to_file(args, predictor, paths)
     preds = predictor.predict(paths, args.top_k)
     if args.json:
         print(json.dumps([p.to_dict() for p in preds], indent=2))
@@ -566,6 +579,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"{len(failed)} of {len(preds)} file(s) could not be read (listed above).",
             file=sys.stderr,
         )
+        return PARTIAL_FAILURE_EXIT
+    return 0
+
+
+def _predict_to_file(args: argparse.Namespace, predictor: Any, paths: list[Path]) -> int:
+    from .predict import stream_predictions
+    from .progress import Reporter
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".jsonl", ".ndjson", ".csv"):
+        raise UsageError(f"--out {out}: use a .jsonl or .csv file name.")
+    reporter = Reporter(verbose=True)
+    with reporter.bar("Predicting", len(paths)) as advance:
+        stats = stream_predictions(predictor, paths, out, args.top_k, args.batch_size, advance)
+    if stats.skipped:
+        print(
+            f"{stats.skipped} image(s) were already in {_display(out)}: skipped.", file=sys.stderr
+        )
+    print(
+        f"Wrote {stats.written} prediction(s) to {_display(out)} in {stats.seconds:.1f} s "
+        f"({stats.per_second:.0f} images/s, {predictor.runner.name}).",
+        file=sys.stderr,
+    )
+    if stats.failed:
+        print(f"{stats.failed} file(s) could not be read (their rows say why).", file=sys.stderr)
         return PARTIAL_FAILURE_EXIT
     return 0
 

@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -516,6 +517,7 @@ def make_loader(
     seed: int,
     workers: int = -1,
     generator: torch.Generator | None = None,
+    sampler: Any = None,
 ) -> DataLoader:
     workers = default_workers() if workers < 0 else workers
     if generator is None:
@@ -524,6 +526,7 @@ def make_loader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         collate_fn=collate_skipping,
         generator=generator,

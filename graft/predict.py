@@ -8,8 +8,12 @@ rest are still predicted.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ import torch
 from PIL import Image
 
 from .data import IMAGE_EXTENSIONS, ImageFiles, _iter_files, build_transform, make_loader
-from .errors import DataError
+from .errors import DataError, UsageError
 from .model import GraftModel, load_model
 
 
@@ -121,19 +125,19 @@ class Predictor:
         )
 
     @torch.no_grad()
-    def predict_proba(
+    def iter_proba(
         self, paths: Sequence[str | Path], batch_size: int = 32
-    ) -> tuple[np.ndarray, dict[int, str]]:
-        """Probabilities ``[len(paths), n_classes]`` (NaN rows for failures) and
-        ``{index: reason}`` for files that could not be read."""
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[int, str]]]:
+        """Batch by batch, in order: (indices into ``paths``, their probabilities,
+        ``{index: reason}`` for files of the batch that could not be read). Memory stays
+        that of one batch, however many paths there are."""
         dataset = ImageFiles([Path(p) for p in paths], None, self.transform, self.info.img_size)
-        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
-        failed: dict[int, str] = {}
         if not len(paths):
-            return probs, failed
+            return
         for batch in make_loader(dataset, batch_size, shuffle=False, seed=0, workers=self.workers):
-            failed.update(dict(batch["failed"]))
+            failed = dict(batch["failed"])
             if len(batch["index"]) == 0:
+                yield np.zeros(0, dtype=np.int64), np.zeros((0, len(self.classes))), failed
                 continue
             x = batch["images"]
             if self.tta:
@@ -141,8 +145,34 @@ class Predictor:
                 p = self.runner(torch.cat(views)).reshape(len(views), len(x), -1).mean(0)
             else:
                 p = self.runner(x)
-            probs[batch["index"].numpy()] = p.numpy()
+            yield batch["index"].numpy(), p.numpy(), failed
+
+    def predict_proba(
+        self, paths: Sequence[str | Path], batch_size: int = 32
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """Probabilities ``[len(paths), n_classes]`` (NaN rows for failures) and
+        ``{index: reason}`` for files that could not be read."""
+        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
+        failed: dict[int, str] = {}
+        for index, p, bad in self.iter_proba(paths, batch_size):
+            probs[index] = p
+            failed.update(bad)
         return probs, failed
+
+    def _prediction(self, path: str | Path, p: np.ndarray, top_k: int) -> Prediction:
+        k = max(1, min(top_k, len(self.classes)))
+        order = np.argsort(-p)[:k]
+        top = [(self.classes[j], float(p[j])) for j in order]
+        return Prediction(str(path), top, unknown=top[0][1] < self.info.unknown_threshold)
+
+    def iter_predict(
+        self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32
+    ) -> Iterator[list[Prediction]]:
+        """Predictions batch by batch, each batch in the order of ``paths``."""
+        for index, p, failed in self.iter_proba(paths, batch_size):
+            rows = {int(i): self._prediction(paths[i], p[r], top_k) for r, i in enumerate(index)}
+            rows.update({i: Prediction(str(paths[i]), [], why) for i, why in failed.items()})
+            yield [rows[i] for i in sorted(rows)]
 
     @torch.no_grad()
     def predict_proba_images(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -158,17 +188,7 @@ class Predictor:
     def predict(
         self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32
     ) -> list[Prediction]:
-        probs, failed = self.predict_proba(paths, batch_size)
-        k = max(1, min(top_k, len(self.classes)))
-        out = []
-        for i, p in enumerate(paths):
-            if i in failed:
-                out.append(Prediction(str(p), [], failed[i]))
-                continue
-            order = np.argsort(-probs[i])[:k]
-            top = [(self.classes[j], float(probs[i, j])) for j in order]
-            out.append(Prediction(str(p), top, unknown=top[0][1] < self.info.unknown_threshold))
-        return out
+        return [p for batch in self.iter_predict(paths, top_k, batch_size) for p in batch]
 
 
 def predict_paths(
@@ -178,3 +198,91 @@ def predict_paths(
     if not paths:
         raise DataError("No images to predict: the folders given hold no image files.")
     return Predictor.from_run(run).predict(paths, top_k)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+@dataclass
+class StreamStats:
+    written: int  # predictions written by this call
+    skipped: int  # already in the file from an earlier, interrupted call
+    failed: int  # files that could not be read (written with their reason)
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+def _csv_header(k: int) -> list[str]:
+    header = ["path", "label", "error"]
+    for i in range(1, k + 1):
+        header += [f"class_{i}", f"probability_{i}"]
+    return header
+
+
+def _done_paths(out: Path, fmt: str, header: list[str]) -> set[str]:
+    """Paths already written to ``out``; a torn last line (a crash mid-write) is cut off."""
+    if not out.is_file() or out.stat().st_size == 0:
+        return set()
+    raw = out.read_bytes()
+    if not raw.endswith(b"\n"):
+        keep = raw.rfind(b"\n") + 1
+        with open(out, "r+b") as fh:
+            fh.truncate(keep)
+        raw = raw[:keep]
+    text = raw.decode("utf-8", errors="surrogateescape")
+    if fmt == "jsonl":
+        return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
+    rows = list(csv.reader(io.StringIO(text)))
+    if rows and rows[0] != header:
+        raise UsageError(
+            f"{out} was written with other columns ({len(rows[0])}): use the same --top-k, "
+            "or another output file."
+        )
+    return {r[0] for r in rows[1:] if r}
+
+
+def stream_predictions(
+    predictor: Predictor,
+    paths: Sequence[Path],
+    out: Path,
+    top_k: int = 3,
+    batch_size: int = 64,
+    progress: Any = None,
+) -> StreamStats:
+    """Predict ``paths`` into ``out`` (``.jsonl`` or ``.csv``) as they are computed.
+
+    Results are flushed batch by batch, so memory stays flat and an interrupted call loses
+    at most one batch; calling again with the same file continues where it stopped (paths
+    already in the file are skipped). ``progress(n)`` is called after each batch.
+    """
+    fmt = "csv" if out.suffix.lower() == ".csv" else "jsonl"
+    k = max(1, min(top_k, len(predictor.classes)))
+    header = _csv_header(k)
+    done = _done_paths(out, fmt, header)
+    todo = [p for p in paths if str(p) not in done]
+    started = time.perf_counter()
+    written = failed = 0
+    new_file = not out.is_file() or out.stat().st_size == 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        writer = csv.writer(fh, lineterminator="\n") if fmt == "csv" else None
+        if writer is not None and new_file:
+            writer.writerow(header)
+        for batch in predictor.iter_predict(todo, top_k, batch_size):
+            for p in batch:
+                failed += bool(p.error)
+                if writer is None:
+                    fh.write(json.dumps(p.to_dict()) + "\n")
+                else:
+                    row = [p.path, p.label or "", p.error or ""]
+                    for c, prob in p.top:
+                        row += [c, f"{prob:.6f}"]
+                    writer.writerow(row)
+            fh.flush()
+            written += len(batch)
+            if progress is not None:
+                progress(len(batch))
+    return StreamStats(written, len(paths) - len(todo), failed, time.perf_counter() - started)

@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -47,6 +48,8 @@ from .data import (
     scan,
     write_split,
 )
+from .distributed import Dist
+from .distributed import backend as dist_backend
 from .engines import FrozenPart, Runner, make_runner
 from .errors import DataError, RunExistsError, RunFolderError
 from .evaluate import choose_unknown_threshold, fit_temperature
@@ -254,6 +257,33 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[to
         yield order[start : start + batch_size]
 
 
+class Top(nn.Module):
+    """The learning part of the model as one module (what DDP wraps): blocks from ``cut`` up
+    and the head. ``below=True`` also runs the frozen blocks under it, without gradients."""
+
+    def __init__(self, model: GraftModel, cut: int, below: bool = False):
+        super().__init__()
+        self.model, self.cut, self.below = model, cut, below
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.below and self.cut > 0:
+            with torch.no_grad():
+                x = _run_blocks(self.model, x, 0, self.cut)
+        if self.below and self.cut == 0:
+            return self.model(x)
+        return _top_forward(self.model, x, self.cut)
+
+
+def wrap_ddp(model: GraftModel, cut: int, below: bool, ddp: Dist, engine: Engine) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [engine.device.index or 0] if engine.device.type == "cuda" else None
+    # BatchNorm statistics are frozen (identical on every rank): nothing to broadcast.
+    return DistributedDataParallel(
+        Top(model, cut, below), device_ids=ids, forward_sync_buffers=False
+    )
+
+
 def train_epoch_cached(
     model: GraftModel,
     views: torch.Tensor,
@@ -264,24 +294,52 @@ def train_epoch_cached(
     batch_size: int,
     generator: torch.Generator,
     engine: Engine,
+    ddp: Dist | None = None,
+    net: nn.Module | None = None,
 ) -> tuple[float, float]:
     """One epoch on cached activations ``views[K, N, ...]``: each image appears once, as one of
-    its K cached augmented views picked at random."""
+    its K cached augmented views picked at random.
+
+    Under torchrun every rank draws the same batches and trains on its share of each (``net``
+    is the DDP-wrapped :class:`Top`); the loss is normalised by the whole batch, so DDP's
+    gradient average is the single-process gradient."""
     model.train()
     n = views.shape[1]
     pick = torch.randint(0, views.shape[0], (n,), generator=generator)
     total_loss, correct = 0.0, 0
+    distributed = ddp is not None and ddp.active and net is not None
     for idx in _batches(n, batch_size, generator):
-        x = engine.prepare(views[pick[idx], idx])
-        y = labels[idx].to(engine.device)
+        if not distributed:
+            x = engine.prepare(views[pick[idx], idx])
+            y = labels[idx].to(engine.device)
+            with engine.context():
+                logits = _top_forward(model, x, cut)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(idx)
+            correct += (logits.argmax(1) == y).sum().item()
+            continue
+        assert ddp is not None and net is not None
+        local = idx[ddp.rank :: ddp.world]
+        x = engine.prepare(views[pick[local], local])
+        y = labels[local].to(engine.device)
+        weight = loss_fn.weight
+        whole = float(weight[labels[idx]].sum()) if weight is not None else float(len(idx))
         with engine.context():
-            logits = _top_forward(model, x, cut)
-        loss = loss_fn(logits.float(), y)
+            logits = net(x)
+        loss = nn.functional.cross_entropy(logits.float(), y, weight=weight, reduction="sum")
+        loss = loss * (ddp.world / whole)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(idx)
+        total_loss += loss.item() / ddp.world * len(idx)
         correct += (logits.argmax(1) == y).sum().item()
+    if distributed:
+        assert ddp is not None
+        correct = ddp.sum([float(correct)])[0]
+        total_loss = ddp.sum([total_loss])[0]
     return total_loss / n, correct / n
 
 
@@ -294,8 +352,11 @@ def train_epoch_images(
     engine: Engine,
     reporter: Reporter,
     label: str,
+    ddp: Dist | None = None,
+    net: nn.Module | None = None,
 ) -> tuple[float, float]:
-    """One epoch on decoded, augmented images; blocks below ``cut`` run without gradients."""
+    """One epoch on decoded, augmented images; blocks below ``cut`` run without gradients.
+    Under torchrun the loader's sampler gives each rank its share and ``net`` is DDP."""
     model.train()
     total_loss, correct, n = 0.0, 0, 0
     with reporter.bar(label, len(loader.dataset)) as advance:
@@ -304,7 +365,9 @@ def train_epoch_images(
                 continue
             x, y = engine.prepare(batch["images"]), batch["labels"].to(engine.device)
             with engine.context():
-                if cut > 0:
+                if net is not None:
+                    logits = net(x)
+                elif cut > 0:
                     with torch.no_grad():
                         x = _run_blocks(model, x, 0, cut)
                     logits = _top_forward(model, x, cut)
@@ -318,6 +381,8 @@ def train_epoch_images(
             correct += (logits.argmax(1) == y).sum().item()
             n += len(y)
             advance(len(batch["index"]))
+    if ddp is not None and ddp.active:
+        total_loss, correct, n = ddp.sum([total_loss, float(correct), float(n)])
     return total_loss / max(1, n), correct / max(1, n)
 
 
@@ -412,17 +477,34 @@ def fit(
     exactly the files of its split; the result equals that of an uninterrupted run.
     ``config.track`` also logs the run to MLflow and/or TensorBoard (graft.tracking).
     """
+    from .distributed import setup, teardown
     from .tracking import Tracker, parse_track
 
+    ddp = setup()  # a no-op unless started by torchrun
+    out, reporter = Path(out), reporter or Reporter()
+    scratch: Path | None = None
+    if not ddp.main:
+        # Only rank 0 writes the run folder; the others write into a scratch copy.
+        scratch = Path(tempfile.mkdtemp(prefix=f"graft-rank{ddp.rank}-"))
+        if resume:
+            for name in ("config.json", "split.csv", "audit.json", CHECKPOINT):
+                if (out / name).is_file():
+                    shutil.copy2(out / name, scratch / name)
+        out, reporter, force = scratch, Reporter(verbose=False), True
     # MLflow's experiment: the data folder's name (on --resume it comes from the run folder)
-    saved = Path(out) / "config.json"
+    saved = out / "config.json"
     root = data_root or (read_json(saved).get("data_root") if saved.is_file() else None) or out
-    tracker = Tracker(parse_track(config.track), Path(out), Path(root).resolve().name)
+    names = parse_track(config.track) if ddp.main else ()
+    tracker = Tracker(names, out, Path(root).resolve().name)
     try:
-        return _fit(config, data_root, Path(out), force, reporter or Reporter(), resume, tracker)
+        return _fit(config, data_root, out, force, reporter, resume, tracker, ddp)
     except BaseException:
         tracker.abort()
         raise
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        teardown(ddp)
 
 
 def _fit(
@@ -433,6 +515,7 @@ def _fit(
     reporter: Reporter,
     resume: bool,
     tracker: Any,
+    ddp: Dist,
 ) -> TrainResult:
     started = time.perf_counter()
     if not resume:
@@ -499,6 +582,11 @@ def _fit(
         )
     extract_at = cut if cache_cut else n_blocks
     plan = _describe_plan(config, n_blocks, unfreeze, n_views, cache_cut, workers)
+    if ddp.active:
+        plan += (
+            f" Distributed: {ddp.world} processes ({dist_backend()}); the backbone passes and "
+            "each batch are split across them."
+        )
     reporter.info(f"Backbone {config.backbone} ({weights_source}); engine: {engine.reason}")
     reporter.info("Plan: " + plan)
 
@@ -533,6 +621,7 @@ def _fit(
             lambda missing: extract(
                 runner, files.subset(missing), 64, workers, config.seed, reporter, label
             ),
+            ddp,
         )
 
     # Every image once, unaugmented: the validation/test inputs, view 0 of the training
@@ -581,6 +670,7 @@ def _fit(
                 "weights_source": weights_source,
                 "engine": engine.reason,
                 "plan": plan,
+                "world_size": ddp.world,
                 "versions": _versions(),
             },
         )
@@ -666,7 +756,8 @@ def _fit(
             continue  # finished before the interruption
         # Each stage's randomness (dropout, batch order, augmentation) starts from the seed,
         # so a resumed run enters a stage exactly as an uninterrupted one does.
-        torch.manual_seed(config.seed + stage_index)
+        # (Dropout draws differ per rank, so the shards of a batch get independent masks.)
+        torch.manual_seed(config.seed + stage_index + 7919 * ddp.rank)
         generator.manual_seed(config.seed + stage_index)
         loader_generator.manual_seed(config.seed + stage_index)
         if stage == "frozen":
@@ -696,13 +787,24 @@ def _fit(
                 f"(lr {config.fine_tune_lr:g}, batch {config.fine_tune_batch_size})"
             )
             if not cache_cut:
+                train_files = ImageFiles(
+                    paths["train"], labels["train"].tolist(), train_tf, config.img_size
+                )
+                sampler = None
+                if ddp.active:
+                    from torch.utils.data import DistributedSampler
+
+                    sampler = DistributedSampler(
+                        train_files, ddp.world, ddp.rank, shuffle=True, seed=config.seed
+                    )
                 train_loader = make_loader(
-                    ImageFiles(paths["train"], labels["train"].tolist(), train_tf, config.img_size),
+                    train_files,
                     batch,
-                    shuffle=True,
+                    shuffle=sampler is None,
                     seed=config.seed,
                     workers=workers,
                     generator=loader_generator,
+                    sampler=sampler,
                 )
                 val_loader = make_loader(
                     ImageFiles(paths["val"], labels["val"].tolist(), eval_tf, config.img_size),
@@ -713,12 +815,16 @@ def _fit(
                 )
 
         optimizer = make_optimizer(params, config.optimizer, lr, config.weight_decay)
+        net = None
+        if ddp.active:  # after (un)freezing: DDP syncs the parameters that learn
+            stage_cut = n_blocks if stage == "frozen" else cut
+            net = wrap_ddp(model, stage_cut, stage != "frozen" and not cache_cut, ddp, engine)
         start, stale = 1, 0
         if state is not None and state["stage"] == stage:
             if state["stage_done"]:
                 best.restore()
                 continue
-            _restore_checkpoint(state, model, optimizer, generator, loader_generator)
+            _restore_checkpoint(state, model, optimizer, generator, loader_generator, ddp.rank)
             start, stale = state["epoch"] + 1, state["stale"]
         reporter.stage(title)
         t_stage = time.perf_counter()
@@ -735,6 +841,8 @@ def _fit(
                     config.batch_size,
                     generator,
                     engine,
+                    ddp,
+                    net,
                 )
                 va = evaluate_cached(
                     model, val_feats, labels["val"], n_blocks, eval_loss_fn, engine
@@ -750,9 +858,13 @@ def _fit(
                     config.fine_tune_batch_size,
                     generator,
                     engine,
+                    ddp,
+                    net,
                 )
                 va = evaluate_cached(model, val_maps, labels["val"], cut, eval_loss_fn, engine)
             else:
+                if ddp.active:
+                    train_loader.sampler.set_epoch(epoch)
                 tr = train_epoch_images(
                     model,
                     train_loader,
@@ -762,6 +874,8 @@ def _fit(
                     engine,
                     reporter,
                     f"Fine-tune epoch {epoch}",
+                    ddp,
+                    net,
                 )
                 va = evaluate_images(model, val_loader, eval_loss_fn, engine)
             record(stage, epoch, tr, va, lr, time.perf_counter() - t)
@@ -773,6 +887,7 @@ def _fit(
                 optimizer,
                 generator,
                 loader_generator,
+                ddp.all_gather(torch.get_rng_state()) if ddp.active else [],
                 {
                     "stage": stage,
                     "epoch": epoch,
@@ -788,6 +903,9 @@ def _fit(
                 break
         timings[f"{stage}_seconds"] = time.perf_counter() - t_stage
         best.restore()
+
+    if not ddp.main:
+        return TrainResult(out, data.classes, history, {})  # rank 0 finishes the run
 
     # 8. calibrate the kept model on validation data (temperature scaling) ----------------
     model.eval()
@@ -891,10 +1009,12 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     loader_generator: torch.Generator,
+    rank_rng: list[torch.Tensor],
     meta: dict[str, Any],
     best_state: dict[str, torch.Tensor],
 ) -> None:
-    """Everything needed to continue after this epoch, in one atomically written file.
+    """Everything needed to continue after this epoch, in one atomically written file
+    (``rank_rng``: under torchrun, each rank's random state, so dropout resumes exactly).
 
     Only tensors that can have changed are stored (those that are learning, and the head):
     the rest of the backbone is still exactly its pretrained weights.
@@ -916,6 +1036,8 @@ def _save_checkpoint(
         for key, value in entry.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
+    for rank, rng in enumerate(rank_rng):
+        tensors[f"rng.torch.rank{rank}"] = rng
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.loader"] = loader_generator.get_state()
     meta = {**meta, "param_groups": opt["param_groups"]}
@@ -946,6 +1068,7 @@ def _restore_checkpoint(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     loader_generator: torch.Generator,
+    rank: int = 0,
 ) -> None:
     tensors = state["tensors"]
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -956,7 +1079,7 @@ def _restore_checkpoint(
             _, index, name = key.split(".", 2)
             opt_state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
+    torch.set_rng_state(tensors.get(f"rng.torch.rank{rank}", tensors["rng.torch"]))
     generator.set_state(tensors["rng.generator"])
     loader_generator.set_state(tensors["rng.loader"])
 

@@ -128,3 +128,14 @@ def vgg16_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "vgg16-features.safetensors"
     save_file(state, str(path))
     return path
+
+
+def history_rows(run: Path) -> list[dict]:
+    """The rows of a run's history.csv so far ([] before the first epoch)."""
+    import csv
+
+    path = run / "history.csv"
+    if not path.is_file():
+        return []
+    with open(path) as fh:
+        return list(csv.DictReader(fh))

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import FAST, draw_shape
@@ -98,3 +99,32 @@ def test_augmented_view_does_not_depend_on_batch_or_order(shapes_dir: Path) -> N
     backward = [files[i][0] for i in reversed(range(6))][::-1]
     assert all(torch.equal(a, b) for a, b in zip(forward, backward, strict=True))
     assert torch.equal(files.subset([3])[0][0], forward[3])
+
+
+def test_cache_writes_chunks_as_it_goes_and_keeps_them_after_a_crash(tmp_path: Path) -> None:
+    from graft.cache import FeatureCache
+
+    shas = [f"{i:064x}" for i in range(10)]
+    truth = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
+    calls: list[list[int]] = []
+
+    def compute(idx: list[int]) -> torch.Tensor:
+        calls.append(idx)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the pass is interrupted in its third chunk
+        return truth[idx]
+
+    cache = FeatureCache(tmp_path, {"backbone": "x"})
+    with pytest.raises(KeyboardInterrupt):
+        cache.get_or_compute("clean", shas, compute, chunk=3)
+    assert len(list((cache.folder / "view-clean").glob("*.safetensors"))) == 2  # 6 kept
+
+    calls.clear()
+    again = FeatureCache(tmp_path, {"backbone": "x"})
+    order = shas[::-1]  # any order, duplicates allowed
+    got = again.get_or_compute("clean", [*order, shas[0]], lambda i: truth.flip(0)[i], chunk=3)
+    assert again.hits == 7 and again.misses == 4  # the 6 stored (+1 duplicate); 4 new
+    assert torch.equal(got[:10], truth.flip(0)) and torch.equal(got[10], truth[0])
+    third = FeatureCache(tmp_path, {"backbone": "x"})
+    assert torch.equal(third.get_or_compute("clean", shas, compute, chunk=3), truth)
+    assert third.misses == 0

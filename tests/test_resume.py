@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import FAST, cli_args
+from conftest import history_rows as _rows
 from graft import TrainConfig, fit
 from graft.cli import main
 
@@ -26,14 +26,6 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) ->
     out = tmp_path_factory.mktemp("resume") / "whole"
     fit(TrainConfig(**CFG), shapes_dir, out)
     return out
-
-
-def _rows(run: Path) -> list[dict]:
-    path = run / "history.csv"
-    if not path.is_file():
-        return []
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
 
 
 def _kill_when(run: Path, shapes_dir: Path, condition) -> None:
