@@ -35,6 +35,8 @@ class AuditReport:
     exact_groups: list[list[int]] = field(default_factory=list)
     cross_class: list[tuple[int, int]] = field(default_factory=list)
     near_pairs: list[tuple[int, int, float]] = field(default_factory=list)
+    #: all near-duplicate pairs found; ``near_pairs`` keeps at most MAX_PAIRS of them
+    near_pairs_total: int = 0
     clusters: list[int] = field(default_factory=list)  # cluster id per image
     straddling: list[tuple[int, int, float]] = field(default_factory=list)
 
@@ -63,7 +65,8 @@ class AuditReport:
             "exact_duplicate_groups": len(self.exact_groups),
             "exact_duplicate_files": sum(len(g) - 1 for g in self.exact_groups),
             "cross_class_duplicates": [[name(a), name(b)] for a, b in self.cross_class[:limit]],
-            "near_duplicate_pairs": len(self.near_pairs),
+            "near_duplicate_pairs": max(self.near_pairs_total, len(self.near_pairs)),
+            "pairs_kept_for_split_check": len(self.near_pairs),
             "near_duplicate_clusters": self.n_clusters_multi,
             "images_in_clusters": self.images_in_clusters,
             "straddling_pairs": len(self.straddling),
@@ -73,35 +76,75 @@ class AuditReport:
         }
 
 
+#: Near-duplicate pairs kept for the split check and examples (all are counted and
+#: clustered): a folder of near-identical images has O(n^2) pairs.
+MAX_PAIRS = 1_000_000
+#: Similarity entries computed at once: bounds the search's memory whatever n is.
+BLOCK = 1 << 24
+
+
 def near_duplicate_pairs(
-    embeddings: np.ndarray, threshold: float, chunk: int = 2048
-) -> list[tuple[int, int, float]]:
-    """All pairs (i < j) with cosine similarity >= ``threshold``, in chunks so that memory
-    stays ``chunk x n`` rather than ``n x n``."""
+    embeddings: np.ndarray,
+    threshold: float,
+    keep: int = MAX_PAIRS,
+    clusters: np.ndarray | None = None,
+) -> tuple[list[tuple[int, int, float]], int]:
+    """Pairs (i < j) with cosine similarity >= ``threshold``: the first ``keep`` of them and
+    how many there are. Rows are compared in blocks of ``BLOCK`` similarities, so memory stays
+    bounded rather than ``n x n``. ``clusters`` (an array of n representative ids, updated in
+    place) merges every pair found, kept or not, into connected components."""
     x = np.asarray(embeddings, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    n = len(x)
+    chunk = max(1, min(4096, BLOCK // max(1, n)))
     pairs: list[tuple[int, int, float]] = []
-    for start in range(0, len(x), chunk):
-        sims = x[start : start + chunk] @ x.T
+    total = 0
+    for start in range(0, n, chunk):
+        block = x[start : start + chunk]
+        # only j > i: the upper triangle, each pair once
+        sims = block @ x[start:].T
         rows, cols = np.nonzero(sims >= threshold)
-        for r, c in zip(rows, cols, strict=True):
-            i = start + int(r)
-            if i < c:
-                pairs.append((i, int(c), min(1.0, round(float(sims[r, c]), 5))))
-    return pairs
+        upper = cols > rows
+        rows, cols = rows[upper], cols[upper]
+        total += len(rows)
+        if clusters is not None and len(rows):
+            _merge(clusters, start + rows, start + cols)
+        room = keep - len(pairs)
+        if room > 0 and len(rows):
+            vals = np.minimum(1.0, np.round(sims[rows[:room], cols[:room]], 5))
+            pairs.extend(
+                zip(
+                    (start + rows[:room]).tolist(),
+                    (start + cols[:room]).tolist(),
+                    vals.tolist(),
+                    strict=True,
+                )
+            )
+    return pairs, total
 
 
-def _components(n: int, edges: Sequence[tuple[int, int]]) -> list[int]:
+def _merge(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Join the components of ``a[k]`` and ``b[k]`` for every k (``labels`` holds each node's
+    component as the id of a representative node; updated in place)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    if not edges:
-        return list(range(n))
-    a = np.array([e[0] for e in edges])
-    b = np.array([e[1] for e in edges])
-    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    return [int(v) for v in labels]
+    n = len(labels)
+    # each node tied to its current representative, plus the new edges
+    src = np.concatenate([np.arange(n), a])
+    dst = np.concatenate([labels, b])
+    graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    first = np.full(comp.max() + 1, n, dtype=np.int64)
+    np.minimum.at(first, comp, np.arange(n))
+    labels[:] = first[comp]
+
+
+def _components(n: int, edges: Sequence[tuple[int, int]]) -> np.ndarray:
+    labels = np.arange(n)
+    if edges:
+        _merge(labels, np.array([e[0] for e in edges]), np.array([e[1] for e in edges]))
+    return labels
 
 
 def audit(
@@ -123,13 +166,13 @@ def audit(
                 if a < b and labels[a] != labels[b]:
                     report.cross_class.append((a, b))
     exact_edges = [(g[0], j) for g in report.exact_groups for j in g[1:]]
+    clusters = _components(n, exact_edges)
     if embeddings is not None:
         exact = {(a, b) for g in report.exact_groups for a in g for b in g if a < b}
-        report.near_pairs = [
-            p for p in near_duplicate_pairs(embeddings, threshold) if (p[0], p[1]) not in exact
-        ]
-    edges = exact_edges + [(a, b) for a, b, _ in report.near_pairs]
-    report.clusters = _components(n, edges)
+        pairs, total = near_duplicate_pairs(embeddings, threshold, clusters=clusters)
+        report.near_pairs = [p for p in pairs if (p[0], p[1]) not in exact]
+        report.near_pairs_total = total - (len(pairs) - len(report.near_pairs))
+    report.clusters = [int(c) for c in clusters]
     return report
 
 
@@ -160,14 +203,16 @@ def explain(
         )
     if report.near_pairs:
         out.append(
-            f"{len(report.near_pairs)} near-duplicate pair(s) (cosine >= {report.threshold}) "
+            f"{max(report.near_pairs_total, len(report.near_pairs))} near-duplicate pair(s) "
+            f"(cosine >= {report.threshold}) "
             f"form {report.n_clusters_multi} cluster(s) holding {report.images_in_clusters} of "
             f"{report.n} images."
         )
     if report.straddling:
         a, b, s = report.straddling[0]
         out.append(
-            f"LEAKAGE: {len(report.straddling)} duplicate pair(s) straddle the train/validation/"
+            f"LEAKAGE: {'at least ' if report.near_pairs_total > len(report.near_pairs) else ''}"
+            f"{len(report.straddling)} duplicate pair(s) straddle the train/validation/"
             f"test split (e.g. {paths[a].name} and {paths[b].name}, similarity {s:.3f}). "
             "Validation and test accuracy will overstate how the model does on new images. "
             "Keep each group on one side: --group-by auto, or --group-by REGEX on the file "

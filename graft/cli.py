@@ -43,8 +43,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--backbone",
         default=default("backbone"),
-        choices=list(BACKBONES),
-        help="pretrained CNN to graft onto (default: %(default)s)",
+        choices=[*BACKBONES, "auto"],
+        help="pretrained CNN to graft onto (default: %(default)s); 'auto' compares every "
+        "backbone with weights on this machine by a linear probe on validation and keeps the best",
     )
     m.add_argument(
         "--weights",
@@ -91,10 +92,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--group-by",
         default=None,
-        metavar="REGEX|auto",
+        metavar="REGEX|auto|none",
         help="keep related images on one side of the split: a regex on each file's path "
-        "relative to ROOT (group = first capture group or the whole match), or 'auto' for "
-        "near-duplicate clusters",
+        "relative to ROOT (group = first capture group or the whole match), 'auto' for "
+        "near-duplicate clusters (the default when the audit finds any), or 'none' to split "
+        "image by image",
     )
     s.add_argument("--groups-csv", default=None, metavar="CSV", help="CSV with columns path,group")
     s.add_argument(
@@ -107,8 +109,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--augment",
         default=default("augment"),
-        choices=["none", "light", "strong"],
-        help="training-image augmentation (default: %(default)s)",
+        choices=["none", "light", "strong", "domain"],
+        help="training-image augmentation (default: %(default)s); 'domain' adds grayscale, "
+        "blur, stronger crops and colour, and pixel-art (nearest) vs smooth resizing, for "
+        "images from elsewhere",
     )
     s.add_argument(
         "--views",
@@ -151,6 +155,19 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="'all', or how many of the backbone's last blocks to train (default: %(default)s)",
     )
     f.add_argument(
+        "--fine-tune-head-lr",
+        type=float,
+        default=None,
+        help="the head's learning rate in stage 2 (default: 10x --fine-tune-lr)",
+    )
+    f.add_argument(
+        "--l2sp",
+        type=float,
+        default=default("l2sp"),
+        help="pull fine-tuned weights toward their pretrained values with this strength "
+        "(L2-SP; e.g. 0.01; default: off)",
+    )
+    f.add_argument(
         "--unknown-precision",
         type=float,
         default=default("unknown_precision"),
@@ -164,6 +181,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="early stopping: epochs without a better validation loss (0 = off)",
     )
     o = p.add_argument_group("tracking")
+    o.add_argument(
+        "--unseen",
+        default=None,
+        metavar="DIR",
+        help="labelled folder from another source (like the seed's internet images): "
+        "evaluated after every epoch and at the end, reported apart from the in-domain figures",
+    )
     o.add_argument(
         "--track",
         default="",
@@ -418,6 +442,9 @@ def _config_from_args(args: argparse.Namespace) -> object:
         unknown_precision=args.unknown_precision,
         allow_download=not args.offline,
         track=args.track,
+        unseen=args.unseen,
+        fine_tune_head_lr=args.fine_tune_head_lr,
+        l2sp=args.l2sp,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import UsageError
 
-AUGMENTS = ("none", "light", "strong")
+AUGMENTS = ("none", "light", "strong", "domain")
 OPTIMIZERS = ("adam", "adamw")
 CLASS_WEIGHTS = ("auto", "none")
 
@@ -36,7 +36,9 @@ class TrainConfig:
     seed: int = 42
     # Keep groups of related images on one side of the split: a regex on each file's path
     # relative to the root (group = first capture group, or the whole match), or "auto" for
-    # the audit's near-duplicate clusters. groups_csv maps path -> group instead.
+    # the audit's near-duplicate clusters. groups_csv maps path -> group instead. None (the
+    # default) groups by near-duplicate clusters whenever the audit finds any, so validation
+    # is honest by default; "none" splits image by image.
     group_by: str | None = None
     groups_csv: str | None = None
     dup_threshold: float = 0.95  # cosine similarity above which two images are near-copies
@@ -61,6 +63,11 @@ class TrainConfig:
     # trains only the top 2 blocks: the bottom stays as pretrained (it generalises better to
     # images from elsewhere) and its activations are cached, so an epoch costs seconds.
     unfreeze: str = "2"
+    # The head's learning rate while fine-tuning (None = 10x fine_tune_lr): the pretrained
+    # blocks move far more slowly than the head (discriminative learning rates).
+    fine_tune_head_lr: float | None = None
+    # L2-SP strength: pulls fine-tuned weights toward their pretrained values (0 = off)
+    l2sp: float = 0.0
     # --- after training
     # predict answers "unknown" below a confidence chosen on validation data so that the
     # answered predictions are right this often; 0 = always answer
@@ -68,6 +75,9 @@ class TrainConfig:
     # --- both stages
     patience: int = 3  # epochs without a better validation loss before stopping; 0 = never
     allow_download: bool = True  # may fetch weights (VGG16) when they are not on disk
+    # a labelled folder from another source, evaluated after every epoch and at the end and
+    # reported apart from the in-domain figures (never used to choose anything)
+    unseen: str | None = None
     # experiment tracking: "", "mlflow", "tensorboard" or "mlflow,tensorboard" (graft.tracking)
     track: str = ""
 
@@ -81,8 +91,8 @@ class TrainConfig:
         def bad(option: str, value: Any, allowed: str) -> UsageError:
             return UsageError(f"--{option.replace('_', '-')} {value!r} is not valid: {allowed}.")
 
-        if self.backbone not in BACKBONES:
-            raise bad("backbone", self.backbone, f"choose one of {', '.join(BACKBONES)}")
+        if self.backbone not in BACKBONES and self.backbone != "auto":
+            raise bad("backbone", self.backbone, f"choose auto or one of {', '.join(BACKBONES)}")
         if not (32 <= self.img_size <= 1024):
             raise bad("img_size", self.img_size, "use a size between 32 and 1024 pixels")
         if not (self.head == "linear" or re.fullmatch(r"dense:[1-9]\d*", self.head)):
@@ -95,7 +105,7 @@ class TrainConfig:
                 raise bad(name, value, "use a fraction between 0 and 0.5, e.g. 0.2")
         if self.test_size + self.val_size >= 0.8:
             raise UsageError("--test-size plus --val-size must leave most images for training.")
-        if self.group_by and self.group_by != "auto":
+        if self.group_by and self.group_by not in ("auto", "none"):
             try:
                 re.compile(self.group_by)
             except re.error as exc:
@@ -118,6 +128,10 @@ class TrainConfig:
         for name in ("batch_size", "fine_tune_batch_size", "views"):
             if getattr(self, name) < 1:
                 raise bad(name, getattr(self, name), "use 1 or more")
+        if self.fine_tune_head_lr is not None and not (0.0 < self.fine_tune_head_lr < 10.0):
+            raise bad("fine_tune_head_lr", self.fine_tune_head_lr, "use a positive learning rate")
+        if self.l2sp < 0:
+            raise bad("l2sp", self.l2sp, "use 0 (off) or a positive strength such as 0.01")
         for name in ("lr", "fine_tune_lr"):
             if not (0.0 < getattr(self, name) < 10.0):
                 raise bad(name, getattr(self, name), "use a positive learning rate such as 1e-3")

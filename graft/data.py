@@ -429,6 +429,27 @@ def build_transform(
                 *finish,
             ]
         )
+    if augment == "domain":
+        # For training on one kind of picture (game sprites, studio photos) and predicting
+        # another (drawings, phone photos): what changes between sources is scale, colour,
+        # sharpness and how the pixels were resampled, so vary exactly those.
+        crop = dict(scale=(0.35, 1.0), ratio=(0.8, 1.25), antialias=True)
+        nearest = T.InterpolationMode.NEAREST
+        return T.Compose(
+            [
+                T.RandomChoice(
+                    [
+                        T.RandomResizedCrop(size, **crop),  # smooth, like a drawing
+                        T.RandomResizedCrop(size, interpolation=nearest, **crop),  # pixel art
+                    ]
+                ),
+                T.RandomHorizontalFlip(),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.08)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                T.RandomApply([T.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3),
+                *finish,
+            ]
+        )
     raise ValueError(f"unknown augment {augment!r}")
 
 

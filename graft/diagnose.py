@@ -36,7 +36,7 @@ class Diagnosis:
         return asdict(self)
 
 
-def diagnose(history: Sequence[Any]) -> Diagnosis:
+def diagnose(history: Sequence[Any], grouped: bool = False) -> Diagnosis:
     if not history:
         return Diagnosis("no data", "No epochs were run.", 0.0, 0, float("nan"), 0.0)
     last = history[-1]
@@ -82,7 +82,14 @@ def diagnose(history: Sequence[Any]) -> Diagnosis:
 
     notes = []
     early_perfect = [r for r in history[:2] if r.val_acc >= 0.999]
-    if early_perfect:
+    if early_perfect and grouped:
+        notes.append(
+            "Validation accuracy reached 100% within the first two epochs although related "
+            "images were kept on one side of the split: the classes are easy to tell apart in "
+            "this data. Whether that holds for pictures from another source only such "
+            "pictures can tell (--unseen DIR)."
+        )
+    elif early_perfect:
         notes.append(
             "Validation accuracy reached 100% within the first two epochs. That is rare for a "
             "real task and usually means near-identical images (e.g. video or animation frames) "

@@ -170,7 +170,10 @@ def model_card(model: GraftModel, run: Path, meta: dict[str, Any]) -> str:
     else:
         lines.append(f"- Classes: {', '.join(info.classes)}")
     if split:
-        grouped = " (near-duplicate groups kept on one side)" if config.get("group_by") else ""
+        grouping = _read_json(run / "audit.json").get("grouping", "")
+        grouped = (
+            "" if not grouping or grouping.startswith("none") else f" ({grouping.rstrip('.')})"
+        )
         lines.append(
             f"- Split (seed {config.get('seed', '?')}){grouped}: "
             + ", ".join(f"{k} {v}" for k, v in split.items())

@@ -82,6 +82,16 @@ def plot_learning_curves(
             label=f"validation {label}",
             color="#dd8452",
         )
+        unseen = [getattr(r, f"unseen_{key}", float("nan")) for r in history]
+        if any(np.isfinite(unseen)):
+            ax.plot(
+                steps,
+                unseen,
+                "^--",
+                ms=4,
+                label=f"images from elsewhere {label}",
+                color="#8e44ad",
+            )
         if best_step:
             ax.axvline(best_step, color="#2a9d4b", lw=1.2, alpha=0.8, label="best (kept)")
         ax.set_xlabel("epoch (both stages)")
@@ -90,7 +100,12 @@ def plot_learning_curves(
         ax.grid(alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
         if key == "loss":
-            losses = [getattr(r, f"{p}_loss") for r in history for p in ("train", "val")]
+            losses = [
+                getattr(r, f"{p}_loss", float("nan"))
+                for r in history
+                for p in ("train", "val", "unseen")
+            ]
+            losses = [v for v in losses if np.isfinite(v)]
             positive = [v for v in losses if v > 0]
             # Losses spanning orders of magnitude flatten to a line at 0 on a linear axis.
             if positive and max(positive) / min(positive) > 50:

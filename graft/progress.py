@@ -70,9 +70,12 @@ class Reporter:
     def epoch(self, rec: Any, improved: bool) -> None:
         if self.verbose:
             mark = " [green]* best so far[/]" if improved else ""
+            unseen = getattr(rec, "unseen_acc", float("nan"))
+            elsewhere = f"  elsewhere {unseen:6.1%}" if unseen == unseen else ""
             self.console.print(
                 f"{rec.stage:>9} {rec.epoch:>2}  train {rec.train_loss:.4f} {rec.train_acc:6.1%}"
-                f"  val {rec.val_loss:.4f} {rec.val_acc:6.1%}  {rec.seconds:5.1f}s{mark}",
+                f"  val {rec.val_loss:.4f} {rec.val_acc:6.1%}{elsewhere}  {rec.seconds:5.1f}s"
+                f"{mark}",
                 soft_wrap=True,
             )
 

@@ -127,6 +127,21 @@ def build_report(run: str | Path) -> str:
     )
     parts.append(_img(run / "learning_curves.png", "learning curves"))
     parts.append(f"<p><b>{_e(diag['verdict'])}</b>: {_e(diag['explanation'])}</p>")
+    if summary.get("kept"):
+        parts.append(f"<p>Kept: {_e(summary['kept'])}.</p>")
+    unseen = summary.get("unseen")
+    if unseen:
+        rows = "".join(
+            f"<tr><td>{_e(stage)} (epoch {v['epoch']})</td><td>{_pct(v['val_acc'])}</td>"
+            f"<td>{_pct(v['unseen_acc'])}</td></tr>"
+            for stage, v in unseen["by_stage"].items()
+        )
+        parts.append(
+            "<p><b>In-domain vs out-of-domain</b> (each stage at its best validation epoch; "
+            f"out-of-domain = {_e(unseen['folder'])}, {unseen['n']} images, never used for "
+            "choices):</p><div class='scroll'><table><tr><th>stage</th><th>validation "
+            f"(in-domain)</th><th>images from elsewhere</th></tr>{rows}</table></div>"
+        )
     parts.append("</section>")
     # evaluation
     if ev is not None:
@@ -189,6 +204,9 @@ def build_report(run: str | Path) -> str:
         "unfreeze",
         "augment",
         "views",
+        "fine_tune_head_lr",
+        "l2sp",
+        "unseen",
         "class_weights",
         "group_by",
         "test_size",

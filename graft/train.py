@@ -51,7 +51,7 @@ from .data import (
 from .distributed import Dist
 from .distributed import backend as dist_backend
 from .engines import FrozenPart, Runner, make_runner
-from .errors import DataError, RunExistsError, RunFolderError
+from .errors import DataError, RunExistsError, RunFolderError, SplitError
 from .evaluate import choose_unknown_threshold, fit_temperature
 from .io import atomic_save, atomic_write_json, atomic_write_text, read_json
 from .model import GraftModel, ModelInfo, build_model
@@ -146,6 +146,9 @@ class EpochRecord:
     val_acc: float
     lr: float
     seconds: float
+    # on the --unseen folder (images from elsewhere); never used to choose anything
+    unseen_loss: float = math.nan
+    unseen_acc: float = math.nan
 
     FIELDS = (
         "stage",
@@ -157,6 +160,8 @@ class EpochRecord:
         "val_acc",
         "lr",
         "seconds",
+        "unseen_loss",
+        "unseen_acc",
     )
 
 
@@ -189,9 +194,12 @@ def prepare_run_dir(out: Path, force: bool) -> None:
 
 
 def write_history(path: Path, history: list[EpochRecord]) -> None:
-    lines = [",".join(EpochRecord.FIELDS)]
+    fields = EpochRecord.FIELDS
+    if not any(math.isfinite(r.unseen_acc) for r in history):
+        fields = tuple(f for f in fields if not f.startswith("unseen_"))
+    lines = [",".join(fields)]
     for r in history:
-        values = [getattr(r, f) for f in EpochRecord.FIELDS]
+        values = [getattr(r, f) for f in fields]
         lines.append(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values))
     atomic_write_text(path, "\n".join(lines) + "\n")
 
@@ -296,6 +304,7 @@ def train_epoch_cached(
     engine: Engine,
     ddp: Dist | None = None,
     net: nn.Module | None = None,
+    penalty: Any = None,
 ) -> tuple[float, float]:
     """One epoch on cached activations ``views[K, N, ...]``: each image appears once, as one of
     its K cached augmented views picked at random.
@@ -316,7 +325,7 @@ def train_epoch_cached(
                 logits = _top_forward(model, x, cut)
             loss = loss_fn(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + penalty() if penalty is not None else loss).backward()
             optimizer.step()
             total_loss += loss.item() * len(idx)
             correct += (logits.argmax(1) == y).sum().item()
@@ -332,7 +341,8 @@ def train_epoch_cached(
         loss = nn.functional.cross_entropy(logits.float(), y, weight=weight, reduction="sum")
         loss = loss * (ddp.world / whole)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # the penalty is the same on every rank: DDP's average keeps it once
+        (loss + penalty() if penalty is not None else loss).backward()
         optimizer.step()
         total_loss += loss.item() / ddp.world * len(idx)
         correct += (logits.argmax(1) == y).sum().item()
@@ -354,6 +364,7 @@ def train_epoch_images(
     label: str,
     ddp: Dist | None = None,
     net: nn.Module | None = None,
+    penalty: Any = None,
 ) -> tuple[float, float]:
     """One epoch on decoded, augmented images; blocks below ``cut`` run without gradients.
     Under torchrun the loader's sampler gives each rank its share and ``net`` is DDP."""
@@ -375,7 +386,7 @@ def train_epoch_images(
                     logits = model(x)
             loss = loss_fn(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + penalty() if penalty is not None else loss).backward()
             optimizer.step()
             total_loss += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
@@ -424,8 +435,24 @@ def evaluate_images(
     return total_loss / max(1, n), correct / max(1, n)
 
 
+def l2sp_penalty(model: GraftModel, alpha: float) -> Any:
+    """L2-SP (Li et al., 2018): ``alpha/2 * ||w - w_pretrained||^2`` over the backbone weights
+    that learn, pulling fine-tuning back toward what the backbone knew. Call it after
+    unfreezing, while the weights are still the pretrained ones."""
+    pairs = [(p, p.detach().clone()) for p in model.backbone.parameters() if p.requires_grad]
+
+    def penalty() -> torch.Tensor:
+        return 0.5 * alpha * sum(((p - p0) ** 2).sum() for p, p0 in pairs)  # type: ignore[return-value]
+
+    return penalty
+
+
 def make_optimizer(params: Any, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    params = list(params)
+    if params and isinstance(params[0], dict):  # parameter groups (own learning rates)
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        params = [p for p in params if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay or 1e-2)
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -546,6 +573,71 @@ def _fit(
         plot_class_counts(data.counts, out / "class_counts.png")
     everything = list(range(len(data.paths)))
 
+    def split_from(report: Any) -> tuple[list[str], list[str] | None, str]:
+        groups, group_note = _resolve_groups(config, data, report)
+        if groups is not None:
+            try:
+                subsets = make_group_split(
+                    data.labels,
+                    groups,
+                    data.classes,
+                    config.test_size,
+                    config.val_size,
+                    config.seed,
+                )
+                return subsets, groups, group_note
+            except SplitError as exc:
+                if config.group_by is not None or config.groups_csv:
+                    raise  # asked for by name: its failure is the user's to see
+                # The default grouping could not be honoured: split image by image, loudly.
+                reporter.warn(
+                    f"Near-duplicate clusters could not be kept on one side ({exc}); splitting "
+                    "image by image instead, so validation and test will overstate accuracy."
+                )
+        subsets = make_split(
+            data.labels, data.classes, config.test_size, config.val_size, config.seed
+        )
+        return subsets, None, ""
+
+    choice = None
+    if config.backbone == "auto" and not resume:
+        from .choose import choose_backbone
+
+        def probe_features(model: GraftModel, name: str, source: str) -> torch.Tensor:
+            n = len(model.backbone.blocks)
+            spec = get_spec(name)
+            probe_cache = open_cache(config.cache_dir, name, source, config.img_size, n, n)
+            probe_runner = make_runner(
+                FrozenPart(model.backbone, n), config.img_size, choose_engine()
+            )
+            files = ImageFiles(
+                data.paths,
+                data.labels,
+                build_transform(config.img_size, spec.mean, spec.std, "none"),
+                config.img_size,
+            )
+            return probe_cache.get_or_compute(
+                "clean",
+                data.sha256,
+                lambda missing: extract(
+                    probe_runner,
+                    files.subset(missing),
+                    64,
+                    workers,
+                    config.seed,
+                    reporter,
+                    f"Linear probe: {name} features",
+                ),
+                ddp,
+            )
+
+        def probe_split(embeddings: Any) -> tuple[list[str], list[str] | None, str]:
+            return split_from(audit(data.sha256, data.labels, embeddings, config.dup_threshold))
+
+        choice = choose_backbone(config, data, probe_features, probe_split, reporter)
+        config = replace(config, backbone=choice.backbone)
+        reporter.info(choice.describe())
+
     # 2. model and plan ---------------------------------------------------------------
     spec = get_spec(config.backbone)
     info = ModelInfo(
@@ -604,13 +696,16 @@ def _fit(
         reporter.warn(note)
     reporter.info(f"Frozen forward passes: {runner.name}")
 
-    def cached(indices: list[int], view: int, transform: Any, label: str) -> torch.Tensor:
-        shas = [data.sha256[i] for i in indices]
+    def cached(
+        indices: list[int], view: int, transform: Any, label: str, source: Any = None
+    ) -> torch.Tensor:
+        source = source or data
+        shas = [source.sha256[i] for i in indices]
         name = "clean" if view == 0 else f"{config.augment}-seed{config.seed}-view{view}"
         seeds = [item_seed(h, view, config.seed) for h in shas] if view else None
         files = ImageFiles(
-            [data.paths[i] for i in indices],
-            [data.labels[i] for i in indices],
+            [source.paths[i] for i in indices],
+            [source.labels[i] for i in indices],
             transform,
             config.img_size,
             seeds,
@@ -634,15 +729,10 @@ def _fit(
             clean if extract_at == n_blocks else _pool_top(model, clean, extract_at, engine)
         )
         report = audit(data.sha256, data.labels, embeddings.numpy(), config.dup_threshold)
-        groups, group_note = _resolve_groups(config, data, report)
-        if groups is None:
-            subsets = make_split(
-                data.labels, data.classes, config.test_size, config.val_size, config.seed
-            )
+        if choice is not None:  # --backbone auto made the split before choosing
+            subsets, groups, group_note = choice.subsets, choice.groups, choice.group_note
         else:
-            subsets = make_group_split(
-                data.labels, groups, data.classes, config.test_size, config.val_size, config.seed
-            )
+            subsets, groups, group_note = split_from(report)
         write_split(out / "split.csv", data, subsets, groups)
         check_split(report, subsets)
         findings = explain(report, data.classes, data.labels, data.paths)
@@ -697,6 +787,26 @@ def _fit(
         ]
     )
     val_maps = clean[idx["val"]]
+    unseen_data, unseen_maps, unseen_labels = None, None, None
+    if config.unseen:
+        # Images from elsewhere: watched after every epoch, never used to choose anything.
+        unseen_data = scan(config.unseen, classes=data.classes)
+        for path, reason in unseen_data.skipped:
+            reporter.warn(f"--unseen: skipped {path}: {reason}")
+        if not unseen_data.paths:
+            raise DataError(f"--unseen {config.unseen} holds no usable images.")
+        unseen_maps = cached(
+            list(range(len(unseen_data.paths))),
+            0,
+            eval_tf,
+            "Computing features of the --unseen images",
+            unseen_data,
+        )
+        unseen_labels = torch.tensor(unseen_data.labels, dtype=torch.long)
+        reporter.info(
+            f"--unseen: {len(unseen_data.paths)} images from {config.unseen}, evaluated after "
+            "every epoch (reported, never used for choices)."
+        )
     if engine.channels_last:
         model.to(memory_format=torch.channels_last)
     reporter.info(
@@ -722,8 +832,11 @@ def _fit(
         va: tuple[float, float],
         lr: float,
         seconds: float,
+        un: tuple[float, float] = (math.nan, math.nan),
     ) -> None:
-        rec = EpochRecord(stage, epoch, len(history) + 1, tr[0], tr[1], va[0], va[1], lr, seconds)
+        rec = EpochRecord(
+            stage, epoch, len(history) + 1, tr[0], tr[1], va[0], va[1], lr, seconds, *un
+        )
         history.append(rec)
         improved = best.update(rec)
         write_history(out / "history.csv", history)
@@ -763,10 +876,15 @@ def _fit(
         if stage == "frozen":
             model.freeze_backbone()
             if extract_at == n_blocks:
-                feats, val_feats = train_views, val_maps
+                feats, val_feats, unseen_feats = train_views, val_maps, unseen_maps
             else:  # pool the cut activations through the frozen top once
                 feats = torch.stack([_pool_top(model, v, extract_at, engine) for v in train_views])
                 val_feats = _pool_top(model, val_maps, extract_at, engine)
+                unseen_feats = (
+                    _pool_top(model, unseen_maps, extract_at, engine)
+                    if unseen_maps is not None
+                    else None
+                )
             params, lr, batch, epochs = (
                 model.head.parameters(),
                 config.lr,
@@ -780,7 +898,14 @@ def _fit(
 
         else:
             model.unfreeze(unfreeze)
-            params, lr, batch = model.parameters(), config.fine_tune_lr, config.fine_tune_batch_size
+            # Discriminative learning rates: the head moves faster than the pretrained
+            # blocks under it, which change only a little (they know more than this data).
+            head_lr = config.fine_tune_head_lr or 10 * config.fine_tune_lr
+            params = [
+                {"params": [p for p in model.backbone.parameters() if p.requires_grad]},
+                {"params": list(model.head.parameters()), "lr": head_lr},
+            ]
+            lr, batch = config.fine_tune_lr, config.fine_tune_batch_size
             epochs = config.fine_tune_epochs
             title = (
                 f"Stage 2: fine-tuning the last {unfreeze} of {n_blocks} blocks "
@@ -813,8 +938,17 @@ def _fit(
                     seed=config.seed,
                     workers=workers,
                 )
+                if unseen_data is not None:
+                    unseen_loader = make_loader(
+                        ImageFiles(unseen_data.paths, unseen_data.labels, eval_tf, config.img_size),
+                        64,
+                        shuffle=False,
+                        seed=config.seed,
+                        workers=workers,
+                    )
 
         optimizer = make_optimizer(params, config.optimizer, lr, config.weight_decay)
+        penalty = l2sp_penalty(model, config.l2sp) if stage == "fine-tune" and config.l2sp else None
         net = None
         if ddp.active:  # after (un)freezing: DDP syncs the parameters that learn
             stage_cut = n_blocks if stage == "frozen" else cut
@@ -847,6 +981,13 @@ def _fit(
                 va = evaluate_cached(
                     model, val_feats, labels["val"], n_blocks, eval_loss_fn, engine
                 )
+                un = (
+                    evaluate_cached(
+                        model, unseen_feats, unseen_labels, n_blocks, eval_loss_fn, engine
+                    )
+                    if unseen_feats is not None
+                    else (math.nan, math.nan)
+                )
             elif cache_cut:
                 tr = train_epoch_cached(
                     model,
@@ -860,8 +1001,14 @@ def _fit(
                     engine,
                     ddp,
                     net,
+                    penalty,
                 )
                 va = evaluate_cached(model, val_maps, labels["val"], cut, eval_loss_fn, engine)
+                un = (
+                    evaluate_cached(model, unseen_maps, unseen_labels, cut, eval_loss_fn, engine)
+                    if unseen_maps is not None
+                    else (math.nan, math.nan)
+                )
             else:
                 if ddp.active:
                     train_loader.sampler.set_epoch(epoch)
@@ -876,9 +1023,15 @@ def _fit(
                     f"Fine-tune epoch {epoch}",
                     ddp,
                     net,
+                    penalty,
                 )
                 va = evaluate_images(model, val_loader, eval_loss_fn, engine)
-            record(stage, epoch, tr, va, lr, time.perf_counter() - t)
+                un = (
+                    evaluate_images(model, unseen_loader, eval_loss_fn, engine)
+                    if unseen_data is not None
+                    else (math.nan, math.nan)
+                )
+            record(stage, epoch, tr, va, lr, time.perf_counter() - t, un)
             stale = 0 if history[-1].step == best.step else stale + 1
             stop = bool(config.patience and stale >= config.patience)
             _save_checkpoint(
@@ -906,6 +1059,15 @@ def _fit(
 
     if not ddp.main:
         return TrainResult(out, data.classes, history, {})  # rank 0 finishes the run
+    kept = f"epoch {best.step} ({best.stage} stage), the lowest validation loss"
+    if "fine-tune" in stages and best.stage == "frozen":
+        # The guard: fine-tuning that does not help on honest validation only narrows the
+        # model to this dataset, so the frozen-stage model is the one kept.
+        kept = (
+            f"the frozen-stage model (epoch {best.step}): fine-tuning did not improve the "
+            "validation loss, so its weights were not kept"
+        )
+        reporter.info(f"Kept {kept}.")
 
     # 8. calibrate the kept model on validation data (temperature scaling) ----------------
     model.eval()
@@ -940,7 +1102,7 @@ def _fit(
     from .evaluate import evaluate_files
     from .plots import plot_learning_curves
 
-    diagnosis = diagnose(history)
+    diagnosis = diagnose(history, grouped=any(groups or []))
     plot_learning_curves(
         history,
         out / "learning_curves.png",
@@ -948,7 +1110,7 @@ def _fit(
         title=f"{config.backbone} @ {config.img_size}px: {diagnosis.verdict}"
         + (
             "\n(but validation was perfect at once: suspect near-duplicates across the split)"
-            if diagnosis.notes
+            if diagnosis.notes and not any(groups or [])
             else ""
         ),
     )
@@ -963,6 +1125,25 @@ def _fit(
         title="held-out test split",
         onnx_path=out / "model.onnx",
     )
+    unseen_summary = None
+    if unseen_data is not None:
+        from .evaluate import evaluate_run
+
+        ev = evaluate_run(out, config.unseen)  # also writes eval-<folder>/ for the report
+        unseen_summary = {
+            "folder": str(config.unseen),
+            "n": ev["n"],
+            "accuracy": ev["accuracy"],
+            "accuracy_ci95": ev["accuracy_ci95"],
+            "by_stage": _unseen_by_stage(history, stages),
+        }
+        lo, hi = ev["accuracy_ci95"]
+        tlo, thi = test_metrics["accuracy_ci95"]
+        reporter.info(
+            f"Images from elsewhere ({config.unseen}): accuracy {ev['accuracy']:.1%} "
+            f"(95% CI {lo:.1%}-{hi:.1%}, {ev['n']} images) against {test_metrics['accuracy']:.1%} "
+            f"(95% CI {tlo:.1%}-{thi:.1%}) on the held-out split of the training source."
+        )
     timings["total_seconds"] = time.perf_counter() - started
     summary = {
         "classes": data.classes,
@@ -973,6 +1154,9 @@ def _fit(
         "engine": engine.reason,
         "plan": plan,
         "best": {"stage": best.stage, "step": best.step, "val_loss": best.loss},
+        "kept": kept,
+        "backbone_choice": choice.to_dict() if choice is not None else None,
+        "unseen": unseen_summary,
         "diagnosis": diagnosis.to_dict(),
         "audit": read_json(out / "audit.json") if (out / "audit.json").is_file() else None,
         "test": {k: test_metrics[k] for k in ("accuracy", "accuracy_ci95", "loss", "n")},
@@ -1084,6 +1268,17 @@ def _restore_checkpoint(
     loader_generator.set_state(tensors["rng.loader"])
 
 
+def _unseen_by_stage(history: list[EpochRecord], stages: list[str]) -> dict[str, Any]:
+    """Per stage, at its best validation epoch: in-domain validation vs --unseen accuracy."""
+    out = {}
+    for stage in stages:
+        recs = [r for r in history if r.stage == stage]
+        if recs:
+            r = min(recs, key=lambda r: r.val_loss)
+            out[stage] = {"epoch": r.epoch, "val_acc": r.val_acc, "unseen_acc": r.unseen_acc}
+    return out
+
+
 def _resolve_groups(config: TrainConfig, data: Any, report: Any) -> tuple[list[str] | None, str]:
     """The group of each image, from --group-by / --groups-csv, and a sentence saying so."""
     from .data import groups_from_csv, groups_from_pattern
@@ -1092,13 +1287,14 @@ def _resolve_groups(config: TrainConfig, data: Any, report: Any) -> tuple[list[s
     if config.groups_csv:
         groups, unmatched = groups_from_csv(Path(config.groups_csv), rel)
         source = f"groups from {config.groups_csv}"
-    elif config.group_by == "auto":
+    elif config.group_by == "auto" or (config.group_by is None and report.n_clusters_multi):
         groups, unmatched = [f"cluster-{c}" for c in report.clusters], 0
+        how = "--group-by auto" if config.group_by else "the default; --group-by none turns it off"
         source = (
-            f"near-duplicate clusters kept together (--group-by auto, cosine >= "
-            f"{config.dup_threshold})"
+            f"the audit's {report.n_clusters_multi} near-duplicate clusters are each kept on one "
+            f"side ({how}; cosine >= {config.dup_threshold})"
         )
-    elif config.group_by:
+    elif config.group_by and config.group_by != "none":
         groups, unmatched = groups_from_pattern(rel, config.group_by)
         source = f"groups from --group-by {config.group_by!r}"
     else:

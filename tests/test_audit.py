@@ -68,13 +68,21 @@ def test_exact_cross_class_and_near_duplicates_are_found() -> None:
     assert "labelling errors" in text and "LEAKAGE" in text and "--group-by" in text
 
 
-def test_near_duplicate_search_is_chunked_and_exact() -> None:
+def test_near_duplicate_search_is_blocked_capped_and_clusters_every_pair(monkeypatch) -> None:
+    import graft.audit as audit_module
+
     rng = np.random.default_rng(1)
     emb = rng.normal(size=(50, 8))
     emb[30] = emb[3] * 2.0  # same direction: cosine 1
-    full = near_duplicate_pairs(emb, 0.99, chunk=1000)
-    assert full == near_duplicate_pairs(emb, 0.99, chunk=7)
-    assert (3, 30) in [(a, b) for a, b, _ in full]
+    emb[31] = emb[30] * 3.0  # a chain: 3 - 30 - 31
+    full, total = near_duplicate_pairs(emb, 0.99)
+    assert total == len(full) == 3 and (3, 30) in [(a, b) for a, b, _ in full]
+    monkeypatch.setattr(audit_module, "BLOCK", 7 * 50)  # 7 rows at a time
+    assert near_duplicate_pairs(emb, 0.99) == (full, total)
+    labels = np.arange(50)
+    kept, counted = near_duplicate_pairs(emb, 0.99, keep=1, clusters=labels)
+    assert len(kept) == 1 and counted == 3  # stored pairs are capped, never the clustering
+    assert labels[3] == labels[30] == labels[31] and len(set(labels.tolist())) == 48
 
 
 def test_groups_from_a_pattern() -> None:
@@ -108,7 +116,7 @@ def test_leaky_split_is_flagged_and_grouping_gives_the_honest_figure(
         "patience": 0,
         "dup_threshold": 0.97,
     }
-    leaky = fit(TrainConfig(**cfg), animations, tmp_path / "leaky")
+    leaky = fit(TrainConfig(**cfg, group_by="none"), animations, tmp_path / "leaky")
     audit_json = json.loads((tmp_path / "leaky" / "audit.json").read_text())
     assert audit_json["straddling_pairs"] > 20
     assert any("LEAKAGE" in f for f in audit_json["findings"])
@@ -133,10 +141,12 @@ def test_leaky_split_is_flagged_and_grouping_gives_the_honest_figure(
     assert leaky_acc >= 0.65 and honest_acc <= 0.5 and leaky_acc - honest_acc >= 0.3
 
 
-def test_auto_grouping_and_groups_csv(animations: Path, tmp_path: Path) -> None:
+def test_clusters_are_kept_apart_by_default_and_groups_csv(animations: Path, tmp_path) -> None:
     cfg = {**FAST, "epochs": 1, "fine_tune_epochs": 0, "augment": "none", "dup_threshold": 0.97}
-    fit(TrainConfig(**cfg, group_by="auto"), animations, tmp_path / "auto")
-    assert json.loads((tmp_path / "auto" / "audit.json").read_text())["straddling_pairs"] == 0
+    fit(TrainConfig(**cfg), animations, tmp_path / "auto")  # no grouping option given
+    audit_json = json.loads((tmp_path / "auto" / "audit.json").read_text())
+    assert audit_json["straddling_pairs"] == 0 and audit_json["near_duplicate_clusters"] > 0
+    assert "the default; --group-by none turns it off" in audit_json["grouping"]
     mapping = tmp_path / "groups.csv"
     with open(mapping, "w", newline="") as fh:
         w = csv.writer(fh)

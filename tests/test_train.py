@@ -253,3 +253,49 @@ def test_vgg16_trains_end_to_end_from_a_local_weights_file(
     assert "last 2/5 blocks" in result.summary["plan"]
     clf = ImageClassifier.load(out)
     assert clf.predict_proba([next(shapes_dir.glob("circle/*.png"))]).shape == (1, 3)
+
+
+def test_unseen_folder_is_watched_every_epoch_and_reported_apart(
+    shapes_dir: Path, unseen_dir: Path, tmp_path: Path
+) -> None:
+    from graft.data import build_transform
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(**FAST, unseen=str(unseen_dir), augment="domain", l2sp=0.01)
+    result = fit(cfg, shapes_dir, out)
+    with open(out / "history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(result.history)
+    assert all(0.0 <= float(r["unseen_acc"]) <= 1.0 for r in rows)
+    unseen = result.summary["unseen"]
+    assert unseen["n"] == 9 and set(unseen["by_stage"]) == {"frozen", "fine-tune"}
+    assert (out / f"eval-{unseen_dir.name}" / "evaluation.json").is_file()
+    assert "In-domain vs out-of-domain" in (out / "report.html").read_text()
+    # the domain augmentation makes varied, finite views
+    tf = build_transform(64, (0.5,) * 3, (0.5,) * 3, "domain")
+    image = Image.open(next(shapes_dir.rglob("*.png"))).convert("RGB")
+    views = torch.stack([tf(image) for _ in range(6)])
+    assert views.shape == (6, 3, 64, 64) and torch.isfinite(views).all()
+    assert views.std(0).mean() > 0.05
+
+
+def test_fine_tuning_that_does_not_help_is_not_kept(shapes_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(**{**FAST, "fine_tune_lr": 1e-12, "fine_tune_head_lr": 1e-12})
+    result = fit(cfg, shapes_dir, tmp_path / "run")
+    assert result.summary["best"]["stage"] == "frozen"
+    assert "fine-tuning did not improve the validation loss" in result.summary["kept"]
+    with pytest.raises(UsageError, match="--l2sp"):
+        TrainConfig(l2sp=-1)
+
+
+def test_backbone_auto_probes_every_available_backbone(shapes_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "auto"
+    result = fit(TrainConfig(**{**FAST, "fine_tune_epochs": 0}, backbone="auto"), shapes_dir, out)
+    choice = result.summary["backbone_choice"]
+    lites = {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    assert set(choice["scores"]) >= lites and "vgg16" in choice["skipped"]  # no VGG weights here
+    assert all(0 <= s["val_acc"] <= 1 for s in choice["scores"].values())
+    config = json.loads((out / "config.json").read_text())
+    assert config["backbone"] == choice["chosen"] in choice["scores"]
+    best = max(s["val_acc"] for s in choice["scores"].values())
+    assert choice["scores"][choice["chosen"]]["val_acc"] == best

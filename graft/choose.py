@@ -1,0 +1,95 @@
+"""``--backbone auto``: pick the backbone by a linear probe on honest validation.
+
+Every backbone whose weights are on this machine (EfficientNet-Lite0/1/2 always; VGG16 when
+its weights are in the torch cache) embeds every image once through the feature cache, so a
+second run on the same data costs seconds. The split is made first, from the duplicate audit
+on the first backbone's features (near-duplicate clusters kept on one side, as in any run),
+and the probe (a logistic regression on pooled features) trains on the training part and is
+scored on the validation part only: the test part plays no role in the choice, and the run
+goes on with exactly this split.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backbones import BACKBONES, get_spec
+from .errors import WeightsError
+
+
+@dataclass
+class Choice:
+    backbone: str
+    subsets: list[str]
+    groups: list[str] | None
+    group_note: str
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        ranked = sorted(self.scores.items(), key=lambda kv: -kv[1]["val_acc"])
+        table = ", ".join(
+            f"{name} {s['val_acc']:.1%} (loss {s['val_loss']:.3f}, {s['seconds']:.0f} s)"
+            for name, s in ranked
+        )
+        return f"Backbone auto: {self.backbone} (linear probe on validation: {table})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chosen": self.backbone, "scores": self.scores, "skipped": self.skipped}
+
+
+def _probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray) -> tuple[float, float]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
+    clf.fit(x[train], y[train])
+    proba = clf.predict_proba(x[val])
+    acc = float((clf.classes_[proba.argmax(1)] == y[val]).mean())
+    return acc, float(log_loss(y[val], proba, labels=clf.classes_))
+
+
+def choose_backbone(config: Any, data: Any, features: Any, split: Any, reporter: Any) -> Choice:
+    """``features(model, name, weights_source)`` -> pooled features of every image (through
+    the cache); ``split(embeddings)`` -> (subsets, groups, note) for the run."""
+    from .model import ModelInfo, build_model
+
+    embedded: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    for name in BACKBONES:
+        spec = get_spec(name)
+        t0 = time.perf_counter()
+        info = ModelInfo(name, config.img_size, spec.mean, spec.std, tuple(data.classes))
+        try:
+            model, source = build_model(info, True, None, allow_download=False)
+        except WeightsError as exc:
+            skipped[name] = str(exc).split(".")[0]
+            continue
+        model.eval()
+        with torch.no_grad():
+            embedded[name] = features(model, name, source).numpy()
+        seconds[name] = time.perf_counter() - t0
+        del model
+    first = next(iter(embedded))
+    subsets, groups, note = split(embedded[first])
+    side = np.asarray(subsets)
+    train, val = np.nonzero(side == "train")[0], np.nonzero(side == "val")[0]
+    y = np.asarray(data.labels)
+    scores = {}
+    for name, x in embedded.items():
+        acc, loss = _probe(x, y, train, val)
+        scores[name] = {"val_acc": acc, "val_loss": loss, "seconds": seconds[name]}
+    # best validation accuracy; ties go to the lower validation loss
+    best = max(scores, key=lambda n: (round(scores[n]["val_acc"], 4), -scores[n]["val_loss"]))
+    return Choice(best, subsets, groups, note, scores, skipped)
+
+
+__all__ = ["Choice", "choose_backbone"]
