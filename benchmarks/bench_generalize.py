@@ -245,10 +245,20 @@ SEED_PLAN = dict(
 )
 
 GRAFT_VARIANTS = {
-    "graft: frozen only, light aug": dict(fine_tune_epochs=0),
-    "graft: frozen only, domain aug": dict(fine_tune_epochs=0, augment="domain"),
-    "graft: domain aug + last 2 blocks, L2-SP": dict(augment="domain", l2sp=0.01),
-    "graft: domain aug + last 2 blocks": dict(augment="domain"),
+    "graft: no trim, frozen only, light aug": dict(trim=False, fine_tune_epochs=0),
+    "graft: no trim, frozen only, domain aug": dict(
+        trim=False, fine_tune_epochs=0, augment="domain"
+    ),
+    "graft: no trim, domain aug + last 2 blocks, L2-SP": dict(
+        trim=False, augment="domain", l2sp=0.01
+    ),
+    "graft: no trim, domain aug + last 2 blocks": dict(trim=False, augment="domain"),
+    "graft: no trim, light aug + last 2 blocks": dict(trim=False),
+    "graft: trim, frozen only": dict(trim=True, fine_tune_epochs=0),
+    "graft: trim, 30 frozen epochs at 3e-3, frozen only": dict(
+        trim=True, fine_tune_epochs=0, epochs=30, lr=3e-3
+    ),
+    "graft: trim, 30 frozen epochs at 3e-3 + last 2 blocks": dict(trim=True, epochs=30, lr=3e-3),
     "graft: defaults": dict(),
 }
 

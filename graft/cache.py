@@ -181,15 +181,17 @@ def open_cache(
     img_size: int,
     cut: int,
     n_blocks: int,
+    trim: bool = False,
 ) -> FeatureCache:
-    """The cache for one backbone/weights/size/cut; ``cache_dir=""`` keeps it in memory."""
+    """The cache for one backbone/weights/size/cut(/trim); ``cache_dir=""`` keeps it in
+    memory."""
     root = None if cache_dir == "" else Path(cache_dir or default_cache_dir())
-    return FeatureCache(
-        root,
-        {
-            "backbone": backbone,
-            "weights": weights_identity(weights_source),
-            "img_size": img_size,
-            "cut": f"{cut}/{n_blocks}",
-        },
-    )
+    parts: dict[str, Any] = {
+        "backbone": backbone,
+        "weights": weights_identity(weights_source),
+        "img_size": img_size,
+        "cut": f"{cut}/{n_blocks}",
+    }
+    if trim:  # only then, so that existing caches keep their keys
+        parts["trim"] = True
+    return FeatureCache(root, parts)

@@ -67,7 +67,9 @@ def choose_backbone(config: Any, data: Any, features: Any, split: Any, reporter:
     for name in BACKBONES:
         spec = get_spec(name)
         t0 = time.perf_counter()
-        info = ModelInfo(name, config.img_size, spec.mean, spec.std, tuple(data.classes))
+        info = ModelInfo(
+            name, config.img_size, spec.mean, spec.std, tuple(data.classes), trim=config.trim
+        )
         try:
             model, source = build_model(info, True, None, allow_download=False)
         except WeightsError as exc:

@@ -115,6 +115,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "images from elsewhere",
     )
     s.add_argument(
+        "--trim",
+        action=argparse.BooleanOptionalAction,
+        default=default("trim"),
+        help="crop a uniform background around the object before resizing, in training and "
+        "prediction alike (default: %(default)s)",
+    )
+    s.add_argument(
         "--views",
         type=int,
         default=default("views"),
@@ -443,6 +450,7 @@ def _config_from_args(args: argparse.Namespace) -> object:
         allow_download=not args.offline,
         track=args.track,
         unseen=args.unseen,
+        trim=args.trim,
         fine_tune_head_lr=args.fine_tune_head_lr,
         l2sp=args.l2sp,
     )

@@ -395,16 +395,33 @@ def read_split(
 # --------------------------------------------------------------------------- transforms
 
 
+class TrimBackground:
+    """A transform: :func:`graft.runtime.trim_background` (a class, so workers can pickle it)."""
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        from .runtime import trim_background
+
+        return trim_background(im)
+
+
 def build_transform(
-    img_size: int, mean: Sequence[float], std: Sequence[float], augment: str = "none"
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: str = "none",
+    trim: bool = False,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The preprocessing for one image; ``augment`` is only ever used for training images.
 
     Evaluation resizes the whole image to ``img_size`` x ``img_size`` (as the seed did), so
-    nothing at the edges is cropped away.
+    nothing at the edges is cropped away. ``trim`` first crops a uniform background to a
+    square around the object, for training and prediction alike.
     """
     from torchvision import transforms as T
 
+    if trim:
+        inner = build_transform(img_size, mean, std, augment)
+        return T.Compose([TrimBackground(), inner])
     size = (img_size, img_size)
     finish = [T.ToTensor(), T.Normalize(mean, std)]
     if augment == "none":

@@ -108,7 +108,10 @@ def export_metadata(model: GraftModel, fmt: str, run: Path, model_file: Path) ->
             "decode": "8-bit RGB; EXIF orientation applied; first frame of animations; "
             "transparency composited on white; JPEG decoded at reduced scale (Pillow draft) "
             "when larger than the input size",
+            "trim_rule": "when trim: crop the background (top-left pixel's colour, tolerance 12) "
+            "to a square around the object with an 8% margin, unless it fills 90% of the frame",
             "resize": "whole image to size x size, bilinear with antialiasing (Pillow), no crop",
+            "trim": info.trim,
             "size": info.img_size,
             "scale": "pixel / 255",
             "mean": list(info.mean),

@@ -51,11 +51,13 @@ def lr_find(
     engine = choose_engine()
     n = len(backbone.blocks)
     runner = make_runner(FrozenPart(backbone, n), config.img_size, engine)
-    cache = open_cache(config.cache_dir, config.backbone, source, config.img_size, n, n)
+    cache = open_cache(
+        config.cache_dir, config.backbone, source, config.img_size, n, n, config.trim
+    )
     files = ImageFiles(
         [data.paths[i] for i in train],
         [data.labels[i] for i in train],
-        build_transform(config.img_size, spec.mean, spec.std, "none"),
+        build_transform(config.img_size, spec.mean, spec.std, "none", config.trim),
         config.img_size,
     )
     feats = cache.get_or_compute(

@@ -36,6 +36,8 @@ class ModelInfo:
     temperature: float = 1.0
     #: below this top probability, predict answers "unknown" (chosen on validation data)
     unknown_threshold: float = 0.0
+    #: crop a uniform background around the object before resizing (graft.runtime)
+    trim: bool = False
 
     def to_metadata(self) -> dict[str, str]:
         data = asdict(self)
@@ -52,6 +54,7 @@ class ModelInfo:
             raise WeightsError(f"The model file lacks graft's metadata ({exc}).") from exc
         data["temperature"] = float(json.loads(meta.get("temperature", "1.0")))
         data["unknown_threshold"] = float(json.loads(meta.get("unknown_threshold", "0.0")))
+        data["trim"] = bool(json.loads(meta.get("trim", "false")))
         data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
         data["classes"] = tuple(data["classes"])
         return cls(**data)

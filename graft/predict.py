@@ -98,7 +98,9 @@ class Predictor:
         self.classes = list(model.info.classes)
         self.workers = workers
         self.tta = tta
-        self.transform = build_transform(self.info.img_size, self.info.mean, self.info.std, "none")
+        self.transform = build_transform(
+            self.info.img_size, self.info.mean, self.info.std, "none", self.info.trim
+        )
         self.notes: list[str] = []
         graph = Probabilities(self.model)
         if backend == "torch":

@@ -202,6 +202,7 @@ def build_report(run: str | Path) -> str:
         "fine_tune_lr",
         "fine_tune_batch_size",
         "unfreeze",
+        "trim",
         "augment",
         "views",
         "fine_tune_head_lr",

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageChops, ImageOps
 
 #: the JSON file beside every exported model: preprocessing, labels, calibration, metrics
 METADATA_FILE = "graft.json"
@@ -73,16 +73,46 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def trim_background(im: Image.Image, tolerance: int = 12, margin: float = 0.08) -> Image.Image:
+    """Crop a uniform background (the colour of the top-left pixel) down to a square around
+    the object, with a ``margin`` on each side, padding with the background colour.
+
+    Sprites, product shots and scans put a small object in a large empty frame; photos and
+    drawings from elsewhere fill theirs. Trimming gives the network the object at one scale
+    whatever the source. Images whose content already fills the frame are left alone."""
+    background = im.getpixel((0, 0))
+    diff = ImageChops.difference(im, Image.new("RGB", im.size, background)).convert("L")
+    box = diff.point(lambda v: 255 if v > tolerance else 0).getbbox()
+    if box is None:
+        return im
+    left, top, right, bottom = box
+    if right - left >= 0.9 * im.width and bottom - top >= 0.9 * im.height:
+        return im
+    side = max(1, round(max(right - left, bottom - top) * (1 + 2 * margin)))
+    x0 = round((left + right - side) / 2)
+    y0 = round((top + bottom - side) / 2)
+    out = Image.new("RGB", (side, side), background)
+    out.paste(im, (-x0, -y0))
+    return out
+
+
 def preprocess(
-    images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]
+    images: Sequence[Image.Image],
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    trim: bool = False,
 ) -> np.ndarray:
-    """RGB images -> a float32 NCHW batch: the whole image resized to ``size`` x ``size``
-    (bilinear with antialiasing, as torchvision's ``Resize`` does on a PIL image), scaled to
-    [0, 1], then normalised per channel."""
+    """RGB images -> a float32 NCHW batch: with ``trim``, uniform borders cropped first
+    (:func:`trim_background`); the whole image resized to ``size`` x ``size`` (bilinear with
+    antialiasing, as torchvision's ``Resize`` does on a PIL image), scaled to [0, 1], then
+    normalised per channel."""
     m = np.asarray(mean, dtype=np.float32)
     s = np.asarray(std, dtype=np.float32)
     batch = np.empty((len(images), 3, size, size), dtype=np.float32)
     for i, im in enumerate(images):
+        if trim:
+            im = trim_background(im)
         resized = im.resize((size, size), Image.Resampling.BILINEAR)
         x = np.asarray(resized, dtype=np.float32) / np.float32(255.0)
         batch[i] = ((x - m) / s).transpose(2, 0, 1)
@@ -105,6 +135,7 @@ class ExportedModel:
         pre = self.meta["preprocessing"]
         self.img_size: int = int(pre["size"])
         self.mean, self.std = pre["mean"], pre["std"]
+        self.trim = bool(pre.get("trim", False))
         self.classes: list[str] = list(self.meta["classes"])
         self.unknown_threshold: float = float(self.meta.get("unknown_threshold", 0.0))
         self._run = self._load(self.folder / MODEL_FILES[self.format], threads)
@@ -154,7 +185,7 @@ class ExportedModel:
         """Calibrated class probabilities, ``[len(images), len(classes)]``."""
         if not images:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        x = preprocess(images, self.img_size, self.mean, self.std)
+        x = preprocess(images, self.img_size, self.mean, self.std, self.trim)
         return np.asarray(self._run(x), dtype=np.float32)
 
     def predict_proba(self, sources: Sequence[str | Path | bytes]) -> np.ndarray:

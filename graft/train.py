@@ -606,14 +606,16 @@ def _fit(
         def probe_features(model: GraftModel, name: str, source: str) -> torch.Tensor:
             n = len(model.backbone.blocks)
             spec = get_spec(name)
-            probe_cache = open_cache(config.cache_dir, name, source, config.img_size, n, n)
+            probe_cache = open_cache(
+                config.cache_dir, name, source, config.img_size, n, n, config.trim
+            )
             probe_runner = make_runner(
                 FrozenPart(model.backbone, n), config.img_size, choose_engine()
             )
             files = ImageFiles(
                 data.paths,
                 data.labels,
-                build_transform(config.img_size, spec.mean, spec.std, "none"),
+                build_transform(config.img_size, spec.mean, spec.std, "none", config.trim),
                 config.img_size,
             )
             return probe_cache.get_or_compute(
@@ -648,6 +650,7 @@ def _fit(
         tuple(data.classes),
         config.head,
         config.dropout,
+        trim=config.trim,
     )
     model, weights_source = build_model(
         info, config.pretrained, config.weights, config.allow_download
@@ -659,8 +662,8 @@ def _fit(
     n_blocks = len(model.backbone.blocks)
     unfreeze = n_blocks if config.unfreeze == "all" else min(int(config.unfreeze), n_blocks)
     cut = n_blocks - unfreeze if config.fine_tune_epochs else n_blocks
-    eval_tf = build_transform(config.img_size, spec.mean, spec.std, "none")
-    train_tf = build_transform(config.img_size, spec.mean, spec.std, config.augment)
+    eval_tf = build_transform(config.img_size, spec.mean, spec.std, "none", config.trim)
+    train_tf = build_transform(config.img_size, spec.mean, spec.std, config.augment, config.trim)
     n_views = 1 if config.augment == "none" else config.views
     n_train = len(everything) * (1 - config.test_size - config.val_size)
     cut_bytes = _activation_bytes(model, cut, config.img_size) * (
@@ -686,7 +689,13 @@ def _fit(
     t0 = time.perf_counter()
     model.eval()
     cache = open_cache(
-        config.cache_dir, config.backbone, weights_source, config.img_size, extract_at, n_blocks
+        config.cache_dir,
+        config.backbone,
+        weights_source,
+        config.img_size,
+        extract_at,
+        n_blocks,
+        config.trim,
     )
     notes: list[str] = []
     runner = make_runner(

@@ -123,3 +123,38 @@ def test_export_never_overwrites_silently(trained_run: Path, tmp_path: Path, cap
 def test_export_of_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
     assert main(["export", str(tmp_path)]) == 6
     assert "No trained model" in capsys.readouterr().err
+
+
+def test_trimmed_preprocessing_travels_with_the_model(
+    trained_run: Path, probe_images: list[Path], tmp_path: Path
+) -> None:
+    """Trimming is part of the model: graft's predict and the exported runtime both crop the
+    background first (or both do not), and agree."""
+    import shutil
+    from dataclasses import replace
+
+    from graft.model import load_model
+    from graft.runtime import ExportedModel, trim_background
+
+    run = tmp_path / "trimmed"
+    shutil.copytree(trained_run, run)
+    (run / "model.onnx").unlink(missing_ok=True)
+    model = load_model(run)
+    flipped = not model.info.trim
+    model.info = replace(model.info, trim=flipped)
+    model.save(run / "model.safetensors")
+
+    out = export_run(run, "onnx", tmp_path / "export")
+    assert json.loads((out / "graft.json").read_text())["preprocessing"]["trim"] is flipped
+    got = ExportedModel(out).predict_proba(probe_images)
+    expected, failed = Predictor.from_run(run).predict_proba(probe_images)
+    assert not failed and np.abs(got - expected).max() <= EXPORT_ATOL["onnx"]
+    other, _ = Predictor.from_run(trained_run).predict_proba(probe_images)
+    assert np.abs(other - expected).max() > 1e-3  # trimming changes what the model sees
+
+    sprite = Image.new("RGB", (200, 100), (255, 255, 255))
+    sprite.paste((200, 30, 30), (90, 40, 110, 60))  # a 20x20 object far from the edges
+    trimmed = trim_background(sprite)
+    assert trimmed.size[0] == trimmed.size[1] and 20 < trimmed.size[0] < 30
+    photo = Image.effect_noise((64, 48), 60).convert("RGB")  # content fills the frame
+    assert trim_background(photo) is photo
