@@ -17,7 +17,8 @@ mkdir -p "$(dirname "$OUT")"
 $GRAFT scan "$TRAIN" --plot "$OUT-scan.png"
 
 echo; echo "== graft train (defaults; $OUT is the demo's own folder and is replaced)"
-$GRAFT train "$TRAIN" --out "$OUT" --force
+echo "   (--unseen: the artwork is watched after every epoch, never used for choices)"
+$GRAFT train "$TRAIN" --out "$OUT" --force --unseen "$ART"
 
 echo; echo "== graft evaluate: held-out test split"
 $GRAFT evaluate "$OUT"
