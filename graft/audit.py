@@ -80,7 +80,7 @@ class AuditReport:
 #: clustered): a folder of near-identical images has O(n^2) pairs.
 MAX_PAIRS = 1_000_000
 #: Similarity entries computed at once: bounds the search's memory whatever n is.
-BLOCK = 1 << 24
+BLOCK = 1 << 22
 
 
 def near_duplicate_pairs(
@@ -93,8 +93,9 @@ def near_duplicate_pairs(
     how many there are. Rows are compared in blocks of ``BLOCK`` similarities, so memory stays
     bounded rather than ``n x n``. ``clusters`` (an array of n representative ids, updated in
     place) merges every pair found, kept or not, into connected components."""
-    x = np.asarray(embeddings, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = np.asarray(embeddings, dtype=np.float32)  # no copy for float32 input
+    # Norms instead of a normalised copy: the search adds no n x d array of its own.
+    inv = 1.0 / np.maximum(np.linalg.norm(x, axis=1), 1e-12).astype(np.float32)
     n = len(x)
     chunk = max(1, min(4096, BLOCK // max(1, n)))
     pairs: list[tuple[int, int, float]] = []
@@ -103,6 +104,8 @@ def near_duplicate_pairs(
         block = x[start : start + chunk]
         # only j > i: the upper triangle, each pair once
         sims = block @ x[start:].T
+        sims *= inv[start : start + chunk, None]
+        sims *= inv[None, start:]
         rows, cols = np.nonzero(sims >= threshold)
         upper = cols > rows
         rows, cols = rows[upper], cols[upper]

@@ -738,6 +738,7 @@ def _fit(
             clean if extract_at == n_blocks else _pool_top(model, clean, extract_at, engine)
         )
         report = audit(data.sha256, data.labels, embeddings.numpy(), config.dup_threshold)
+        del embeddings  # (it may be `clean` itself, which step 5 lets go)
         if choice is not None:  # --backbone auto made the split before choosing
             subsets, groups, group_note = choice.subsets, choice.groups, choice.group_note
         else:
@@ -788,14 +789,29 @@ def _fit(
     )
 
     # 5. augmented views of the training images ----------------------------------------
-    train_views = torch.stack(
-        [clean[idx["train"]]]
-        + [
-            cached(idx["train"], v, train_tf, f"Caching augmented views ({v + 1}/{n_views})")
-            for v in range(1, n_views)
-        ]
+    if cache.folder is not None:
+        # The audit is done: read the subsets back from the memory-mapped cache instead of
+        # copying them out of `clean`, so memory never holds the cache twice.
+        del clean
+        counted = cache.hits  # re-reading what this run just stored is not a reuse
+        train_clean = cached(idx["train"], 0, eval_tf, "Computing backbone features")
+        val_maps = cached(idx["val"], 0, eval_tf, "Computing backbone features")
+        cache.hits = counted
+    else:
+        train_clean, val_maps = clean[idx["train"]], clean[idx["val"]]
+        del clean
+    train_views = (
+        train_clean[None]
+        if n_views == 1
+        else torch.stack(
+            [train_clean]
+            + [
+                cached(idx["train"], v, train_tf, f"Caching augmented views ({v + 1}/{n_views})")
+                for v in range(1, n_views)
+            ]
+        )
     )
-    val_maps = clean[idx["val"]]
+    del train_clean
     unseen_data, unseen_maps, unseen_labels = None, None, None
     if config.unseen:
         # Images from elsewhere: watched after every epoch, never used to choose anything.
