@@ -25,7 +25,7 @@ import numpy as np
 #: Cosine similarity of pooled ImageNet features above which two images count as near-copies.
 #: Consecutive animation frames and re-encoded copies score above it; different photos of
 #: one class rarely do.
-DEFAULT_THRESHOLD = 0.90
+DEFAULT_THRESHOLD = 0.95
 
 
 @dataclass

@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dup-threshold",
         type=float,
-        default=0.90,
+        default=0.95,
         help="cosine similarity for near-duplicates (default: %(default)s)",
     )
     p.add_argument(

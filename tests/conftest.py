@@ -86,11 +86,8 @@ def unseen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("unseen") / "shapes", per_class=3, seed=99)
 
 
-# Small but real: genuine ImageNet weights, 64 px inputs, a few epochs. The split is image
-# by image so that its sizes are known; the default grouping by near-duplicate clusters has
-# tests of its own (test_audit.py).
+# Small but real: genuine ImageNet weights, 64 px inputs, a few epochs.
 FAST = dict(
-    group_by="none",
     img_size=64,
     epochs=4,
     fine_tune_epochs=2,

@@ -108,7 +108,7 @@ def test_leaky_split_is_flagged_and_grouping_gives_the_honest_figure(
     animations: Path, tmp_path: Path
 ) -> None:
     cfg = {
-        **{k: v for k, v in FAST.items() if k != "group_by"},  # each run below sets its own
+        **FAST,
         "epochs": 15,
         "lr": 3e-3,
         "fine_tune_epochs": 0,
@@ -142,8 +142,7 @@ def test_leaky_split_is_flagged_and_grouping_gives_the_honest_figure(
 
 
 def test_clusters_are_kept_apart_by_default_and_groups_csv(animations: Path, tmp_path) -> None:
-    cfg = {k: v for k, v in FAST.items() if k != "group_by"}  # the default grouping, here
-    cfg.update(epochs=1, fine_tune_epochs=0, augment="none", dup_threshold=0.97)
+    cfg = {**FAST, "epochs": 1, "fine_tune_epochs": 0, "augment": "none", "dup_threshold": 0.97}
     fit(TrainConfig(**cfg), animations, tmp_path / "auto")  # no grouping option given
     audit_json = json.loads((tmp_path / "auto" / "audit.json").read_text())
     assert audit_json["straddling_pairs"] == 0 and audit_json["near_duplicate_clusters"] > 0
