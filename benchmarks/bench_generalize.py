@@ -222,12 +222,14 @@ def graft_run(sprites: Path, artwork: Path, groups_csv: Path | None, **options) 
         )
         t0 = time.perf_counter()
         s = fit(cfg, sprites, f"{tmp}/run").summary
+        grouping = json.loads(Path(f"{tmp}/run/audit.json").read_text())["grouping"]
     return {
         "in_domain": s["test"]["accuracy"],
         "out_of_domain": s["unseen"]["accuracy"],
         "seconds": time.perf_counter() - t0,
         "kept": s["kept"],
         "by_stage": s["unseen"]["by_stage"],
+        "grouping": grouping,
     }
 
 

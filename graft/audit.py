@@ -26,6 +26,23 @@ import numpy as np
 #: Consecutive animation frames and re-encoded copies score above it; different photos of
 #: one class rarely do.
 DEFAULT_THRESHOLD = 0.95
+#: The loosest similarity at which the default split tries to keep images together. Frames
+#: of one animation chain together above it, so a split that keeps 0.90-clusters apart
+#: reports in-domain accuracy within 4 points of one that holds out whole animations, where
+#: 0.95-clusters let 8 points of leakage through (BENCHMARKS.md, generalisation).
+GROUP_THRESHOLD = 0.90
+
+
+def grouping_ladder(loosest: float, threshold: float, step: float = 0.025) -> list[float]:
+    """The thresholds a default split tries, loosest (most honest) first, ending at the
+    audit's own: on some data a loose threshold chains nearly everything into a few clusters
+    that cannot be split, and the next rung up still keeps near-copies together."""
+    rungs = []
+    t = loosest
+    while t < threshold - 1e-9:
+        rungs.append(round(t, 4))
+        t += step
+    return [*rungs, threshold]
 
 
 @dataclass
@@ -38,6 +55,8 @@ class AuditReport:
     #: all near-duplicate pairs found; ``near_pairs`` keeps at most MAX_PAIRS of them
     near_pairs_total: int = 0
     clusters: list[int] = field(default_factory=list)  # cluster id per image
+    #: cluster id per image at looser thresholds (for grouping the split), by threshold
+    looser: dict[float, list[int]] = field(default_factory=dict)
     straddling: list[tuple[int, int, float]] = field(default_factory=list)
 
     @property
@@ -49,6 +68,11 @@ class AuditReport:
     def images_in_clusters(self) -> int:
         _, counts = np.unique(self.clusters, return_counts=True)
         return int(counts[counts > 1].sum())
+
+    def clusters_at(self, threshold: float) -> list[int]:
+        """Cluster id per image when pairs at or above ``threshold`` join clusters (the
+        audit's own threshold, or one of the looser ones it was asked for)."""
+        return self.clusters if threshold >= self.threshold else self.looser[threshold]
 
     def to_dict(
         self, paths: Sequence[Path] | None = None, root: Path | None = None, limit: int = 20
@@ -88,11 +112,13 @@ def near_duplicate_pairs(
     threshold: float,
     keep: int = MAX_PAIRS,
     clusters: np.ndarray | None = None,
+    looser: dict[float, np.ndarray] | None = None,
 ) -> tuple[list[tuple[int, int, float]], int]:
     """Pairs (i < j) with cosine similarity >= ``threshold``: the first ``keep`` of them and
     how many there are. Rows are compared in blocks of ``BLOCK`` similarities, so memory stays
     bounded rather than ``n x n``. ``clusters`` (an array of n representative ids, updated in
-    place) merges every pair found, kept or not, into connected components."""
+    place) merges every pair found, kept or not, into connected components; ``looser`` does
+    the same for pairs at or above each of its (lower) thresholds, in the same pass."""
     x = np.asarray(embeddings, dtype=np.float32)  # no copy for float32 input
     # Norms instead of a normalised copy: the search adds no n x d array of its own.
     inv = 1.0 / np.maximum(np.linalg.norm(x, axis=1), 1e-12).astype(np.float32)
@@ -112,6 +138,11 @@ def near_duplicate_pairs(
         total += len(rows)
         if clusters is not None and len(rows):
             _merge(clusters, start + rows, start + cols)
+        for t, labels in (looser or {}).items():
+            r, c = np.nonzero(sims >= t)
+            keep_upper = c > r
+            if keep_upper.any():
+                _merge(labels, start + r[keep_upper], start + c[keep_upper])
         room = keep - len(pairs)
         if room > 0 and len(rows):
             vals = np.minimum(1.0, np.round(sims[rows[:room], cols[:room]], 5))
@@ -155,8 +186,11 @@ def audit(
     labels: Sequence[int],
     embeddings: np.ndarray | None,
     threshold: float = DEFAULT_THRESHOLD,
+    looser: Sequence[float] = (),
 ) -> AuditReport:
-    """Find exact and near duplicates; ``straddling`` is filled by :func:`check_split`."""
+    """Find exact and near duplicates; ``straddling`` is filled by :func:`check_split`.
+    ``looser`` thresholds (below ``threshold``) get cluster ids of their own in
+    ``report.looser``: the coarser groupings a split may keep apart."""
     n = len(shas)
     report = AuditReport(n=n, threshold=threshold)
     by_hash: dict[str, list[int]] = {}
@@ -172,7 +206,9 @@ def audit(
     clusters = _components(n, exact_edges)
     if embeddings is not None:
         exact = {(a, b) for g in report.exact_groups for a in g for b in g if a < b}
-        pairs, total = near_duplicate_pairs(embeddings, threshold, clusters=clusters)
+        extra = {float(t): clusters.copy() for t in looser if t < threshold}
+        pairs, total = near_duplicate_pairs(embeddings, threshold, clusters=clusters, looser=extra)
+        report.looser = {t: [int(c) for c in labels] for t, labels in extra.items()}
         report.near_pairs = [p for p in pairs if (p[0], p[1]) not in exact]
         report.near_pairs_total = total - (len(pairs) - len(report.near_pairs))
     report.clusters = [int(c) for c in clusters]

@@ -107,6 +107,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "near-duplicates (default: %(default)s)",
     )
     s.add_argument(
+        "--group-threshold",
+        type=float,
+        default=default("group_threshold"),
+        help="the loosest similarity at which the default split keeps images together; "
+        "stricter rungs up to --dup-threshold are tried when its clusters are too coarse to "
+        "split (default: %(default)s)",
+    )
+    s.add_argument(
         "--augment",
         default=default("augment"),
         choices=["none", "light", "strong", "domain"],
@@ -435,6 +443,7 @@ def _config_from_args(args: argparse.Namespace) -> object:
         group_by=args.group_by,
         groups_csv=args.groups_csv,
         dup_threshold=args.dup_threshold,
+        group_threshold=args.group_threshold,
         cache_dir="" if args.no_cache else args.cache_dir,
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -42,6 +42,9 @@ class TrainConfig:
     group_by: str | None = None
     groups_csv: str | None = None
     dup_threshold: float = 0.95  # cosine similarity above which two images are near-copies
+    # the loosest similarity at which the default split groups images (it tries this first,
+    # then stricter rungs up to dup_threshold until the clusters can be split soundly)
+    group_threshold: float = 0.90
     # crop a uniform background around the object before resizing (sprites, product shots):
     # the object then has one scale whatever the source; saved with the model. On by
     # default: sprites -> artwork went from 57% to 65% with it (BENCHMARKS.md); images whose
@@ -119,6 +122,10 @@ class TrainConfig:
             raise UsageError("Use either --group-by or --groups-csv, not both.")
         if not (0.5 <= self.dup_threshold <= 1.0):
             raise bad("dup_threshold", self.dup_threshold, "use a cosine similarity in [0.5, 1]")
+        if not (0.5 <= self.group_threshold <= 1.0):
+            raise bad(
+                "group_threshold", self.group_threshold, "use a cosine similarity in [0.5, 1]"
+            )
         if not (0.0 <= self.unknown_precision < 1.0):
             raise bad("unknown_precision", self.unknown_precision, "use a fraction in [0, 1)")
         if self.augment not in AUGMENTS:

@@ -333,6 +333,36 @@ def make_group_split(
     return [str(v) for v in subset]
 
 
+def check_split_sizes(
+    subsets: Sequence[str],
+    labels: Sequence[int],
+    classes: Sequence[str],
+    test_size: float,
+    val_size: float,
+) -> None:
+    """Raise :class:`SplitError` unless validation and test each hold between half and 1.5
+    times their share, and every class keeps at least half its share of training images:
+    coarse groups can put a fifth of the data, or most of one class, in one cluster, and a
+    split that holds it out measures little and trains on less."""
+    n = len(subsets)
+    for name, want in (("test", test_size), ("val", val_size)):
+        got = sum(s == name for s in subsets) / max(1, n)
+        if not (want / 2 <= got <= want * 1.5):
+            raise SplitError(
+                f"the groups are too coarse: {name} would hold {got:.0%} of the images, "
+                f"against {want:.0%} asked for"
+            )
+    floor = (1 - test_size - val_size) / 2
+    per_class = Counter(labels)
+    in_train = Counter(c for c, s in zip(labels, subsets, strict=True) if s == "train")
+    for c, total in sorted(per_class.items()):
+        if in_train[c] < floor * total:
+            raise SplitError(
+                f"the groups are too coarse: '{classes[c]}' would keep only {in_train[c]} of its "
+                f"{total} images for training"
+            )
+
+
 def groups_from_pattern(relpaths: Sequence[str], pattern: str) -> tuple[list[str], int]:
     """The group of each file from a regex on its path relative to the dataset root: the
     first capture group, or the whole match. Unmatched files are groups of their own;

@@ -33,13 +33,14 @@ import torch
 from torch import nn
 
 from . import __version__
-from .audit import audit, check_split, draw_examples, explain
+from .audit import audit, check_split, draw_examples, explain, grouping_ladder
 from .backbones import get_spec
 from .cache import item_seed, open_cache
 from .config import TrainConfig
 from .data import (
     ImageFiles,
     build_transform,
+    check_split_sizes,
     default_workers,
     find_classes,
     make_group_split,
@@ -574,26 +575,14 @@ def _fit(
     everything = list(range(len(data.paths)))
 
     def split_from(report: Any) -> tuple[list[str], list[str] | None, str]:
-        groups, group_note = _resolve_groups(config, data, report)
+        if _groups_by_clusters(config, report):
+            return _cluster_split(config, data, report, reporter)
+        groups, group_note = _resolve_groups(config, data)
         if groups is not None:
-            try:
-                subsets = make_group_split(
-                    data.labels,
-                    groups,
-                    data.classes,
-                    config.test_size,
-                    config.val_size,
-                    config.seed,
-                )
-                return subsets, groups, group_note
-            except SplitError as exc:
-                if config.group_by is not None or config.groups_csv:
-                    raise  # asked for by name: its failure is the user's to see
-                # The default grouping could not be honoured: split image by image, loudly.
-                reporter.warn(
-                    f"Near-duplicate clusters could not be kept on one side ({exc}); splitting "
-                    "image by image instead, so validation and test will overstate accuracy."
-                )
+            subsets = make_group_split(
+                data.labels, groups, data.classes, config.test_size, config.val_size, config.seed
+            )
+            return subsets, groups, group_note
         subsets = make_split(
             data.labels, data.classes, config.test_size, config.val_size, config.seed
         )
@@ -634,7 +623,7 @@ def _fit(
             )
 
         def probe_split(embeddings: Any) -> tuple[list[str], list[str] | None, str]:
-            return split_from(audit(data.sha256, data.labels, embeddings, config.dup_threshold))
+            return split_from(_audit(config, data, embeddings))
 
         choice = choose_backbone(config, data, probe_features, probe_split, reporter)
         config = replace(config, backbone=choice.backbone)
@@ -737,7 +726,7 @@ def _fit(
         embeddings = (
             clean if extract_at == n_blocks else _pool_top(model, clean, extract_at, engine)
         )
-        report = audit(data.sha256, data.labels, embeddings.numpy(), config.dup_threshold)
+        report = _audit(config, data, embeddings.numpy())
         del embeddings  # (it may be `clean` itself, which step 5 lets go)
         if choice is not None:  # --backbone auto made the split before choosing
             subsets, groups, group_note = choice.subsets, choice.groups, choice.group_note
@@ -1304,22 +1293,69 @@ def _unseen_by_stage(history: list[EpochRecord], stages: list[str]) -> dict[str,
     return out
 
 
-def _resolve_groups(config: TrainConfig, data: Any, report: Any) -> tuple[list[str] | None, str]:
-    """The group of each image, from --group-by / --groups-csv, and a sentence saying so."""
+def _audit(config: TrainConfig, data: Any, embeddings: Any) -> Any:
+    """The duplicate audit at --dup-threshold, with the looser clusterings the default split
+    may try."""
+    rungs = grouping_ladder(config.group_threshold, config.dup_threshold)
+    return audit(data.sha256, data.labels, embeddings, config.dup_threshold, looser=rungs)
+
+
+def _groups_by_clusters(config: TrainConfig, report: Any) -> bool:
+    """Whether the split keeps near-duplicate clusters apart: asked for with --group-by auto,
+    or by default when the audit found near-copies (and no other grouping was named)."""
+    if config.groups_csv:
+        return False
+    return config.group_by == "auto" or (config.group_by is None and report.n_clusters_multi > 0)
+
+
+def _cluster_split(
+    config: TrainConfig, data: Any, report: Any, reporter: Reporter
+) -> tuple[list[str], list[str] | None, str]:
+    """Keep clusters of similar images on one side, at the loosest rung of the grouping
+    ladder whose clusters split soundly; by default, fall back to an image-by-image split
+    (with a warning) when none does."""
+    how = "--group-by auto" if config.group_by else "the default; --group-by none turns it off"
+    tried = []
+    for t in grouping_ladder(config.group_threshold, config.dup_threshold):
+        clusters = report.clusters_at(t)
+        groups = [f"cluster-{c}" for c in clusters]
+        try:
+            subsets = make_group_split(
+                data.labels, groups, data.classes, config.test_size, config.val_size, config.seed
+            )
+            check_split_sizes(subsets, data.labels, data.classes, config.test_size, config.val_size)
+        except SplitError as exc:
+            tried.append(f"at {t:g}: {exc}")
+            continue
+        ids, counts = np.unique(clusters, return_counts=True)
+        note = (
+            f"Split by group: the {int((counts > 1).sum())} clusters of similar images "
+            f"(cosine >= {t:g}) are each kept on one side ({how}); {len(ids)} groups."
+        )
+        if tried:
+            note += " Looser similarity was tried first: " + "; ".join(tried) + "."
+        return subsets, groups, note
+    reason = "; ".join(tried)
+    if config.group_by == "auto":  # asked for by name: its failure is the user's to see
+        raise SplitError(f"Could not keep near-duplicate clusters apart ({reason}).")
+    reporter.warn(
+        f"Near-duplicate clusters could not be kept on one side ({reason}); splitting image by "
+        "image instead, so validation and test will overstate accuracy."
+    )
+    subsets = make_split(data.labels, data.classes, config.test_size, config.val_size, config.seed)
+    return subsets, None, ""
+
+
+def _resolve_groups(config: TrainConfig, data: Any) -> tuple[list[str] | None, str]:
+    """The group of each image, from --group-by REGEX / --groups-csv, and a sentence saying
+    so (clusters of the audit are :func:`_cluster_split`'s)."""
     from .data import groups_from_csv, groups_from_pattern
 
     rel = [data.relpath(p) for p in data.paths]
     if config.groups_csv:
         groups, unmatched = groups_from_csv(Path(config.groups_csv), rel)
         source = f"groups from {config.groups_csv}"
-    elif config.group_by == "auto" or (config.group_by is None and report.n_clusters_multi):
-        groups, unmatched = [f"cluster-{c}" for c in report.clusters], 0
-        how = "--group-by auto" if config.group_by else "the default; --group-by none turns it off"
-        source = (
-            f"the audit's {report.n_clusters_multi} near-duplicate clusters are each kept on one "
-            f"side ({how}; cosine >= {config.dup_threshold})"
-        )
-    elif config.group_by and config.group_by != "none":
+    elif config.group_by and config.group_by not in ("auto", "none"):
         groups, unmatched = groups_from_pattern(rel, config.group_by)
         source = f"groups from --group-by {config.group_by!r}"
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from conftest import FAST
 from graft import TrainConfig, UsageError, fit
 from graft.audit import audit, check_split, explain, near_duplicate_pairs
 from graft.data import groups_from_pattern, make_group_split
+from graft.errors import SplitError
 
 CLASSES = ("alpha", "beta", "gamma")
 
@@ -174,3 +176,56 @@ def test_bad_group_options() -> None:
         TrainConfig(group_by="anim(")
     with pytest.raises(UsageError, match="not both"):
         TrainConfig(group_by="x", groups_csv="y.csv")
+
+
+def _bridged_sources(classes: int = 3, sources: int = 10, frames: int = 3, seed: int = 0):
+    """Embeddings whose sources all resemble each other at cosine ~0.91 (a shared component,
+    like a common background), while the frames of one source are near-copies (~0.997)."""
+    rng = np.random.default_rng(seed)
+    n = classes * sources
+    # orthonormal directions: column 0 shared by all, column s + 1 the source's own
+    basis = np.linalg.qr(rng.normal(size=(256, n + 1)))[0].T
+    rows, labels = [], []
+    for s in range(n):
+        own = np.sqrt(1 / 0.91 - 1) * basis[s + 1]  # cos(source a, source b) = 0.91
+        for _ in range(frames):
+            rows.append(basis[0] + own + 0.003 * rng.normal(size=256))
+            labels.append(s % classes)
+    return np.asarray(rows, dtype=np.float32), labels
+
+
+def test_looser_clusters_come_from_the_same_pass() -> None:
+    emb, labels = _bridged_sources()
+    shas = [str(i) for i in range(len(labels))]
+    report = audit(shas, labels, emb, threshold=0.95, looser=[0.90, 0.93])
+    assert len(set(report.clusters)) == 30  # one cluster per source at 0.95
+    assert len(set(report.clusters_at(0.93))) == 30
+    assert len(set(report.clusters_at(0.90))) == 1  # the shared part chains them all
+
+
+def test_default_split_climbs_the_ladder_until_clusters_split() -> None:
+    from types import SimpleNamespace
+
+    from graft.progress import Reporter
+    from graft.train import _cluster_split
+
+    emb, labels = _bridged_sources()
+    data = SimpleNamespace(labels=labels, classes=list(CLASSES))
+    report = audit([str(i) for i in range(len(labels))], labels, emb, 0.95, looser=[0.9, 0.925])
+    config = TrainConfig(group_threshold=0.90, dup_threshold=0.95)
+    subsets, groups, note = _cluster_split(config, data, report, Reporter())
+    # 0.90 makes one cluster, which cannot be split; 0.925 keeps each source apart.
+    assert "cosine >= 0.925" in note and "at 0.9:" in note
+    assert groups is not None and len(set(groups)) == 30
+    sides: dict[str, set[str]] = {}
+    for g, s in zip(groups, subsets, strict=True):
+        sides.setdefault(g, set()).add(s)
+    assert all(len(s) == 1 for s in sides.values())
+
+    # Nothing splits soundly: by default a loud image-by-image split, by name an error.
+    tight = TrainConfig(group_threshold=0.90, dup_threshold=0.90)
+    report = audit([str(i) for i in range(len(labels))], labels, emb, 0.90)
+    subsets, groups, note = _cluster_split(tight, data, report, Reporter())
+    assert groups is None and note == "" and set(subsets) == {"train", "val", "test"}
+    with pytest.raises(SplitError, match=r"at 0\.9: Only 1 groups"):
+        _cluster_split(replace(tight, group_by="auto"), data, report, Reporter())
