@@ -341,7 +341,8 @@ def check_split_sizes(
     val_size: float,
 ) -> None:
     """Raise :class:`SplitError` unless validation and test each hold between half and 1.5
-    times their share, and every class keeps at least half its share of training images:
+    times their share, and all but a tenth of the classes keep at least half their share of
+    training images:
     coarse groups can put a fifth of the data, or most of one class, in one cluster, and a
     split that holds it out measures little and trains on less."""
     n = len(subsets)
@@ -355,12 +356,16 @@ def check_split_sizes(
     floor = (1 - test_size - val_size) / 2
     per_class = Counter(labels)
     in_train = Counter(c for c, s in zip(labels, subsets, strict=True) if s == "train")
-    for c, total in sorted(per_class.items()):
-        if in_train[c] < floor * total:
-            raise SplitError(
-                f"the groups are too coarse: '{classes[c]}' would keep only {in_train[c]} of its "
-                f"{total} images for training"
-            )
+    short = [c for c in sorted(per_class) if in_train[c] < floor * per_class[c]]
+    # Among many classes a few whose one animation lands in test are the price of honesty;
+    # beyond a tenth of them the split mostly measures how the clusters fell.
+    if len(short) > len(per_class) // 10:
+        c = short[0]
+        raise SplitError(
+            f"the groups are too coarse: {len(short)} of {len(per_class)} classes would keep "
+            f"under {floor:.0%} of their images for training (e.g. '{classes[c]}': "
+            f"{in_train[c]} of {per_class[c]})"
+        )
 
 
 def groups_from_pattern(relpaths: Sequence[str], pattern: str) -> tuple[list[str], int]:

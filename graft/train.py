@@ -1325,7 +1325,7 @@ def _cluster_split(
             )
             check_split_sizes(subsets, data.labels, data.classes, config.test_size, config.val_size)
         except SplitError as exc:
-            tried.append(f"at {t:g}: {exc}")
+            tried.append(f"at {t:g}: {str(exc).rstrip('.')}")
             continue
         ids, counts = np.unique(clusters, return_counts=True)
         note = (

@@ -229,3 +229,5 @@ def test_default_split_climbs_the_ladder_until_clusters_split() -> None:
     assert groups is None and note == "" and set(subsets) == {"train", "val", "test"}
     with pytest.raises(SplitError, match=r"at 0\.9: Only 1 groups"):
         _cluster_split(replace(tight, group_by="auto"), data, report, Reporter())
+    with pytest.raises(UsageError, match="group"):
+        TrainConfig(group_threshold=0.3)
