@@ -195,6 +195,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         default=default("patience"),
         help="early stopping: epochs without a better validation loss (0 = off)",
     )
+    f.add_argument(
+        "--min-delta",
+        type=float,
+        default=default("min_delta"),
+        help="early stopping: a drop in validation loss smaller than this is no progress "
+        "(default: %(default)s; the kept epoch is still the lowest loss)",
+    )
     o = p.add_argument_group("tracking")
     o.add_argument(
         "--unseen",
@@ -455,6 +462,7 @@ def _config_from_args(args: argparse.Namespace) -> object:
         fine_tune_batch_size=args.fine_tune_batch_size,
         unfreeze=args.unfreeze,
         patience=args.patience,
+        min_delta=args.min_delta,
         unknown_precision=args.unknown_precision,
         allow_download=not args.offline,
         track=args.track,

@@ -82,6 +82,9 @@ class TrainConfig:
     unknown_precision: float = 0.95
     # --- both stages
     patience: int = 3  # epochs without a better validation loss before stopping; 0 = never
+    # an epoch counts as progress for early stopping only when it lowers the validation loss
+    # by more than this (Keras' min_delta); the kept epoch is still the lowest loss
+    min_delta: float = 1e-3
     allow_download: bool = True  # may fetch weights (VGG16) when they are not on disk
     # a labelled folder from another source, evaluated after every epoch and at the end and
     # reported apart from the in-domain figures (never used to choose anything)
@@ -142,6 +145,8 @@ class TrainConfig:
                 raise bad(name, getattr(self, name), "use 1 or more")
         if self.fine_tune_head_lr is not None and not (0.0 < self.fine_tune_head_lr < 10.0):
             raise bad("fine_tune_head_lr", self.fine_tune_head_lr, "use a positive learning rate")
+        if self.min_delta < 0:
+            raise bad("min_delta", self.min_delta, "use 0 (any drop counts) or a small loss")
         if self.l2sp < 0:
             raise bad("l2sp", self.l2sp, "use 0 (off) or a positive strength such as 0.01")
         for name in ("lr", "fine_tune_lr"):

@@ -110,7 +110,7 @@ def build_report(run: str | Path) -> str:
             f"{audit['exact_duplicate_files']} exact copies, "
             f"{audit['near_duplicate_pairs']} near-duplicate pairs in "
             f"{audit['near_duplicate_clusters']} clusters; grouping: "
-            f"{_e(audit['grouping'])}.</p>"
+            f"{_e(audit['grouping'].rstrip('.'))}.</p>"
         )
         findings = audit.get("findings", [])
         for f in findings:

@@ -248,15 +248,15 @@ def _from_json(body: bytes) -> list[Upload]:
 
 def _decode(model: ServedModel, upload: Upload) -> tuple[Image.Image | None, int, str]:
     """(image, 0, "") or (None, HTTP status, reason)."""
-    from .data import describe_decode_error
+    from .data import decode_error_kind, describe_decode_error
 
     try:
         return model.decode(upload.data), 0, ""
     except Exception as exc:
-        reason = describe_decode_error(exc)
-        if reason.startswith("refused"):
+        kind, reason = decode_error_kind(exc), describe_decode_error(exc)
+        if kind == "too_large":
             return None, 413, f"{upload.name}: {reason}"
-        if reason.startswith("not an image"):
+        if kind == "not_image":
             return None, 415, f"{upload.name} is not an image (or an unsupported format)."
         return None, 422, f"{upload.name} could not be decoded: {reason}"
 

@@ -967,13 +967,17 @@ def _fit(
         if ddp.active:  # after (un)freezing: DDP syncs the parameters that learn
             stage_cut = n_blocks if stage == "frozen" else cut
             net = wrap_ddp(model, stage_cut, stage != "frozen" and not cache_cut, ddp, engine)
-        start, stale = 1, 0
+        # Early stopping counts epochs since the validation loss last dropped by more than
+        # --min-delta (model selection still takes any drop): on saturated data the loss
+        # creeps from 4e-4 to 1e-4 for epochs without changing a single prediction.
+        start, stale, progress_loss = 1, 0, best.loss
         if state is not None and state["stage"] == stage:
             if state["stage_done"]:
                 best.restore()
                 continue
             _restore_checkpoint(state, model, optimizer, generator, loader_generator, ddp.rank)
             start, stale = state["epoch"] + 1, state["stale"]
+            progress_loss = state.get("progress_loss", best.loss)
         reporter.stage(title)
         t_stage = time.perf_counter()
         for epoch in range(start, epochs + 1):
@@ -1046,7 +1050,10 @@ def _fit(
                     else (math.nan, math.nan)
                 )
             record(stage, epoch, tr, va, lr, time.perf_counter() - t, un)
-            stale = 0 if history[-1].step == best.step else stale + 1
+            if history[-1].val_loss < progress_loss - config.min_delta:
+                progress_loss, stale = history[-1].val_loss, 0
+            else:
+                stale += 1
             stop = bool(config.patience and stale >= config.patience)
             _save_checkpoint(
                 checkpoint,
@@ -1059,6 +1066,7 @@ def _fit(
                     "stage": stage,
                     "epoch": epoch,
                     "stale": stale,
+                    "progress_loss": progress_loss,
                     "stage_done": stop or epoch == epochs,
                     "best": {"loss": best.loss, "step": best.step, "stage": best.stage},
                     "history": [asdict(r) for r in history],
@@ -1066,7 +1074,10 @@ def _fit(
                 best.state,
             )
             if stop:
-                reporter.info(f"Early stop: validation loss has not improved for {stale} epochs.")
+                reporter.info(
+                    f"Early stop: validation loss has not dropped by more than "
+                    f"{config.min_delta:g} for {stale} epochs."
+                )
                 break
         timings[f"{stage}_seconds"] = time.perf_counter() - t_stage
         best.restore()
@@ -1462,7 +1473,8 @@ def _describe_plan(
             f"{config.fine_tune_epochs} epochs {where}"
         )
     parts.append(
-        f"early stopping after {config.patience} epochs without a better validation loss"
+        f"early stopping after {config.patience} epochs without the validation loss "
+        f"dropping by more than {config.min_delta:g}"
         if config.patience
         else "no early stopping"
     )

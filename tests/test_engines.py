@@ -14,16 +14,28 @@ from conftest import FAST, draw_shape
 from graft import TrainConfig, fit
 from graft.backbones import create_backbone
 from graft.data import ImageFiles, build_transform, scan
-from graft.engines import ONNX_ATOL, FrozenPart, OnnxRunner, TorchRunner, make_runner
+from graft.engines import (
+    ONNX_ATOL,
+    FrozenPart,
+    OnnxRunner,
+    OpenVinoRunner,
+    TorchRunner,
+    export_onnx,
+    make_runner,
+)
 from graft.predict import Predictor
 from graft.train import choose_engine
 
 
-def test_onnx_prediction_matches_pytorch(trained_run: Path, unseen_dir: Path) -> None:
+@pytest.mark.parametrize(("wanted", "kind"), [("", OpenVinoRunner), ("onnxruntime", OnnxRunner)])
+def test_fast_prediction_matches_pytorch(
+    trained_run: Path, unseen_dir: Path, monkeypatch, wanted: str, kind: type
+) -> None:
+    monkeypatch.setenv("GRAFT_ENGINE", wanted)
     files = sorted(unseen_dir.rglob("*.png")) + sorted(unseen_dir.rglob("*.jpg"))
     fast = Predictor.from_run(trained_run)
     plain = Predictor.from_run(trained_run, backend="torch")
-    assert isinstance(fast.runner, OnnxRunner) and isinstance(plain.runner, TorchRunner)
+    assert isinstance(fast.runner, kind) and isinstance(plain.runner, TorchRunner)
     assert (trained_run / "model.onnx").is_file()
     a, _ = fast.predict_proba(files)
     b, _ = plain.predict_proba(files)
@@ -31,23 +43,56 @@ def test_onnx_prediction_matches_pytorch(trained_run: Path, unseen_dir: Path) ->
     assert (a.argmax(1) == b.argmax(1)).all()
 
 
-def test_onnx_frozen_features_match_pytorch(shapes_dir: Path) -> None:
+def test_fast_frozen_features_match_pytorch(shapes_dir: Path, monkeypatch) -> None:
     backbone, _ = create_backbone("efficientnet_lite0")
     engine = choose_engine()
     data = scan(shapes_dir)
     files = ImageFiles(data.paths[:12], None, build_transform(64, (0.5,) * 3, (0.5,) * 3), 64)
     x = torch.stack([files[i][0] for i in range(12)])
-    for cut in (7, 9):  # activations at a cut, and pooled features
-        part = FrozenPart(backbone, cut)
-        onnx = make_runner(part, 64, engine)
-        assert isinstance(onnx, OnnxRunner)
-        diff = (onnx(x) - TorchRunner(part, engine)(x)).abs().max().item()
-        assert diff < ONNX_ATOL, (cut, diff)
+    for wanted, kind in (("openvino", OpenVinoRunner), ("onnxruntime", OnnxRunner)):
+        monkeypatch.setenv("GRAFT_ENGINE", wanted)
+        for cut in (7, 9):  # activations at a cut, and pooled features
+            part = FrozenPart(backbone, cut)
+            fast = make_runner(part, 64, engine)
+            assert isinstance(fast, kind)
+            diff = (fast(x) - TorchRunner(part, engine)(x)).abs().max().item()
+            assert diff < ONNX_ATOL, (wanted, cut, diff)
 
 
-def test_pytorch_fallback_when_onnx_is_switched_off(trained_run: Path, monkeypatch) -> None:
+def test_openvino_pads_ragged_batches_to_static_shapes(tmp_path: Path) -> None:
+    backbone, _ = create_backbone("efficientnet_lite0")
+    part = FrozenPart(backbone, 9).eval()
+    path = export_onnx(part, 64, tmp_path / "part.onnx")
+    runner = OpenVinoRunner(path, max_batch=8)
+    x = torch.randn(13, 3, 64, 64)
+    with torch.no_grad():
+        want = part(x)
+    # 13 > max_batch: 8 + 5 (padded to 8); then 3 (padded to 4) and 1 alone
+    assert (runner(x) - want).abs().max().item() < ONNX_ATOL
+    assert (runner(x[:3]) - want[:3]).abs().max().item() < ONNX_ATOL
+    assert (runner(x[:1]) - want[:1]).abs().max().item() < ONNX_ATOL
+    assert sorted(runner.requests) == [1, 4, 8]
+
+
+def test_pytorch_fallback_when_fast_engines_are_switched_off(
+    trained_run: Path, monkeypatch
+) -> None:
     monkeypatch.setenv("GRAFT_ENGINE", "torch")
     assert isinstance(Predictor.from_run(trained_run).runner, TorchRunner)
+
+
+def test_a_failing_engine_falls_back_to_the_next_with_a_note(
+    trained_run: Path, monkeypatch
+) -> None:
+    import graft.engines
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated: no CPU plugin")
+
+    monkeypatch.setattr(graft.engines, "OpenVinoRunner", broken)
+    predictor = Predictor.from_run(trained_run)
+    assert isinstance(predictor.runner, OnnxRunner)
+    assert any("openvino could not load" in n and "simulated" in n for n in predictor.notes)
 
 
 def test_second_run_reuses_the_feature_cache_and_matches(

@@ -205,6 +205,16 @@ def test_early_stopping_stops_a_stage(tmp_path: Path, shapes_dir: Path) -> None:
     assert len(result.history) < 30
 
 
+def test_small_drops_in_loss_are_not_progress(tmp_path: Path, shapes_dir: Path) -> None:
+    # Every epoch after the first lowers the loss by less than min_delta: the stage stops
+    # after 1 + patience epochs, and the kept epoch is still the lowest loss among them.
+    cfg = {**FAST, "epochs": 8, "fine_tune_epochs": 0, "patience": 2, "min_delta": 100.0}
+    result = fit(TrainConfig(**cfg), shapes_dir, tmp_path / "md")
+    assert [r.epoch for r in result.history] == [1, 2, 3]
+    lowest = min(result.history, key=lambda r: r.val_loss)
+    assert result.summary["best"]["step"] == lowest.step
+
+
 def test_too_small_dataset_is_a_split_error(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "d", per_class={"circle": 10, "square": 2})
     with pytest.raises(SplitError, match="'square'"):
@@ -220,6 +230,7 @@ def test_too_small_dataset_is_a_split_error(tmp_path: Path) -> None:
         ({"test_size": 0.7}, "--test-size"),
         ({"epochs": 0, "fine_tune_epochs": 0}, "Nothing to train"),
         ({"augment": "heavy"}, "--augment"),
+        ({"min_delta": -0.1}, "--min-delta"),
     ],
 )
 def test_bad_options_are_named(bad: dict, match: str) -> None:
