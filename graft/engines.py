@@ -60,6 +60,9 @@ class Runner:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def warm_up(self, max_batch: int) -> None:
+        """Prepare for batches of up to ``max_batch`` now rather than on first use."""
+
 
 class TorchRunner(Runner):
     def __init__(self, module: nn.Module, engine: Any):
@@ -129,6 +132,18 @@ class OpenVinoRunner(Runner):
                 compiled = self.core.compile_model(model, "CPU", config)
                 self.requests[n] = compiled.create_infer_request()
             return self.requests[n]
+
+    def warm_up(self, max_batch: int) -> None:
+        """Compile every padded shape up to ``max_batch`` now: a server's first requests
+        would otherwise each wait for a compile."""
+        if not self.static:
+            self._request(0)
+            return
+        top = min(1 << (max(1, max_batch) - 1).bit_length(), self.max_batch)
+        n = 1
+        while n <= top:
+            self._request(n)
+            n *= 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()

@@ -63,6 +63,7 @@ class ServedModel:
 
     def __init__(self, source: str | Path):
         self.source = Path(source)
+        self.warm_up: Callable[[int], None] = lambda max_batch: None
         if (self.source / METADATA_FILE).is_file():
             from .runtime import ExportedModel
 
@@ -94,6 +95,7 @@ class ServedModel:
             self.metrics = {k: data[k] for k in ("test", "open_set", "calibration") if k in data}
             self.decode = lambda raw: load_image(raw, info.img_size)
             self.predict_proba = predictor.predict_proba_images
+            self.warm_up = predictor.runner.warm_up
         report = self.folder / "report.html"
         self.report: Path | None = report if report.is_file() else None
         self.name = self.folder.name
@@ -116,7 +118,8 @@ class ServedModel:
 
 class Batcher:
     """Runs ``fn`` on the images of all requests waiting at that moment, one batch at a time,
-    in a worker thread (ONNX Runtime and PyTorch release the GIL while they compute)."""
+    in a worker thread (OpenVINO, ONNX Runtime and PyTorch release the GIL while they
+    compute)."""
 
     def __init__(self, fn: Callable[[list[Image.Image]], np.ndarray], max_batch: int):
         self.fn, self.max_batch = fn, max_batch
@@ -307,6 +310,7 @@ def create_app(source: str | Path, settings: ServeSettings | None = None) -> Fas
     if not source.exists():
         raise RunFolderError(f"{source} does not exist: give a run folder or an export folder.")
     model = ServedModel(source)
+    model.warm_up(settings.max_batch)
     batcher = Batcher(model.predict_proba, settings.max_batch)
     page = (Path(__file__).parent / "web" / "index.html").read_text()
 

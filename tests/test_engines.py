@@ -173,3 +173,11 @@ def test_cache_writes_chunks_as_it_goes_and_keeps_them_after_a_crash(tmp_path: P
     third = FeatureCache(tmp_path, {"backbone": "x"})
     assert torch.equal(third.get_or_compute("clean", shas, compute, chunk=3), truth)
     assert third.misses == 0
+
+
+def test_openvino_warm_up_compiles_the_shapes_a_server_will_use(tmp_path: Path) -> None:
+    backbone, _ = create_backbone("efficientnet_lite0")
+    path = export_onnx(FrozenPart(backbone, 9).eval(), 64, tmp_path / "part.onnx")
+    runner = OpenVinoRunner(path, max_batch=64)
+    runner.warm_up(20)  # batches of up to 20 are padded to at most 32
+    assert sorted(runner.requests) == [1, 2, 4, 8, 16, 32]
