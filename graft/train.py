@@ -318,37 +318,27 @@ def train_epoch_cached(
     pick = torch.randint(0, views.shape[0], (n,), generator=generator)
     total_loss, correct = 0.0, 0
     distributed = ddp is not None and ddp.active and net is not None
+    rank, world = (ddp.rank, ddp.world) if distributed and ddp is not None else (0, 1)
+    weight = loss_fn.weight
     for idx in _batches(n, batch_size, generator):
-        if not distributed:
-            x = engine.prepare(views[pick[idx], idx])
-            y = labels[idx].to(engine.device)
-            with engine.context():
-                logits = _top_forward(model, x, cut)
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            (loss + penalty() if penalty is not None else loss).backward()
-            optimizer.step()
-            total_loss += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
-            continue
-        assert ddp is not None and net is not None
-        local = idx[ddp.rank :: ddp.world]
+        local = idx[rank::world]
         x = engine.prepare(views[pick[local], local])
         y = labels[local].to(engine.device)
-        weight = loss_fn.weight
+        # The (class-weighted) mean over the whole batch, whichever rank holds which part:
+        # each rank sums its share and divides by the whole batch's weight, times the world
+        # size that DDP's gradient average divides by again.
         whole = float(weight[labels[idx]].sum()) if weight is not None else float(len(idx))
         with engine.context():
-            logits = net(x)
+            logits = net(x) if distributed and net is not None else _top_forward(model, x, cut)
         loss = nn.functional.cross_entropy(logits.float(), y, weight=weight, reduction="sum")
-        loss = loss * (ddp.world / whole)
+        loss = loss / (whole / world)
         optimizer.zero_grad(set_to_none=True)
         # the penalty is the same on every rank: DDP's average keeps it once
         (loss + penalty() if penalty is not None else loss).backward()
         optimizer.step()
-        total_loss += loss.item() / ddp.world * len(idx)
+        total_loss += loss.item() / world * len(idx)
         correct += (logits.argmax(1) == y).sum().item()
-    if distributed:
-        assert ddp is not None
+    if distributed and ddp is not None:
         correct = ddp.sum([float(correct)])[0]
         total_loss = ddp.sum([total_loss])[0]
     return total_loss / n, correct / n
