@@ -15,7 +15,7 @@ keeps each cluster on one side of the split.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,6 @@ import numpy as np
 #: Consecutive animation frames and re-encoded copies score above it; different photos of
 #: one class rarely do.
 DEFAULT_THRESHOLD = 0.95
-#: The loosest similarity at which the default split tries to keep images together. Frames
-#: of one animation chain together above it, so a split that keeps 0.90-clusters apart
-#: reports in-domain accuracy within 4 points of one that holds out whole animations, where
-#: 0.95-clusters let 8 points of leakage through (BENCHMARKS.md, generalisation).
-GROUP_THRESHOLD = 0.90
 
 
 def grouping_ladder(loosest: float, threshold: float, step: float = 0.025) -> list[float]:
@@ -45,19 +40,58 @@ def grouping_ladder(loosest: float, threshold: float, step: float = 0.025) -> li
     return [*rungs, threshold]
 
 
+class Pairs(Sequence[tuple[int, int, float]]):
+    """Image index pairs ``(i, j, similarity)`` held as three numpy arrays: a million pairs
+    take 24 MB instead of the ~150 MB of Python tuples. Indexing gives a tuple, slicing and
+    :meth:`where` give ``Pairs``."""
+
+    def __init__(self, a: Any = (), b: Any = (), s: Any = ()):
+        self.a = np.asarray(a, dtype=np.int64)
+        self.b = np.asarray(b, dtype=np.int64)
+        self.s = np.asarray(s, dtype=np.float64)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Pairs]) -> Pairs:
+        if not parts:
+            return cls()
+        return cls(*(np.concatenate([getattr(p, k) for p in parts]) for k in "abs"))
+
+    def where(self, mask: np.ndarray) -> Pairs:
+        return Pairs(self.a[mask], self.b[mask], self.s[mask])
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return self.where(k)
+        return int(self.a[k]), int(self.b[k]), float(self.s[k])
+
+    def __iter__(self) -> Iterator[tuple[int, int, float]]:
+        return zip(self.a.tolist(), self.b.tolist(), self.s.tolist(), strict=True)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Pairs({list(self)[:3]}{'...' if len(self) > 3 else ''}, n={len(self)})"
+
+
 @dataclass
 class AuditReport:
     n: int
     threshold: float
     exact_groups: list[list[int]] = field(default_factory=list)
     cross_class: list[tuple[int, int]] = field(default_factory=list)
-    near_pairs: list[tuple[int, int, float]] = field(default_factory=list)
+    near_pairs: Pairs = field(default_factory=Pairs)
     #: all near-duplicate pairs found; ``near_pairs`` keeps at most MAX_PAIRS of them
     near_pairs_total: int = 0
     clusters: list[int] = field(default_factory=list)  # cluster id per image
     #: cluster id per image at looser thresholds (for grouping the split), by threshold
     looser: dict[float, list[int]] = field(default_factory=dict)
-    straddling: list[tuple[int, int, float]] = field(default_factory=list)
+    straddling: Pairs = field(default_factory=Pairs)
 
     @property
     def n_clusters_multi(self) -> int:
@@ -113,7 +147,7 @@ def near_duplicate_pairs(
     keep: int = MAX_PAIRS,
     clusters: np.ndarray | None = None,
     looser: dict[float, np.ndarray] | None = None,
-) -> tuple[list[tuple[int, int, float]], int]:
+) -> tuple[Pairs, int]:
     """Pairs (i < j) with cosine similarity >= ``threshold``: the first ``keep`` of them and
     how many there are. Rows are compared in blocks of ``BLOCK`` similarities, so memory stays
     bounded rather than ``n x n``. ``clusters`` (an array of n representative ids, updated in
@@ -124,8 +158,8 @@ def near_duplicate_pairs(
     inv = 1.0 / np.maximum(np.linalg.norm(x, axis=1), 1e-12).astype(np.float32)
     n = len(x)
     chunk = max(1, min(4096, BLOCK // max(1, n)))
-    pairs: list[tuple[int, int, float]] = []
-    total = 0
+    parts: list[Pairs] = []
+    kept = total = 0
     for start in range(0, n, chunk):
         block = x[start : start + chunk]
         # only j > i: the upper triangle, each pair once
@@ -143,18 +177,12 @@ def near_duplicate_pairs(
             keep_upper = c > r
             if keep_upper.any():
                 _merge(labels, start + r[keep_upper], start + c[keep_upper])
-        room = keep - len(pairs)
+        room = keep - kept
         if room > 0 and len(rows):
             vals = np.minimum(1.0, np.round(sims[rows[:room], cols[:room]], 5))
-            pairs.extend(
-                zip(
-                    (start + rows[:room]).tolist(),
-                    (start + cols[:room]).tolist(),
-                    vals.tolist(),
-                    strict=True,
-                )
-            )
-    return pairs, total
+            parts.append(Pairs(start + rows[:room], start + cols[:room], vals))
+            kept += len(parts[-1])
+    return Pairs.concat(parts), total
 
 
 def _merge(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
@@ -205,11 +233,11 @@ def audit(
     exact_edges = [(g[0], j) for g in report.exact_groups for j in g[1:]]
     clusters = _components(n, exact_edges)
     if embeddings is not None:
-        exact = {(a, b) for g in report.exact_groups for a in g for b in g if a < b}
         extra = {float(t): clusters.copy() for t in looser if t < threshold}
         pairs, total = near_duplicate_pairs(embeddings, threshold, clusters=clusters, looser=extra)
         report.looser = {t: [int(c) for c in labels] for t, labels in extra.items()}
-        report.near_pairs = [p for p in pairs if (p[0], p[1]) not in exact]
+        sha = np.asarray(shas)
+        report.near_pairs = pairs.where(sha[pairs.a] != sha[pairs.b])  # exact copies: above
         report.near_pairs_total = total - (len(pairs) - len(report.near_pairs))
     report.clusters = [int(c) for c in clusters]
     return report
@@ -217,10 +245,13 @@ def audit(
 
 def check_split(report: AuditReport, subsets: Sequence[str]) -> None:
     """Record the duplicate pairs that sit on different sides of the split."""
-    pairs = [(g[0], j, 1.0) for g in report.exact_groups for j in g[1:]] + report.near_pairs
-    report.straddling = sorted(
-        ((a, b, s) for a, b, s in pairs if subsets[a] != subsets[b]), key=lambda p: -p[2]
+    exact = [(g[0], j) for g in report.exact_groups for j in g[1:]]
+    pairs = Pairs.concat(
+        [Pairs([a for a, _ in exact], [b for _, b in exact], [1.0] * len(exact)), report.near_pairs]
     )
+    side = np.asarray(subsets)
+    apart = pairs.where(side[pairs.a] != side[pairs.b])
+    report.straddling = apart.where(np.argsort(-apart.s, kind="stable"))
 
 
 def explain(
