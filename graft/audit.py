@@ -173,7 +173,11 @@ def near_duplicate_pairs(
         if clusters is not None and len(rows):
             _merge(clusters, start + rows, start + cols)
         for t, labels in (looser or {}).items():
-            r, c = np.nonzero(sims >= t)
+            # only pairs not yet in one component: at a loose threshold most pairs of a
+            # chained cluster are, and listing them all would cost more than the search
+            hit = sims >= t
+            hit &= labels[start : start + chunk, None] != labels[None, start:]
+            r, c = np.nonzero(hit)
             keep_upper = c > r
             if keep_upper.any():
                 _merge(labels, start + r[keep_upper], start + c[keep_upper])
@@ -191,6 +195,12 @@ def _merge(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
+    # Only edges between different components change anything; inside a chained cluster
+    # that is nearly none of them, and the graph below stays small.
+    new = labels[a] != labels[b]
+    a, b = labels[a[new]], labels[b[new]]
+    if not len(a):
+        return
     n = len(labels)
     # each node tied to its current representative, plus the new edges
     src = np.concatenate([np.arange(n), a])
@@ -236,8 +246,9 @@ def audit(
         extra = {float(t): clusters.copy() for t in looser if t < threshold}
         pairs, total = near_duplicate_pairs(embeddings, threshold, clusters=clusters, looser=extra)
         report.looser = {t: [int(c) for c in labels] for t, labels in extra.items()}
-        sha = np.asarray(shas)
-        report.near_pairs = pairs.where(sha[pairs.a] != sha[pairs.b])  # exact copies: above
+        # content ids as integers: a million-pair gather of 64-character strings is 256 MB
+        content = np.unique(np.asarray(shas), return_inverse=True)[1]
+        report.near_pairs = pairs.where(content[pairs.a] != content[pairs.b])  # not exact
         report.near_pairs_total = total - (len(pairs) - len(report.near_pairs))
     report.clusters = [int(c) for c in clusters]
     return report
@@ -249,7 +260,7 @@ def check_split(report: AuditReport, subsets: Sequence[str]) -> None:
     pairs = Pairs.concat(
         [Pairs([a for a, _ in exact], [b for _, b in exact], [1.0] * len(exact)), report.near_pairs]
     )
-    side = np.asarray(subsets)
+    side = np.unique(np.asarray(subsets), return_inverse=True)[1]
     apart = pairs.where(side[pairs.a] != side[pairs.b])
     report.straddling = apart.where(np.argsort(-apart.s, kind="stable"))
 
