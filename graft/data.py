@@ -353,9 +353,8 @@ def check_split_sizes(
 ) -> None:
     """Raise :class:`SplitError` unless validation and test each hold between half and 1.5
     times their share, and all but a tenth of the classes keep at least half their share of
-    training images:
-    coarse groups can put a fifth of the data, or most of one class, in one cluster, and a
-    split that holds it out measures little and trains on less."""
+    training images. Coarse groups can put a fifth of the data, or most of one class, in one
+    cluster, and a split that holds it out measures little and trains on less."""
     n = len(subsets)
     for name, want in (("test", test_size), ("val", val_size)):
         got = sum(s == name for s in subsets) / max(1, n)

@@ -211,6 +211,8 @@ def make_runner(
         elif not onnx_path.is_file():
             export_onnx(module, img_size, onnx_path)
     except Exception as exc:  # an export failure: PyTorch still works
+        if temporary and onnx_path is not None:
+            onnx_path.unlink(missing_ok=True)  # no half-written file left in /tmp
         if notes is not None:
             notes.append(f"Could not export this model to ONNX ({exc}); using PyTorch.")
         return TorchRunner(module, engine)
