@@ -96,7 +96,8 @@ def build(cache: Path, per_class: int) -> tuple[Path, Path, Path]:
 
 
 def shared_split(sprites: Path, groups_csv: Path):
-    from graft.data import groups_from_csv, make_group_split, scan
+    from graft.data import scan
+    from graft.split import groups_from_csv, make_group_split
 
     data = scan(sprites)
     groups, _ = groups_from_csv(groups_csv, [data.relpath(p) for p in data.paths])
@@ -111,8 +112,9 @@ def logistic_regression(sprites: Path, artwork: Path, groups_csv: Path) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from graft.backbones import create_backbone, get_spec
+    from graft.backbones import get_spec
     from graft.data import ImageFiles, build_transform, make_loader, scan
+    from graft.model import create_backbone
 
     t0 = time.perf_counter()
     data, subsets = shared_split(sprites, groups_csv)
@@ -147,9 +149,9 @@ def fastai_style(sprites: Path, artwork: Path, groups_csv: Path) -> dict:
     import torch
     from torch import nn
 
-    from graft.backbones import create_backbone, get_spec
+    from graft.backbones import get_spec
     from graft.data import ImageFiles, build_transform, make_loader, scan
-    from graft.model import make_head
+    from graft.model import create_backbone, make_head
 
     torch.manual_seed(42)
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Why graft tunes glibc malloc at import: eager PyTorch with and without it, side by side.
+"""Why graft tunes glibc malloc where work starts (CLI, fit, Predictor): eager PyTorch
+with and without it, side by side.
 
     python benchmarks/bench_malloc.py
 
@@ -20,10 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure() -> dict:
     sys.path.insert(0, str(ROOT))
+    from graft._malloc import tune_malloc
+
+    tune_malloc()  # before torch allocates; a no-op under GRAFT_NO_MALLOC_TUNING
     import timm
     import torch
-
-    import graft  # noqa: F401  (applies the tuning unless GRAFT_NO_MALLOC_TUNING is set)
 
     model = timm.create_model("tf_efficientnet_lite0")
     x = torch.randn(32, 3, 128, 128)

@@ -104,15 +104,14 @@ class ImageClassifier:
     @classmethod
     def load(cls, run: str | Path) -> ImageClassifier:
         """A fitted classifier from a run folder written by ``fit``/``graft train``."""
-        from .io import read_json
         from .predict import Predictor
+        from .rundir import RunDir
 
         run = Path(run)
-        config = run / "config.json"
         params = {}
-        if config.is_file():
+        if RunDir(run).config.is_file():
             known = set(TrainConfig.__dataclass_fields__)
-            params = {k: v for k, v in read_json(config).items() if k in known}
+            params = {k: v for k, v in RunDir(run).read_config().items() if k in known}
         self = cls(**params)
         self._predictor = Predictor.from_run(run)
         self.classes_ = list(self._predictor.classes)

@@ -370,7 +370,7 @@ def plot_pairs(
 
     from .data import load_image
     from .io import display
-    from .plots import _save
+    from .plots import save_figure
 
     pairs = list(pairs)[:12]  # a picture of examples, never of everything
     if not pairs:
@@ -401,44 +401,38 @@ def plot_pairs(
         )
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out)
+
+
+def audit_for_split(config: Any, data: Any, embeddings: np.ndarray) -> AuditReport:
+    """The duplicate audit of a training run at ``config.dup_threshold``, with the looser
+    clusterings the default split may try (``config.group_threshold`` upwards)."""
+    rungs = grouping_ladder(config.group_threshold, config.dup_threshold)
+    return audit(data.sha256, data.labels, embeddings, config.dup_threshold, looser=rungs)
 
 
 def audit_dataset(
     data: Any,
-    backbone: str = "efficientnet_lite0",
-    img_size: int = 128,
-    threshold: float = DEFAULT_THRESHOLD,
-    cache_dir: str | None = None,
+    config: Any,
     reporter: Any = None,
-    weights: str | None = None,
 ) -> AuditReport:
-    """Audit a scanned dataset with a pretrained backbone's pooled features (cached)."""
+    """Audit a scanned dataset with the pooled features of ``config``'s backbone, through
+    the same frozen-feature path (and cache) as training: same size, normalisation and
+    background trim, so ``graft scan`` and ``graft train`` compare the same pixels."""
     import torch
 
-    from .backbones import create_backbone, get_spec
-    from .cache import open_cache
-    from .data import ImageFiles, build_transform
-    from .engines import FrozenPart, make_runner
-    from .progress import Reporter
-    from .train import choose_engine, extract
+    from .backbones import get_spec
+    from .features import FrozenFeatures
+    from .model import ModelInfo, build_model
 
-    reporter = reporter or Reporter()
-    spec = get_spec(backbone)
-    model, source = create_backbone(spec, weights=weights)
-    engine = choose_engine()
-    n_blocks = len(model.blocks)
-    runner = make_runner(FrozenPart(model, n_blocks), img_size, engine)
-    cache = open_cache(cache_dir, backbone, source, img_size, n_blocks, n_blocks)
-    files = ImageFiles(
-        data.paths, data.labels, build_transform(img_size, spec.mean, spec.std, "none"), img_size
+    spec = get_spec(config.backbone)
+    info = ModelInfo(
+        config.backbone, config.img_size, spec.mean, spec.std, tuple(data.classes), trim=config.trim
+    )
+    model, source = build_model(info, config.pretrained, config.weights, config.allow_download)
+    features = FrozenFeatures(
+        model, source, cache_dir=config.cache_dir, seed=config.seed, reporter=reporter
     )
     with torch.no_grad():
-        emb = cache.get_or_compute(
-            "clean",
-            data.sha256,
-            lambda missing: extract(
-                runner, files.subset(missing), 64, 0, 0, reporter, "Computing backbone features"
-            ),
-        )
-    return audit(data.sha256, data.labels, emb.numpy(), threshold)
+        emb = features.views(data, range(len(data.paths)))
+    return audit(data.sha256, data.labels, emb.numpy(), config.dup_threshold)

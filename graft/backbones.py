@@ -4,14 +4,16 @@ Each entry is a :class:`BackboneSpec`: how to build the architecture, where its 
 weights come from, and the preprocessing those weights expect. They travel together so that
 training, prediction and serving can never disagree about normalisation.
 
-    >>> from graft.backbones import get_spec, create_backbone
+    >>> from graft.backbones import get_spec
+    >>> from graft.model import create_backbone
     >>> spec = get_spec("efficientnet_lite0")
-    >>> backbone = create_backbone(spec)          # ImageNet weights, offline
+    >>> backbone, source = create_backbone(spec)  # ImageNet weights, offline
     >>> backbone(torch.zeros(1, 3, 128, 128)).shape
     torch.Size([1, 1280])
 
 A backbone is a stack of ``blocks`` followed by global average pooling; "unfreeze the last N
-blocks" counts from the end of that stack.
+blocks" counts from the end of that stack (:class:`graft.model.Backbone`). Importing this
+registry does not import torch: the CLI lists the names without it.
 """
 
 from __future__ import annotations
@@ -23,17 +25,17 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import UsageError, WeightsError
 
+if TYPE_CHECKING:  # torch is imported where a backbone is built, not with the registry
+    import torch
+    from torch import nn
+
 __all__ = [
     "BACKBONES",
-    "Backbone",
     "BackboneSpec",
-    "create_backbone",
     "create_imagenet_model",
     "get_spec",
 ]
@@ -67,6 +69,8 @@ class BackboneSpec:
 
 def _lite_split(model: nn.Module) -> tuple[list[nn.Module], int]:
     # timm's EfficientNet: stem -> 7 stages of inverted-residual blocks -> 1x1 conv head.
+    from torch import nn
+
     blocks = [
         nn.Sequential(model.conv_stem, model.bn1),
         *model.blocks,
@@ -138,6 +142,8 @@ def _map_efficientnet_pytorch_keys(
 
 def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     """Load a state dict from .safetensors or .pth, never executing pickled code."""
+    import torch
+
     if not path.is_file():
         raise WeightsError(f"Weights file not found: {path}")
     try:
@@ -208,6 +214,8 @@ _VGG16_FILE = "vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1 file name in t
 
 def _vgg_split(model: nn.Module) -> tuple[list[nn.Module], int]:
     # torchvision's VGG16 `features` is 5 conv stages, each closed by a MaxPool.
+    from torch import nn
+
     blocks: list[nn.Module] = []
     current: list[nn.Module] = []
     for layer in model.features:
@@ -219,6 +227,8 @@ def _vgg_split(model: nn.Module) -> tuple[list[nn.Module], int]:
 
 
 def _vgg16_load(path: Path | None, allow_download: bool) -> tuple[dict[str, torch.Tensor], str]:
+    import torch
+
     if path is not None:
         return _load_torch_file(path), str(path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / _VGG16_FILE
@@ -302,40 +312,3 @@ def create_imagenet_model(
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Is it a {spec.name} state dict?"
         )
     return model.eval(), source
-
-
-class Backbone(nn.Module):
-    """A pretrained CNN without its classifier: images in, pooled feature vectors out."""
-
-    def __init__(self, spec: BackboneSpec, model: nn.Module):
-        super().__init__()
-        self.name = spec.name
-        blocks, self.num_features = spec.split(model)
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward_maps(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        for block in self.blocks[start:]:
-            x = block(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_maps(x).mean(dim=(2, 3))
-
-
-def create_backbone(
-    spec: BackboneSpec | str,
-    pretrained: bool = True,
-    weights: str | Path | None = None,
-    allow_download: bool = True,
-) -> tuple[Backbone, str]:
-    """Build a backbone; returns it and a short description of its weights' source.
-
-    With ``pretrained=False`` the weights are random, which is only useful when a full
-    state dict is loaded afterwards (a saved run) or when training from scratch on purpose.
-    """
-    spec = get_spec(spec) if isinstance(spec, str) else spec
-    if pretrained:
-        model, source = create_imagenet_model(spec, weights, allow_download)
-    else:
-        model, source = spec.build(), "random"
-    return Backbone(spec, model), source

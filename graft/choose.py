@@ -19,15 +19,15 @@ import numpy as np
 import torch
 
 from .backbones import BACKBONES, get_spec
+from .data import ScanResult
 from .errors import WeightsError
+from .split import Split
 
 
 @dataclass
 class Choice:
     backbone: str
-    subsets: list[str]
-    groups: list[str] | None
-    group_note: str
+    split: Split
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -56,10 +56,16 @@ def _probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray) -> 
     return acc, float(log_loss(y[val], proba, labels=clf.classes_))
 
 
-def choose_backbone(config: Any, data: Any, features: Any, split: Any, reporter: Any) -> Choice:
-    """``features(model, name, weights_source)`` -> pooled features of every image (through
-    the cache); ``split(embeddings)`` -> (subsets, groups, note) for the run."""
+def choose_backbone(
+    config: Any, data: ScanResult, reporter: Any, workers: int = 0, ddp: Any = None
+) -> Choice:
+    """Embed every image with each backbone whose weights are here (through the feature
+    cache), split on the first one's duplicate audit, and keep the backbone whose linear
+    probe scores best on validation."""
+    from .audit import audit_for_split
+    from .features import FrozenFeatures
     from .model import ModelInfo, build_model
+    from .split import choose_split
 
     embedded: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
@@ -76,13 +82,24 @@ def choose_backbone(config: Any, data: Any, features: Any, split: Any, reporter:
             skipped[name] = str(exc).split(".")[0]
             continue
         model.eval()
+        features = FrozenFeatures(
+            model,
+            source,
+            cache_dir=config.cache_dir,
+            seed=config.seed,
+            workers=workers,
+            reporter=reporter,
+            ddp=ddp,
+        )
         with torch.no_grad():
-            embedded[name] = features(model, name, source).numpy()
+            everything = range(len(data.paths))
+            label = f"Linear probe: {name} features"
+            embedded[name] = features.views(data, everything, label=label).numpy()
         seconds[name] = time.perf_counter() - t0
         del model
     first = next(iter(embedded))
-    subsets, groups, note = split(embedded[first])
-    side = np.asarray(subsets)
+    split = choose_split(config, data, audit_for_split(config, data, embedded[first]), reporter)
+    side = np.asarray(split.subsets)
     train, val = np.nonzero(side == "train")[0], np.nonzero(side == "val")[0]
     y = np.asarray(data.labels)
     scores = {}
@@ -91,7 +108,7 @@ def choose_backbone(config: Any, data: Any, features: Any, split: Any, reporter:
         scores[name] = {"val_acc": acc, "val_loss": loss, "seconds": seconds[name]}
     # best validation accuracy; ties go to the lower validation loss
     best = max(scores, key=lambda n: (round(scores[n]["val_acc"], 4), -scores[n]["val_loss"]))
-    return Choice(best, subsets, groups, note, scores, skipped)
+    return Choice(best, split, scores, skipped)
 
 
 __all__ = ["Choice", "choose_backbone"]

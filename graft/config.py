@@ -3,6 +3,10 @@
 ``TrainConfig`` flows unchanged from the CLI (or the library facade) to the trainer and is
 written to the run folder as ``config.json``, so a run always says exactly how it was made.
 Validation lives here, once, with messages that say which option is wrong and what is allowed.
+
+Each field also carries its command-line description (help, group, and where needed choices,
+metavar and a flag form) in its metadata: ``graft.cli`` builds ``graft train``, ``graft scan``
+and ``graft lr-find`` from it, so an option's default and meaning are written once, here.
 """
 
 from __future__ import annotations
@@ -17,6 +21,39 @@ from .errors import UsageError
 AUGMENTS = ("none", "light", "strong", "domain")
 OPTIMIZERS = ("adam", "adamw")
 CLASS_WEIGHTS = ("auto", "none")
+#: the option groups of ``graft train --help``, in the order they are listed
+GROUPS = (
+    "model",
+    "data",
+    "stage 1: frozen backbone",
+    "stage 2: fine-tuning",
+    "both stages",
+    "after training",
+    "tracking",
+)
+
+
+def option(
+    default: Any,
+    help: str,
+    group: str,
+    *,
+    flag: str | None = None,
+    shortcut: tuple[str, Any, str] | None = None,
+    **argparse_kwargs: Any,
+) -> Any:
+    """A field with its command-line description in ``metadata``.
+
+    The option is ``--field-name`` with the field's type and default, under ``group``.
+    ``flag`` names a switch instead (a bool field: ``--no-pretrained`` stores ``not
+    default``); a bool field without one is ``--name/--no-name``. ``shortcut`` is an extra
+    option ``(flag, value, help)`` that stores ``value`` in the same field (``--no-cache``
+    stores ``""``). ``argparse_kwargs`` (choices, metavar) go to ``add_argument``.
+    """
+    if group not in GROUPS:
+        raise ValueError(f"unknown option group {group!r}")
+    meta = {"help": help, "group": group, "flag": flag, "shortcut": shortcut, **argparse_kwargs}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass
@@ -24,73 +61,204 @@ class TrainConfig:
     """Every choice that shapes a training run. Defaults follow the seed workflow."""
 
     # --- model
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = None  # local weights file; None = the backbone's usual source
-    pretrained: bool = True  # False only with --no-pretrained: random init on purpose
-    img_size: int = 128  # the seed's 128x128
-    head: str = "linear"  # "linear" (pool -> dropout -> linear) or "dense:N" (seed-like)
-    dropout: float = 0.2
+    backbone: str = option(
+        "efficientnet_lite0",
+        "pretrained CNN to graft onto; 'auto' compares every backbone with weights on this "
+        "machine by a linear probe on validation and keeps the best",
+        "model",
+    )
+    weights: str | None = option(
+        None,
+        "local weights file for the backbone (.pth or .safetensors) (default: the backbone's "
+        "usual source: its package, the torch cache, or a download)",
+        "model",
+        metavar="PATH",
+    )
+    pretrained: bool = option(
+        True,
+        "start from random weights on purpose (no ImageNet knowledge)",
+        "model",
+        flag="--no-pretrained",
+    )
+    img_size: int = option(128, "input size in pixels, as in the seed's 128x128", "model")
+    head: str = option(
+        "linear",
+        "'linear' (pool, dropout, linear) or 'dense:N' (linear N, ReLU, dropout, linear) like "
+        "the seed's Dense(256)",
+        "model",
+        metavar="linear|dense:N",
+    )
+    dropout: float = option(0.2, "dropout before the head's last linear layer", "model")
     # --- data
-    test_size: float = 0.2  # held out, only used by evaluate
-    val_size: float = 0.1  # taken from the rest; early stopping and model selection
-    seed: int = 42
-    # Keep groups of related images on one side of the split: a regex on each file's path
-    # relative to the root (group = first capture group, or the whole match), or "auto" for
-    # the audit's near-duplicate clusters. groups_csv maps path -> group instead. None (the
-    # default) groups by near-duplicate clusters whenever the audit finds any, so validation
-    # is honest by default; "none" splits image by image.
-    group_by: str | None = None
-    groups_csv: str | None = None
-    dup_threshold: float = 0.95  # cosine similarity above which two images are near-copies
-    # the loosest similarity at which the default split groups images (it tries this first,
-    # then stricter rungs up to dup_threshold until the clusters can be split soundly)
-    group_threshold: float = 0.90
-    # crop a uniform background around the object before resizing (sprites, product shots):
-    # the object then has one scale whatever the source; saved with the model. On by
-    # default: sprites -> artwork went from 57% to 65% with it (BENCHMARKS.md); images whose
-    # content fills the frame (most photos) are left as they are.
-    trim: bool = True
-    augment: str = "light"
-    views: int = 4  # augmented views per training image cached for the frozen stage
-    class_weights: str = "auto"
-    workers: int = -1  # image-decoding worker processes; -1 = choose from the CPU count
-    # Where frozen-backbone outputs are cached across runs; None = the user cache
-    # (~/.cache/graft/features or $GRAFT_CACHE_DIR), "" = keep them in memory only.
-    cache_dir: str | None = None
+    test_size: float = option(
+        0.2,
+        "fraction held out for the final test, touched once at the end (graft evaluate uses "
+        "the same files)",
+        "data",
+    )
+    val_size: float = option(
+        0.1,
+        "fraction of the rest used for early stopping and choosing the kept epoch",
+        "data",
+    )
+    seed: int = option(
+        42, "seed of the split, augmentation and training: the same seed, the same run", "data"
+    )
+    group_by: str | None = option(
+        None,
+        "keep related images on one side of the split: a regex on each file's path relative "
+        "to ROOT (group = first capture group, or the whole match), 'auto' for the audit's "
+        "near-duplicate clusters, or 'none' to split image by image (default: near-duplicate "
+        "clusters whenever the audit finds any, so validation is honest)",
+        "data",
+        metavar="REGEX|auto|none",
+    )
+    groups_csv: str | None = option(
+        None,
+        "CSV file with columns path,group: each group lands on one side of the split "
+        "(instead of --group-by)",
+        "data",
+        metavar="CSV",
+    )
+    dup_threshold: float = option(
+        0.95,
+        "cosine similarity of backbone features above which two images count as near-duplicates",
+        "data",
+    )
+    group_threshold: float = option(
+        0.90,
+        "the loosest similarity at which the default split keeps images together; stricter "
+        "rungs up to --dup-threshold are tried when its clusters are too coarse to split "
+        "soundly",
+        "data",
+    )
+    trim: bool = option(
+        True,
+        "crop a uniform background around the object before resizing (sprites, product "
+        "shots), in training and prediction alike, so the object has one scale whatever the "
+        "source; saved with the model. Images whose content fills the frame are left alone "
+        "(on by default: it took sprites -> artwork from 57% to 65%, BENCHMARKS.md)",
+        "data",
+    )
+    augment: str = option(
+        "light",
+        "training-image augmentation: light (flips, small rotations and crops, colour "
+        "jitter), strong (adds RandAugment), domain (larger crops, strong colour, grayscale, "
+        "blur, pixel-art vs smooth resizing: for images from elsewhere) or none",
+        "data",
+        choices=AUGMENTS,
+    )
+    views: int = option(4, "augmented views per training image cached for the frozen stage", "data")
+    class_weights: str = option(
+        "auto",
+        "auto: inverse-frequency loss weights when classes differ by more than 2x; none: "
+        "every image counts the same",
+        "data",
+        choices=CLASS_WEIGHTS,
+    )
+    workers: int = option(
+        -1, "image-decoding worker processes; -1 = choose from the CPU count", "data"
+    )
+    cache_dir: str | None = option(
+        None,
+        "where frozen-backbone outputs are cached and reused across runs (default: "
+        "~/.cache/graft/features or $GRAFT_CACHE_DIR)",
+        "data",
+        metavar="DIR",
+        shortcut=("--no-cache", "", "keep backbone features in memory only"),
+    )
     # --- stage 1: frozen backbone, new head
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
+    epochs: int = option(
+        10,
+        "most epochs of training the new head on the frozen backbone (0 = skip this stage)",
+        "stage 1: frozen backbone",
+    )
+    batch_size: int = option(32, "images per batch in stage 1", "stage 1: frozen backbone")
+    lr: float = option(
+        1e-3,
+        "the head's learning rate in stage 1 (graft lr-find suggests one)",
+        "stage 1: frozen backbone",
+    )
+    optimizer: str = option(
+        "adam",
+        "optimizer of both stages (adamw: decoupled weight decay, 0.01 unless "
+        "--weight-decay is given)",
+        "both stages",
+        choices=OPTIMIZERS,
+    )
+    weight_decay: float = option(0.0, "weight decay of both stages' optimizer", "both stages")
     # --- stage 2: fine-tuning
-    fine_tune_epochs: int = 10
-    fine_tune_lr: float = 1e-5
-    fine_tune_batch_size: int = 16
-    # "all" (the seed: whole backbone) or the number of last blocks to train. The default
-    # trains only the top 2 blocks: the bottom stays as pretrained (it generalises better to
-    # images from elsewhere) and its activations are cached, so an epoch costs seconds.
-    unfreeze: str = "2"
-    # The head's learning rate while fine-tuning (None = 10x fine_tune_lr): the pretrained
-    # blocks move far more slowly than the head (discriminative learning rates).
-    fine_tune_head_lr: float | None = None
-    # L2-SP strength: pulls fine-tuned weights toward their pretrained values (0 = off)
-    l2sp: float = 0.0
+    fine_tune_epochs: int = option(
+        10,
+        "most epochs of fine-tuning the top of the backbone and the head (0 = skip this stage)",
+        "stage 2: fine-tuning",
+    )
+    fine_tune_lr: float = option(
+        1e-5, "the backbone's learning rate in stage 2", "stage 2: fine-tuning"
+    )
+    fine_tune_batch_size: int = option(16, "images per batch in stage 2", "stage 2: fine-tuning")
+    unfreeze: str = option(
+        "2",
+        "'all' (the seed: the whole backbone, on freshly decoded images each epoch) or how "
+        "many of the backbone's last blocks to train; the blocks below stay as pretrained "
+        "(they generalise better to images from elsewhere) and their activations are cached, "
+        "so an epoch costs seconds",
+        "stage 2: fine-tuning",
+        metavar="all|N",
+    )
+    fine_tune_head_lr: float | None = option(
+        None,
+        "the head's learning rate in stage 2; the pretrained blocks move far more slowly than "
+        "the head (discriminative learning rates) (default: 10x --fine-tune-lr)",
+        "stage 2: fine-tuning",
+    )
+    l2sp: float = option(
+        0.0,
+        "pull fine-tuned weights toward their pretrained values with this strength (L2-SP, "
+        "e.g. 0.01; 0 = off)",
+        "stage 2: fine-tuning",
+    )
     # --- after training
-    # predict answers "unknown" below a confidence chosen on validation data so that the
-    # answered predictions are right this often; 0 = always answer
-    unknown_precision: float = 0.95
+    unknown_precision: float = option(
+        0.95,
+        "predict answers 'unknown' below the confidence, chosen on validation data, at which "
+        "the answered predictions are right this often (0 = always answer)",
+        "after training",
+    )
     # --- both stages
-    patience: int = 3  # epochs without a better validation loss before stopping; 0 = never
-    # an epoch counts as progress for early stopping only when it lowers the validation loss
-    # by more than this (Keras' min_delta); the kept epoch is still the lowest loss
-    min_delta: float = 1e-3
-    allow_download: bool = True  # may fetch weights (VGG16) when they are not on disk
-    # a labelled folder from another source, evaluated after every epoch and at the end and
-    # reported apart from the in-domain figures (never used to choose anything)
-    unseen: str | None = None
-    # experiment tracking: "", "mlflow", "tensorboard" or "mlflow,tensorboard" (graft.tracking)
-    track: str = ""
+    patience: int = option(
+        3,
+        "early stopping: epochs without a better validation loss before a stage stops "
+        "(0 = never stop early)",
+        "both stages",
+    )
+    min_delta: float = option(
+        1e-3,
+        "early stopping: a drop in validation loss smaller than this is no progress (Keras' "
+        "min_delta); the kept epoch is still the one with the lowest loss",
+        "both stages",
+    )
+    allow_download: bool = option(
+        True,
+        "never download weights (VGG16); fail with instructions instead",
+        "model",
+        flag="--offline",
+    )
+    unseen: str | None = option(
+        None,
+        "labelled folder from another source (like the seed's internet images): evaluated "
+        "after every epoch and at the end, reported apart from the in-domain figures, never "
+        "used to choose anything",
+        "tracking",
+        metavar="DIR",
+    )
+    track: str = option(
+        "",
+        "also log config, epochs, metrics and artifacts to MLflow (./mlruns or "
+        "$MLFLOW_TRACKING_URI) and/or TensorBoard (RUN/tensorboard) (default: neither)",
+        "tracking",
+        metavar="mlflow,tensorboard",
+    )
 
     def __post_init__(self) -> None:
         self.validate()

@@ -16,25 +16,20 @@ cannot be decoded are listed with the reason and left out, never a crash.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import math
 import os
 import random
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DataError, SplitError
+from .errors import DataError
 from .runtime import load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
@@ -110,7 +105,7 @@ class ScanResult:
         return path.relative_to(self.root).as_posix()
 
 
-def _iter_files(folder: Path) -> Iterable[Path]:
+def iter_files(folder: Path) -> Iterable[Path]:
     # followlinks=False: a symlink loop cannot send the walk round forever.
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -170,7 +165,7 @@ def scan(
         folder = root / name
         if not folder.is_dir():
             continue  # a known class absent from an evaluation folder is fine
-        for path in _iter_files(folder):
+        for path in iter_files(folder):
             if path.suffix.lower() in IMAGE_EXTENSIONS:
                 candidates.append((path, index))
             else:
@@ -247,194 +242,6 @@ def _dataset_warnings(counts: dict[str, int]) -> list[str]:
             f"({hi / lo:.1f}x). graft weights the loss by inverse frequency (--class-weights auto)."
         )
     return out
-
-
-# --------------------------------------------------------------------------- splitting
-
-SUBSETS = ("train", "val", "test")
-
-
-def make_split(
-    labels: Sequence[int], classes: Sequence[str], test_size: float, val_size: float, seed: int
-) -> list[str]:
-    """Stratified, shuffled train/val/test assignment, reproducible from ``seed``.
-
-    ``test_size`` and ``val_size`` are fractions of the whole dataset. Returns one subset name
-    per image, in the order of ``labels``.
-    """
-    from sklearn.model_selection import train_test_split
-
-    counts = Counter(labels)
-    too_small = [f"'{classes[c]}' ({n})" for c, n in sorted(counts.items()) if n < MIN_PER_CLASS]
-    if too_small:
-        raise SplitError(
-            f"Too few images for a stratified train/validation/test split in: "
-            f"{', '.join(too_small)}. Each class needs at least {MIN_PER_CLASS} images "
-            "(20 or more gives meaningful numbers). Add images or remove those classes."
-        )
-    n = len(labels)
-    n_classes = len(counts)
-    n_test = max(n_classes, math.ceil(test_size * n))
-    n_val = max(n_classes, math.ceil(val_size * n))
-    if n - n_test - n_val < n_classes:
-        raise SplitError(
-            f"{n} images are too few to hold out {n_test} for testing and {n_val} for validation "
-            f"across {n_classes} classes. Add images, or lower --test-size / --val-size."
-        )
-    index = np.arange(n)
-    y = np.asarray(labels)
-    try:
-        rest, test = train_test_split(
-            index, test_size=n_test, stratify=y, random_state=seed, shuffle=True
-        )
-        train, val = train_test_split(
-            rest, test_size=n_val, stratify=y[rest], random_state=seed, shuffle=True
-        )
-    except ValueError as exc:
-        raise SplitError(f"Could not split the dataset stratified by class: {exc}") from exc
-    subset = np.empty(n, dtype=object)
-    subset[train], subset[val], subset[test] = "train", "val", "test"
-    return [str(s) for s in subset]
-
-
-def make_group_split(
-    labels: Sequence[int],
-    groups: Sequence[str],
-    classes: Sequence[str],
-    test_size: float,
-    val_size: float,
-    seed: int,
-) -> list[str]:
-    """Like :func:`make_split`, but every group (e.g. the frames of one animation) lands on
-    one side only; classes stay as balanced across the subsets as the groups allow."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    y = np.asarray(labels)
-    g = np.asarray(groups)
-    n_groups = len(set(groups))
-    k_test = max(2, round(1 / test_size))
-    k_val = max(2, round((1 - test_size) / val_size))
-    if n_groups < k_test + 1:
-        raise SplitError(
-            f"Only {n_groups} groups: too few to hold out whole groups for validation and "
-            "testing. Use a finer --group-by pattern, or more data."
-        )
-    index = np.arange(len(y))
-    try:
-        rest, test = next(
-            StratifiedGroupKFold(k_test, shuffle=True, random_state=seed).split(index, y, g)
-        )
-        train, val = next(
-            StratifiedGroupKFold(k_val, shuffle=True, random_state=seed).split(
-                rest, y[rest], g[rest]
-            )
-        )
-    except ValueError as exc:
-        raise SplitError(f"Could not split the dataset by group: {exc}") from exc
-    val = rest[val]
-    train = rest[train]
-    missing = [classes[c] for c in sorted(set(y.tolist())) if c not in set(y[train].tolist())]
-    if missing:
-        raise SplitError(
-            f"Splitting by group left no training images of: {', '.join(missing)}. Each "
-            "class needs images from at least 3 groups (sources)."
-        )
-    subset = np.empty(len(y), dtype=object)
-    subset[train], subset[val], subset[test] = "train", "val", "test"
-    return [str(v) for v in subset]
-
-
-def check_split_sizes(
-    subsets: Sequence[str],
-    labels: Sequence[int],
-    classes: Sequence[str],
-    test_size: float,
-    val_size: float,
-) -> None:
-    """Raise :class:`SplitError` unless validation and test each hold between half and 1.5
-    times their share, and all but a tenth of the classes keep at least half their share of
-    training images. Coarse groups can put a fifth of the data, or most of one class, in one
-    cluster, and a split that holds it out measures little and trains on less."""
-    n = len(subsets)
-    for name, want in (("test", test_size), ("val", val_size)):
-        got = sum(s == name for s in subsets) / max(1, n)
-        if not (want / 2 <= got <= want * 1.5):
-            raise SplitError(
-                f"the groups are too coarse: {name} would hold {got:.0%} of the images, "
-                f"against {want:.0%} asked for"
-            )
-    floor = (1 - test_size - val_size) / 2
-    per_class = Counter(labels)
-    in_train = Counter(c for c, s in zip(labels, subsets, strict=True) if s == "train")
-    short = [c for c in sorted(per_class) if in_train[c] < floor * per_class[c]]
-    # Among many classes a few whose one animation lands in test are the price of honesty;
-    # beyond a tenth of them the split mostly measures how the clusters fell.
-    if len(short) > len(per_class) // 10:
-        c = short[0]
-        raise SplitError(
-            f"the groups are too coarse: {len(short)} of {len(per_class)} classes would keep "
-            f"under {floor:.0%} of their images for training (e.g. '{classes[c]}': "
-            f"{in_train[c]} of {per_class[c]})"
-        )
-
-
-def groups_from_pattern(relpaths: Sequence[str], pattern: str) -> tuple[list[str], int]:
-    """The group of each file from a regex on its path relative to the dataset root: the
-    first capture group, or the whole match. Unmatched files are groups of their own;
-    returns the groups and how many files did not match."""
-    regex = re.compile(pattern)
-    out, unmatched = [], 0
-    for rel in relpaths:
-        m = regex.search(rel)
-        if m is None:
-            unmatched += 1
-            out.append(f"file:{rel}")
-        else:
-            out.append(m.group(1) if regex.groups else m.group(0))
-    return out, unmatched
-
-
-def groups_from_csv(path: Path, relpaths: Sequence[str]) -> tuple[list[str], int]:
-    """Groups from a CSV with columns ``path`` (relative to the dataset root) and ``group``."""
-    mapping: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"path", "group"} <= set(reader.fieldnames):
-            raise DataError(
-                f"{path} needs the columns 'path' and 'group' (found {reader.fieldnames})."
-            )
-        for row in reader:
-            mapping[row["path"].strip()] = row["group"].strip()
-    out = [mapping.get(rel, f"file:{rel}") for rel in relpaths]
-    return out, sum(rel not in mapping for rel in relpaths)
-
-
-def write_split(
-    path: Path, data: ScanResult, subsets: Sequence[str], groups: Sequence[str] | None = None
-) -> None:
-    from .io import atomic_write_text
-
-    groups = groups or [""] * len(subsets)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "class", "subset", "sha256", "group"])
-    rows = zip(data.paths, data.labels, subsets, data.sha256, groups, strict=True)
-    for p, label, subset, sha, group in rows:
-        writer.writerow([data.relpath(p), data.classes[label], subset, sha, group])
-    atomic_write_text(path, buf.getvalue())
-
-
-def read_split(
-    path: Path, root: Path, classes: Sequence[str]
-) -> tuple[list[Path], list[int], list[str]]:
-    index = {c: i for i, c in enumerate(classes)}
-    paths, labels, subsets = [], [], []
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        for row in csv.DictReader(fh):
-            paths.append(root / row["path"])
-            labels.append(index[row["class"]])
-            subsets.append(row["subset"])
-    return paths, labels, subsets
 
 
 # --------------------------------------------------------------------------- transforms

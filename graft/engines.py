@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .device import Device
+
 #: Absolute tolerance of ONNX Runtime / OpenVINO outputs against PyTorch (fp32), checked by
 #: the tests.
 ONNX_ATOL = 1e-4
@@ -65,14 +67,14 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    def __init__(self, module: nn.Module, engine: Any):
-        self.module, self.engine = module.eval(), engine
-        self.name = f"PyTorch ({engine.reason})"
+    def __init__(self, module: nn.Module, device: Device):
+        self.module, self.device = module.eval(), device
+        self.name = f"PyTorch ({device.reason})"
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with self.engine.context():
-            return self.module(self.engine.prepare(x)).float().cpu()
+        with self.device.context():
+            return self.module(self.device.prepare(x)).float().cpu()
 
 
 class OnnxRunner(Runner):
@@ -186,7 +188,7 @@ def export_onnx(module: nn.Module, img_size: int, path: Path, output_name: str =
 def make_runner(
     module: nn.Module,
     img_size: int,
-    engine: Any,
+    device: Device,
     onnx_path: Path | None = None,
     prefer_onnx: bool = True,
     notes: list[str] | None = None,
@@ -199,8 +201,8 @@ def make_runner(
     failure falls back to the next engine, and finally to PyTorch, with a note saying why.
     """
     engines = [e for e, ok in (("openvino", openvino_available), ("onnx", onnx_available)) if ok()]
-    if not (prefer_onnx and engine.device.type == "cpu" and engines):
-        return TorchRunner(module, engine)
+    if not (prefer_onnx and device.device.type == "cpu" and engines):
+        return TorchRunner(module, device)
     temporary = onnx_path is None
     try:
         if onnx_path is None:
@@ -215,7 +217,7 @@ def make_runner(
             onnx_path.unlink(missing_ok=True)  # no half-written file left in /tmp
         if notes is not None:
             notes.append(f"Could not export this model to ONNX ({exc}); using PyTorch.")
-        return TorchRunner(module, engine)
+        return TorchRunner(module, device)
     runner: Runner | None = None
     for name in engines:
         try:
@@ -227,24 +229,10 @@ def make_runner(
     if temporary:
         onnx_path.unlink(missing_ok=True)  # the engine holds the model in memory
     if runner is None:
-        return TorchRunner(module, engine)
-    if engine.channels_last:
+        return TorchRunner(module, device)
+    if device.channels_last:
         module.to(memory_format=torch.channels_last)
     return runner
-
-
-class FrozenPart(nn.Module):
-    """The backbone up to block ``cut`` (pooled to vectors when ``cut`` is the end)."""
-
-    def __init__(self, backbone: nn.Module, cut: int):
-        super().__init__()
-        self.blocks = nn.ModuleList(list(backbone.blocks[:cut]))
-        self.pool = cut == len(backbone.blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x.mean(dim=(2, 3)) if self.pool else x
 
 
 class Probabilities(nn.Module):
@@ -260,7 +248,6 @@ class Probabilities(nn.Module):
 
 __all__ = [
     "ONNX_ATOL",
-    "FrozenPart",
     "OnnxRunner",
     "OpenVinoRunner",
     "Probabilities",

@@ -23,15 +23,18 @@ import shutil
 import tempfile
 import time
 import warnings
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from . import __version__
 from .engines import ONNX_ATOL, Probabilities, export_onnx
 from .errors import RunExistsError, UsageError
 from .model import GraftModel, load_model, resolve_model_file
+from .rundir import REPORT, RunDir
 from .runtime import METADATA_FILE, MODEL_FILES
 
 FORMATS = tuple(MODEL_FILES)
@@ -83,7 +86,7 @@ def _sha256(path: Path) -> str:
 
 def export_metadata(model: GraftModel, fmt: str, run: Path, model_file: Path) -> dict[str, Any]:
     info = model.info
-    summary = _read_json(run / "summary.json")
+    summary = _read_json(RunDir(run).summary)
     return {
         "graft_export": 1,
         "graft_version": __version__,
@@ -132,127 +135,58 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def model_card(model: GraftModel, run: Path, meta: dict[str, Any]) -> str:
-    """A Markdown model card written from the run's own files (nothing is claimed that the
-    run did not measure)."""
-    info = model.info
-    summary = _read_json(run / "summary.json")
-    config = _read_json(run / "config.json")
-    evaluation = _read_json(run / "evaluation.json")
-    lines = [
-        f"# Model card: {run.name}",
-        "",
-        f"An image classifier made by graft {__version__}: a new head grafted onto the "
-        f"pretrained **{info.backbone}** backbone, trained with the backbone frozen and then "
-        "fine-tuned. Exported as "
-        f"**{meta['format']}** (`{meta['model_file']}`, sha256 `{meta['model_sha256'][:16]}…`).",
-        "",
-        "## Input and output",
-        "",
-        f"- Input: RGB images, resized whole to {info.img_size}x{info.img_size}, scaled to "
-        f"[0, 1], normalised with mean {list(info.mean)} and std {list(info.std)} "
-        "(see `graft.json`; `graft_runtime.py` does it exactly).",
-        f"- Output: calibrated probabilities over {len(info.classes)} classes "
-        f"(temperature {info.temperature:.3f} is inside the model).",
-        f'- Unknown: answer "unknown" when the top probability is below '
-        f"{info.unknown_threshold:.3f} (chosen on validation data)."
-        if info.unknown_threshold > 0
-        else "- Unknown: no threshold (validation gave no basis for one); every image gets "
-        "a class.",
-        "",
-        "## Data",
-        "",
-    ]
-    counts = summary.get("counts", {})
-    split = summary.get("split", {})
-    if config.get("data_root"):
-        lines.append(f"- Source folder: `{config['data_root']}`")
-    if counts:
-        lines.append(f"- {sum(counts.values())} images in {len(counts)} classes:")
-        lines += [f"  - {c}: {n}" for c, n in counts.items()]
-    else:
-        lines.append(f"- Classes: {', '.join(info.classes)}")
-    if split:
-        grouping = _read_json(run / "audit.json").get("grouping", "")
-        grouped = (
-            "" if not grouping or grouping.startswith("none") else f" ({grouping.rstrip('.')})"
-        )
-        lines.append(
-            f"- Split (seed {config.get('seed', '?')}){grouped}: "
-            + ", ".join(f"{k} {v}" for k, v in split.items())
-        )
-    if summary.get("skipped_files"):
-        lines.append(f"- {summary['skipped_files']} unreadable file(s) were skipped.")
-    lines += ["", "## Metrics", ""]
-    test = summary.get("test")
-    if test:
-        lo, hi = test["accuracy_ci95"]
-        lines.append(
-            f"- Held-out test accuracy: **{_pct(test['accuracy'])}** "
-            f"(95% interval {_pct(lo)}-{_pct(hi)}, n={test['n']})."
-        )
-    per_class = evaluation.get("per_class", {})
-    if per_class:
-        lines += [
-            "",
-            "| class | precision | recall (95% interval) | F1 | images |",
-            "|---|---|---|---|---|",
-        ]
-        for c, m in per_class.items():
-            lo, hi = m["recall_ci95"]
-            lines.append(
-                f"| {c} | {_pct(m['precision'])} | {_pct(m['recall'])} ({_pct(lo)}-{_pct(hi)})"
-                f" | {m['f1']:.3f} | {m['support']} |"
-            )
-        lines.append("")
+def _fixed(x: float, digits: int) -> str:
+    return f"{x:.{digits}f}"
+
+
+@cache
+def _card_env() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(Path(__file__).parent / "templates"),
+        autoescape=False,  # Markdown, not HTML
+        undefined=StrictUndefined,  # a misspelt key fails loudly instead of printing nothing
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(pct=_pct, fixed=_fixed)
+    return env
+
+
+def _card_context(model: GraftModel, run: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The values ``model_card.md.j2`` shows, from the model and the run's own files."""
+    summary = _read_json(RunDir(run).summary)
+    grouping = _read_json(RunDir(run).audit).get("grouping", "")
+    grouped = "" if not grouping or grouping.startswith("none") else f" ({grouping.rstrip('.')})"
     cal = summary.get("calibration", {})
-    if cal:
-        fitted = "fitted on validation" if cal.get("fitted") else "not fitted"
-        lines.append(
-            f"- Calibration: temperature {cal.get('temperature', 1.0):.3f} ({fitted}); "
-            f"expected calibration error on test {cal.get('test_ece', float('nan')):.3f}."
-        )
+    elsewhere = []
     for other in sorted(run.glob("eval-*/evaluation.json")):
         ev = _read_json(other)
         if "accuracy" in ev:
-            lo, hi = ev["accuracy_ci95"]
-            lines.append(
-                f"- Images from elsewhere (`{other.parent.name}`): {_pct(ev['accuracy'])} "
-                f"(95% interval {_pct(lo)}-{_pct(hi)}, n={ev['n']})."
-            )
-    lines += [
-        "",
-        "## Intended use",
-        "",
-        f"Sorting images into the {len(info.classes)} classes above when they look like the "
-        "training images. Every prediction comes with its probability; treat low-probability "
-        'answers (and "unknown") as a request for a person to look.',
-        "",
-        "## Limits",
-        "",
-        "- It only knows these classes: an image of anything else still gets one of them "
-        "(the unknown threshold catches some, not all).",
-        "- Held-out accuracy measures images like the training ones. Images from another "
-        "source (other cameras, drawings, photos of screens) can score much lower.",
-    ]
-    audit = summary.get("audit", {})
-    for finding in audit.get("findings", []):
-        lines.append(f"- Audit: {finding}")
-    diagnosis = summary.get("diagnosis", {})
-    if diagnosis:
-        lines.append(f"- Training diagnosis: {diagnosis['verdict']}.")
-    lines += [f"- Note: {n}" for n in diagnosis.get("notes", [])]
-    lines += [
-        "",
-        "## How to use",
-        "",
-        "```",
-        "python graft_runtime.py EXPORT_DIR image.jpg   # numpy + Pillow + the engine only",
-        "graft serve EXPORT_DIR        # HTTP API and web page",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+            elsewhere.append((other.parent.name, ev))
+    return {
+        "run_name": run.name,
+        "graft_version": __version__,
+        "info": model.info,
+        "meta": meta,
+        "summary": summary,
+        "config": _read_json(RunDir(run).config),
+        "counts": summary.get("counts", {}),
+        "split": [f"{k} {v}" for k, v in summary.get("split", {}).items()],
+        "grouped": grouped,
+        "test": summary.get("test"),
+        "per_class": _read_json(RunDir(run).evaluation).get("per_class", {}),
+        "cal": cal,
+        "test_ece": cal.get("test_ece", float("nan")),
+        "elsewhere": elsewhere,
+        "diagnosis": summary.get("diagnosis", {}),
+    }
+
+
+def model_card(model: GraftModel, run: Path, meta: dict[str, Any]) -> str:
+    """A Markdown model card written from the run's own files (nothing is claimed that the
+    run did not measure)."""
+    return _card_env().get_template("model_card.md.j2").render(_card_context(model, run, meta))
 
 
 def export_run(
@@ -283,8 +217,8 @@ def export_run(
         (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (staging / "MODEL_CARD.md").write_text(model_card(model, run_dir, meta))
         shutil.copyfile(Path(__file__).with_name("runtime.py"), staging / "graft_runtime.py")
-        if (run_dir / "report.html").is_file():
-            shutil.copyfile(run_dir / "report.html", staging / "report.html")
+        if RunDir(run_dir).report.is_file():
+            shutil.copyfile(RunDir(run_dir).report, staging / REPORT)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

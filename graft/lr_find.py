@@ -32,54 +32,35 @@ def lr_find(
     steps: int = 100,
     reporter: Any = None,
 ) -> dict[str, Any]:
-    from .backbones import create_backbone, get_spec
-    from .cache import open_cache
-    from .data import ImageFiles, build_transform, make_split, scan
-    from .engines import FrozenPart, make_runner
-    from .model import make_head
+    from .backbones import get_spec
+    from .data import scan
+    from .features import FrozenFeatures
+    from .loop import class_weights_for
+    from .model import ModelInfo, build_model, make_head
     from .progress import Reporter
-    from .train import choose_engine, class_weights_for, extract
+    from .split import make_split
 
     reporter = reporter or Reporter()
     data = scan(root, progress=reporter.iter)
     subsets = make_split(data.labels, data.classes, config.test_size, config.val_size, config.seed)
     train = [i for i, s in enumerate(subsets) if s == "train"]
     spec = get_spec(config.backbone)
-    backbone, source = create_backbone(
-        spec, config.pretrained, config.weights, config.allow_download
+    info = ModelInfo(
+        config.backbone, config.img_size, spec.mean, spec.std, tuple(data.classes), trim=config.trim
     )
-    engine = choose_engine()
-    n = len(backbone.blocks)
-    runner = make_runner(FrozenPart(backbone, n), config.img_size, engine)
-    cache = open_cache(
-        config.cache_dir, config.backbone, source, config.img_size, n, n, config.trim
+    model, source = build_model(info, config.pretrained, config.weights, config.allow_download)
+    features = FrozenFeatures(
+        model, source, cache_dir=config.cache_dir, seed=config.seed, reporter=reporter
     )
-    files = ImageFiles(
-        [data.paths[i] for i in train],
-        [data.labels[i] for i in train],
-        build_transform(config.img_size, spec.mean, spec.std, "none", config.trim),
-        config.img_size,
-    )
-    feats = cache.get_or_compute(
-        "clean",
-        [data.sha256[i] for i in train],
-        lambda missing: extract(
-            runner,
-            files.subset(missing),
-            64,
-            0,
-            config.seed,
-            reporter,
-            "Computing backbone features",
-        ),
-    )
+    with torch.no_grad():
+        feats = features.views(data, train)
     y = torch.tensor([data.labels[i] for i in train])
     counts = [int((y == c).sum()) for c in range(len(data.classes))]
     weights, _ = class_weights_for(counts, config.class_weights)
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    head = make_head(backbone.num_features, len(data.classes), config.head, config.dropout)
+    head = make_head(model.backbone.num_features, len(data.classes), config.head, config.dropout)
     head.train()
     optimizer = torch.optim.Adam(head.parameters(), lr=start)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
@@ -134,7 +115,7 @@ def _plot(lrs: list[float], losses: list[float], suggested: float, path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import _save
+    from .plots import save_figure
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot(lrs, losses, color="#4c72b0")
@@ -148,4 +129,4 @@ def _plot(lrs: list[float], losses: list[float], suggested: float, path: Path) -
     ax.legend()
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
-    _save(fig, path)
+    save_figure(fig, path)

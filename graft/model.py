@@ -3,6 +3,13 @@
 A checkpoint is one ``model.safetensors`` file whose metadata holds everything needed to
 rebuild the model and its preprocessing (backbone name, input size, normalisation, class
 names, head shape), so predict, evaluate and serve need nothing else. No pickle anywhere.
+
+Partial forward passes belong to the model (in the spirit of timm's ``forward_features`` /
+``forward_head``): a backbone is a stack of blocks, and training caches activations at a
+"cut" between them. :meth:`GraftModel.frozen_part` runs the blocks below a cut (what the
+cache stores), :meth:`GraftModel.pooled_from` and :meth:`GraftModel.forward_from` go on from
+activations at a cut to pooled features or logits, and :class:`Top` is the part that learns
+as one module (what DistributedDataParallel wraps).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbones import Backbone, create_backbone, get_spec
+from .backbones import BackboneSpec, create_imagenet_model, get_spec
 from .errors import RunFolderError, WeightsError
 
 FORMAT_VERSION = "1"
@@ -60,6 +67,47 @@ class ModelInfo:
         return cls(**data)
 
 
+class Backbone(nn.Module):
+    """A pretrained CNN without its classifier: images in, pooled feature vectors out."""
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module):
+        super().__init__()
+        self.name = spec.name
+        blocks, self.num_features = spec.split(model)
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward_maps(
+        self, x: torch.Tensor, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Activations after blocks ``start`` to ``stop`` (default: the last), from ``x``,
+        the activations before block ``start`` (the images when ``start`` is 0)."""
+        for block in self.blocks[start:stop]:
+            x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_maps(x).mean(dim=(2, 3))
+
+
+def create_backbone(
+    spec: BackboneSpec | str,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    allow_download: bool = True,
+) -> tuple[Backbone, str]:
+    """Build a backbone; returns it and a short description of its weights' source.
+
+    With ``pretrained=False`` the weights are random, which is only useful when a full
+    state dict is loaded afterwards (a saved run) or when training from scratch on purpose.
+    """
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    if pretrained:
+        model, source = create_imagenet_model(spec, weights, allow_download)
+    else:
+        model, source = spec.build(), "random"
+    return Backbone(spec, model), source
+
+
 def make_head(
     num_features: int, num_classes: int, head: str = "linear", dropout: float = 0.2
 ) -> nn.Sequential:
@@ -87,6 +135,36 @@ class GraftModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+    # ------------------------------------------------------------------ partial passes
+    @property
+    def n_blocks(self) -> int:
+        return len(self.backbone.blocks)
+
+    def frozen_part(self, cut: int) -> FrozenPart:
+        """The blocks below ``cut`` as a module (pooled when ``cut`` is the end)."""
+        return FrozenPart(self.backbone, cut)
+
+    def pooled_from(self, maps: torch.Tensor, cut: int) -> torch.Tensor:
+        """Pooled features from activations at block ``cut``."""
+        return self.backbone.forward_maps(maps, start=cut).mean(dim=(2, 3))
+
+    def forward_from(self, maps: torch.Tensor, cut: int) -> torch.Tensor:
+        """Logits from activations at block ``cut`` (pooled features when ``cut`` is the
+        end)."""
+        if cut == self.n_blocks:
+            return self.head(maps)
+        return self.head(self.pooled_from(maps, cut))
+
+    def activation_bytes(self, cut: int, img_size: int) -> int:
+        """Bytes of one image's activations at ``cut`` (fp32), by running a blank image."""
+        if cut >= self.n_blocks:
+            return self.backbone.num_features * 4
+        with torch.no_grad():
+            device = next(self.parameters()).device
+            x = torch.zeros(1, 3, img_size, img_size, device=device)
+            x = self.eval().backbone.forward_maps(x, 0, cut)
+        return x.numel() * 4
 
     # ------------------------------------------------------------------ freezing
     def freeze_backbone(self) -> None:
@@ -171,3 +249,36 @@ def load_model(path: str | Path) -> GraftModel:
     except RuntimeError as exc:
         raise WeightsError(f"{path} does not match its own description: {exc}") from exc
     return model.eval()
+
+
+class FrozenPart(nn.Module):
+    """The backbone up to block ``cut`` (pooled to vectors when ``cut`` is the end): what a
+    frozen pass computes and the feature cache stores."""
+
+    def __init__(self, backbone: Backbone, cut: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(list(backbone.blocks[:cut]))
+        self.pool = cut == len(backbone.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x.mean(dim=(2, 3)) if self.pool else x
+
+
+class Top(nn.Module):
+    """The learning part of the model as one module: the blocks from ``cut`` up and the
+    head, from activations at the cut. ``below=True`` takes images and also runs the frozen
+    blocks under the cut, without gradients (fine-tuning on images)."""
+
+    def __init__(self, model: GraftModel, cut: int, below: bool = False):
+        super().__init__()
+        self.model, self.cut, self.below = model, cut, below
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.below and self.cut > 0:
+            with torch.no_grad():
+                x = self.model.backbone.forward_maps(x, 0, self.cut)
+        if self.below and self.cut == 0:
+            return self.model(x)
+        return self.model.forward_from(x, self.cut)

@@ -21,7 +21,7 @@ from .io import atomic_save
 STAGE_COLOURS = {"frozen": "#e8f0fe", "fine-tune": "#fef3e2"}
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     atomic_save(
         Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     )
@@ -38,7 +38,7 @@ def plot_class_counts(counts: dict[str, int], path: Path) -> None:
     ax.set_title(f"Images per class ({sum(values)} in {len(names)} classes)")
     ax.set_xlim(0, max(values) * 1.12 + 1)
     ax.spines[["top", "right"]].set_visible(False)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_learning_curves(
@@ -119,7 +119,7 @@ def plot_learning_curves(
             ax.set_xlim(0.5, max(steps) + 0.5)
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle(title, y=1.04)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion_matrix(
@@ -149,7 +149,7 @@ def plot_confusion_matrix(
                         color="white" if share[i, j] > 0.5 else "black",
                     )
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_prediction_grid(
@@ -169,7 +169,7 @@ def plot_prediction_grid(
         ax.imshow(image)
         ax.set_title(f"{line1}\n{line2}", fontsize=9, color=colours[correct])
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_reliability(calib: dict, path: Path, title: str = "Calibration") -> None:
@@ -211,7 +211,7 @@ def plot_reliability(calib: dict, path: Path, title: str = "Calibration") -> Non
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     ax.spines[["top", "right"]].set_visible(False)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_top_losses(items: Sequence[dict], path: Path, cols: int = 4) -> None:
@@ -223,7 +223,7 @@ def plot_top_losses(items: Sequence[dict], path: Path, cols: int = 4) -> None:
         fig, ax = plt.subplots(figsize=(5, 1.2))
         ax.axis("off")
         ax.text(0.5, 0.5, "No wrong predictions.", ha="center", va="center")
-        _save(fig, path)
+        save_figure(fig, path)
         return
     n = len(items)
     cols = min(cols, n)
@@ -244,4 +244,4 @@ def plot_top_losses(items: Sequence[dict], path: Path, cols: int = 4) -> None:
         )
     fig.suptitle("Most confidently wrong", fontsize=11)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

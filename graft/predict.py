@@ -16,15 +16,20 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS, ImageFiles, _iter_files, build_transform, make_loader
-from .errors import DataError, UsageError
+from ._malloc import tune_malloc
+from .data import IMAGE_EXTENSIONS, ImageFiles, build_transform, iter_files, make_loader
+from .errors import UsageError
 from .model import GraftModel, load_model
+from .runtime import rank_classes
+
+if TYPE_CHECKING:
+    from .device import Device
 
 
 @dataclass
@@ -67,32 +72,34 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out.extend(f for f in _iter_files(p) if f.suffix.lower() in IMAGE_EXTENSIONS)
+            out.extend(f for f in iter_files(p) if f.suffix.lower() in IMAGE_EXTENSIONS)
         else:
             out.append(p)  # missing or unreadable files become per-file errors
     return out
 
 
 class Predictor:
-    """Batched inference with the fastest correct engine (ONNX Runtime on CPU when installed,
-    else PyTorch). ``onnx_path`` keeps the exported graph for reuse (a run's ``model.onnx``)."""
+    """Batched inference with the fastest correct engine (OpenVINO or ONNX Runtime on CPU when
+    installed, else PyTorch; graft.engines). ``onnx_path`` keeps the exported graph for
+    reuse (a run's ``model.onnx``)."""
 
     def __init__(
         self,
         model: GraftModel,
-        engine: Any = None,
+        device: Device | None = None,
         workers: int = 0,
         onnx_path: Path | None = None,
         backend: str = "auto",
         tta: bool = False,
     ):
+        from .device import choose_device
         from .engines import Probabilities, TorchRunner, make_runner
-        from .train import choose_engine
 
+        tune_malloc()
         self.model = model.eval()
-        self.engine = engine or choose_engine()
-        self.model.to(self.engine.device)
-        if self.engine.channels_last:
+        self.device = device or choose_device()
+        self.model.to(self.device.device)
+        if self.device.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.info = model.info
         self.classes = list(model.info.classes)
@@ -104,10 +111,10 @@ class Predictor:
         self.notes: list[str] = []
         graph = Probabilities(self.model)
         if backend == "torch":
-            self.runner = TorchRunner(graph, self.engine)
+            self.runner = TorchRunner(graph, self.device)
         else:
             self.runner = make_runner(
-                graph, self.info.img_size, self.engine, onnx_path, notes=self.notes
+                graph, self.info.img_size, self.device, onnx_path, notes=self.notes
             )
 
     @classmethod
@@ -162,10 +169,8 @@ class Predictor:
         return probs, failed
 
     def _prediction(self, path: str | Path, p: np.ndarray, top_k: int) -> Prediction:
-        k = max(1, min(top_k, len(self.classes)))
-        order = np.argsort(-p)[:k]
-        top = [(self.classes[j], float(p[j])) for j in order]
-        return Prediction(str(path), top, unknown=top[0][1] < self.info.unknown_threshold)
+        top, unknown = rank_classes(p, self.classes, top_k, self.info.unknown_threshold)
+        return Prediction(str(path), top, unknown=unknown)
 
     def iter_predict(
         self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32
@@ -193,15 +198,6 @@ class Predictor:
         return [p for batch in self.iter_predict(paths, top_k, batch_size) for p in batch]
 
 
-def predict_paths(
-    run: str | Path, inputs: Iterable[str | Path], top_k: int = 3
-) -> list[Prediction]:
-    paths = expand_inputs(inputs)
-    if not paths:
-        raise DataError("No images to predict: the folders given hold no image files.")
-    return Predictor.from_run(run).predict(paths, top_k)
-
-
 # --------------------------------------------------------------------------- streaming
 
 
@@ -217,11 +213,23 @@ class StreamStats:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
-def _csv_header(k: int) -> list[str]:
+def csv_header(k: int) -> list[str]:
+    """The columns of predictions as CSV (``graft predict --csv`` and ``--out FILE.csv``)."""
     header = ["path", "label", "error"]
     for i in range(1, k + 1):
         header += [f"class_{i}", f"probability_{i}"]
     return header
+
+
+def csv_row(prediction: Prediction, k: int) -> list[str]:
+    """One prediction under :func:`csv_header` ``(k)``: ``label`` is the answer or
+    ``unknown`` (empty when the file could not be read); rows with fewer than ``k``
+    classes are padded with empty cells."""
+    p = prediction
+    row = [p.path, p.label or "", p.error or ""]
+    for c, prob in p.top[:k]:
+        row += [c, f"{prob:.6f}"]
+    return row + [""] * (len(csv_header(k)) - len(row))
 
 
 def _done_paths(out: Path, fmt: str, header: list[str]) -> set[str]:
@@ -262,7 +270,7 @@ def stream_predictions(
     """
     fmt = "csv" if out.suffix.lower() == ".csv" else "jsonl"
     k = max(1, min(top_k, len(predictor.classes)))
-    header = _csv_header(k)
+    header = csv_header(k)
     done = _done_paths(out, fmt, header)
     todo = [p for p in paths if str(p) not in done]
     started = time.perf_counter()
@@ -279,10 +287,7 @@ def stream_predictions(
                 if writer is None:
                     fh.write(json.dumps(p.to_dict()) + "\n")
                 else:
-                    row = [p.path, p.label or "", p.error or ""]
-                    for c, prob in p.top:
-                        row += [c, f"{prob:.6f}"]
-                    writer.writerow(row)
+                    writer.writerow(csv_row(p, k))
             fh.flush()
             written += len(batch)
             if progress is not None:

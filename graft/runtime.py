@@ -119,6 +119,30 @@ def preprocess(
     return batch
 
 
+def rank_classes(
+    probs: np.ndarray, classes: Sequence[str], top_k: int, unknown_threshold: float
+) -> tuple[list[tuple[str, float]], bool]:
+    """The answer for one image: its ``top_k`` classes and whether it is "unknown".
+
+    ``probs`` is the image's probability vector (one entry per class, in the order of
+    ``classes``). Returns ``(top, unknown)``: ``top`` holds ``(class, probability)`` pairs,
+    most probable first, ``min(top_k, len(classes))`` of them but at least one; equal
+    probabilities keep the order of ``classes``. ``unknown`` is true when the top
+    probability is strictly below ``unknown_threshold``: a probability equal to the
+    threshold is answered, and a threshold of 0 answers everything.
+
+    This is the one place graft turns probabilities into an answer (``graft predict``,
+    ``graft serve`` and exported models all call it), so they cannot disagree.
+    """
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    if len(p) != len(classes) or not len(classes):
+        raise ValueError(f"{len(p)} probabilities for {len(classes)} classes")
+    k = max(1, min(int(top_k), len(classes)))
+    order = np.argsort(-p, kind="stable")[:k]
+    top = [(classes[j], float(p[j])) for j in order]
+    return top, bool(top[0][1] < unknown_threshold)
+
+
 class ExportedModel:
     """An export folder (``graft export``) as a predictor: images in, calibrated
     probabilities out. ``threads`` caps the CPU threads the engine uses."""
@@ -195,10 +219,13 @@ class ExportedModel:
         """Per image: ``label`` ("unknown" below the threshold) and the ``top`` classes."""
         out = []
         for p in self.predict_proba(sources):
-            order = np.argsort(-p)[: max(1, min(top_k, len(self.classes)))]
-            top = [{"class": self.classes[j], "probability": float(p[j])} for j in order]
-            unknown = top[0]["probability"] < self.unknown_threshold
-            out.append({"label": "unknown" if unknown else top[0]["class"], "top": top})
+            top, unknown = rank_classes(p, self.classes, top_k, self.unknown_threshold)
+            out.append(
+                {
+                    "label": "unknown" if unknown else top[0][0],
+                    "top": [{"class": c, "probability": prob} for c, prob in top],
+                }
+            )
         return out
 
 

@@ -35,7 +35,8 @@ from PIL import Image
 
 from . import __version__
 from .errors import RunFolderError
-from .runtime import METADATA_FILE
+from .rundir import REPORT, SUMMARY, RunDir
+from .runtime import METADATA_FILE, rank_classes
 
 MB = 1024 * 1024
 
@@ -90,13 +91,12 @@ class ServedModel:
             self.unknown_threshold = info.unknown_threshold
             self.backbone = info.backbone
             self.folder = resolve_model_file(self.source).parent
-            summary = self.folder / "summary.json"
-            data = json.loads(summary.read_text()) if summary.is_file() else {}
+            data = RunDir(self.folder).read_optional(SUMMARY) or {}
             self.metrics = {k: data[k] for k in ("test", "open_set", "calibration") if k in data}
             self.decode = lambda raw: load_image(raw, info.img_size)
             self.predict_proba = predictor.predict_proba_images
             self.warm_up = predictor.runner.warm_up
-        report = self.folder / "report.html"
+        report = self.folder / REPORT
         self.report: Path | None = report if report.is_file() else None
         self.name = self.folder.name
 
@@ -303,30 +303,101 @@ def _request_body_docs() -> dict[str, Any]:
     }
 
 
-def create_app(source: str | Path, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI application serving ``source`` (a run folder or an export folder)."""
-    settings = settings or ServeSettings()
-    source = Path(source)
-    if not source.exists():
-        raise RunFolderError(f"{source} does not exist: give a run folder or an export folder.")
-    model = ServedModel(source)
-    model.warm_up(settings.max_batch)
-    batcher = Batcher(model.predict_proba, settings.max_batch)
+async def _read_uploads(request: Request, settings: ServeSettings) -> list[Upload]:
+    """The images of one /predict request, within ``settings``' limits (else an HTTP error)."""
+    body = await _read_body(request, settings.max_body)
+    ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith("multipart/form-data"):
+        uploads = await _from_multipart(request.headers, body)
+    elif ctype.startswith("application/json"):
+        uploads = _from_json(body)
+    else:
+        raise HTTPException(
+            415,
+            "Send images as multipart/form-data (field 'file', repeated for several) or "
+            'as JSON {"images": ["<base64>", ...]}; got Content-Type '
+            f"{ctype or 'none'!r}.",
+        )
+    if not uploads:
+        raise HTTPException(400, "No image in the request: add a multipart field named 'file'.")
+    if len(uploads) > settings.max_files:
+        raise HTTPException(
+            413, f"{len(uploads)} images in one request; the limit is {settings.max_files}."
+        )
+    for up in uploads:
+        if not up.data:
+            raise HTTPException(400, f"{up.name} is empty (0 bytes).")
+        if len(up.data) > settings.max_bytes:
+            raise HTTPException(
+                413,
+                f"{up.name} is {len(up.data) / MB:.1f} MB; the limit is "
+                f"{settings.max_mb:g} MB per image.",
+            )
+    return uploads
+
+
+def _answers(
+    model: ServedModel,
+    uploads: list[Upload],
+    decoded: list[tuple[Image.Image | None, int, str]],
+    probs: np.ndarray,
+    top_k: int,
+) -> list[dict[str, Any]]:
+    """One JSON answer per upload, in order: its top classes and label, or its error.
+    ``probs`` has a row for each upload that decoded, in order."""
+    results, row = [], 0
+    for up, (im, _, reason) in zip(uploads, decoded, strict=True):
+        if im is None:
+            results.append({"name": up.name, "error": reason})
+            continue
+        top, unknown = rank_classes(probs[row], model.classes, top_k, model.unknown_threshold)
+        row += 1
+        results.append(
+            {
+                "name": up.name,
+                "label": "unknown" if unknown else top[0][0],
+                "unknown": unknown,
+                "top": [{"class": c, "probability": round(p, 6)} for c, p in top],
+            }
+        )
+    return results
+
+
+def _add_predict_route(
+    app: FastAPI, model: ServedModel, settings: ServeSettings, batcher: Batcher
+) -> None:
+    """POST /predict: decode in a thread pool, run the model through ``batcher``."""
+
+    @app.post("/predict", openapi_extra=_request_body_docs())
+    async def predict(
+        request: Request,
+        top_k: int = Query(settings.top_k, ge=1, le=1000, description="classes per image"),
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        uploads = await _read_uploads(request, settings)
+        decoded = await asyncio.to_thread(lambda: [_decode(model, up) for up in uploads])
+        images = [im for im, _, _ in decoded if im is not None]
+        if not images:
+            status, reason = decoded[0][1], decoded[0][2]
+            raise HTTPException(
+                status, reason if len(decoded) == 1 else f"No usable image: {reason}"
+            )
+        t_decoded = time.perf_counter()
+        probs = await batcher.submit(images)
+        t_done = time.perf_counter()
+        return {
+            "predictions": _answers(model, uploads, decoded, probs, top_k),
+            "timing_ms": {
+                "decode": round(1000 * (t_decoded - started), 2),
+                "inference": round(1000 * (t_done - t_decoded), 2),
+                "total": round(1000 * (time.perf_counter() - started), 2),
+            },
+        }
+
+
+def _add_static_routes(app: FastAPI, model: ServedModel, settings: ServeSettings) -> None:
+    """GET /, /health, /model and /report: the page, liveness, the model, its report."""
     page = (Path(__file__).parent / "web" / "index.html").read_text()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
-        yield
-        await batcher.stop()
-
-    app = FastAPI(
-        title=f"graft: {model.name}",
-        version=__version__,
-        description=f"Image classifier ({model.backbone}, {len(model.classes)} classes).",
-        lifespan=lifespan,
-    )
-    app.state.model, app.state.settings = model, settings
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
@@ -346,78 +417,32 @@ def create_app(source: str | Path, settings: ServeSettings | None = None) -> Fas
             raise HTTPException(404, "This model has no report.html (run `graft report RUN`).")
         return FileResponse(model.report, media_type="text/html")
 
-    @app.post("/predict", openapi_extra=_request_body_docs())
-    async def predict(
-        request: Request,
-        top_k: int = Query(settings.top_k, ge=1, le=1000, description="classes per image"),
-    ) -> dict[str, Any]:
-        started = time.perf_counter()
-        body = await _read_body(request, settings.max_body)
-        ctype = request.headers.get("content-type", "").lower()
-        if ctype.startswith("multipart/form-data"):
-            uploads = await _from_multipart(request.headers, body)
-        elif ctype.startswith("application/json"):
-            uploads = _from_json(body)
-        else:
-            raise HTTPException(
-                415,
-                "Send images as multipart/form-data (field 'file', repeated for several) or "
-                'as JSON {"images": ["<base64>", ...]}; got Content-Type '
-                f"{ctype or 'none'!r}.",
-            )
-        if not uploads:
-            raise HTTPException(400, "No image in the request: add a multipart field named 'file'.")
-        if len(uploads) > settings.max_files:
-            raise HTTPException(
-                413, f"{len(uploads)} images in one request; the limit is {settings.max_files}."
-            )
-        for up in uploads:
-            if not up.data:
-                raise HTTPException(400, f"{up.name} is empty (0 bytes).")
-            if len(up.data) > settings.max_bytes:
-                raise HTTPException(
-                    413,
-                    f"{up.name} is {len(up.data) / MB:.1f} MB; the limit is "
-                    f"{settings.max_mb:g} MB per image.",
-                )
-        decoded = await asyncio.to_thread(lambda: [_decode(model, up) for up in uploads])
-        images = [im for im, _, _ in decoded if im is not None]
-        if not images:
-            status, reason = decoded[0][1], decoded[0][2]
-            raise HTTPException(
-                status, reason if len(decoded) == 1 else f"No usable image: {reason}"
-            )
-        t_decoded = time.perf_counter()
-        probs = await batcher.submit(images)
-        t_done = time.perf_counter()
-        k = min(top_k, len(model.classes))
-        results, row = [], 0
-        for up, (im, _, reason) in zip(uploads, decoded, strict=True):
-            if im is None:
-                results.append({"name": up.name, "error": reason})
-                continue
-            p = probs[row]
-            row += 1
-            order = np.argsort(-p)[:k]
-            top = [{"class": model.classes[j], "probability": round(float(p[j]), 6)} for j in order]
-            unknown = top[0]["probability"] < model.unknown_threshold
-            results.append(
-                {
-                    "name": up.name,
-                    "label": "unknown" if unknown else top[0]["class"],
-                    "unknown": unknown,
-                    "top": top,
-                }
-            )
-        return {
-            "predictions": results,
-            "timing_ms": {
-                "decode": round(1000 * (t_decoded - started), 2),
-                "inference": round(1000 * (t_done - t_decoded), 2),
-                "total": round(1000 * (time.perf_counter() - started), 2),
-            },
-        }
 
+def create_app(source: str | Path, settings: ServeSettings | None = None) -> FastAPI:
+    """The FastAPI application serving ``source`` (a run folder or an export folder)."""
+    settings = settings or ServeSettings()
+    source = Path(source)
+    if not source.exists():
+        raise RunFolderError(f"{source} does not exist: give a run folder or an export folder.")
+    model = ServedModel(source)
+    model.warm_up(settings.max_batch)
+    batcher = Batcher(model.predict_proba, settings.max_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(
+        title=f"graft: {model.name}",
+        version=__version__,
+        description=f"Image classifier ({model.backbone}, {len(model.classes)} classes).",
+        lifespan=lifespan,
+    )
+    app.state.model, app.state.settings = model, settings
+    _add_static_routes(app, model, settings)
+    _add_predict_route(app, model, settings, batcher)
     return app
 
 

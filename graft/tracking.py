@@ -15,19 +15,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import rundir
 from .errors import UsageError
 
 TRACKERS = ("mlflow", "tensorboard")
 #: files of a finished run that are worth keeping beside the metrics
 ARTIFACTS = (
-    "config.json",
-    "summary.json",
-    "history.csv",
+    rundir.CONFIG,
+    rundir.SUMMARY,
+    rundir.HISTORY,
     "learning_curves.png",
     "confusion_matrix.png",
     "reliability.png",
-    "report.html",
-    "model.safetensors",
+    rundir.REPORT,
+    rundir.MODEL,
 )
 
 

@@ -15,8 +15,8 @@ from PIL import Image
 from conftest import FAST
 from graft import TrainConfig, UsageError, fit
 from graft.audit import audit, check_split, explain, near_duplicate_pairs
-from graft.data import groups_from_pattern, make_group_split
 from graft.errors import SplitError
+from graft.split import groups_from_pattern, make_group_split
 
 CLASSES = ("alpha", "beta", "gamma")
 
@@ -207,13 +207,14 @@ def test_default_split_climbs_the_ladder_until_clusters_split() -> None:
     from types import SimpleNamespace
 
     from graft.progress import Reporter
-    from graft.train import _cluster_split
+    from graft.split import _cluster_split
 
     emb, labels = _bridged_sources()
     data = SimpleNamespace(labels=labels, classes=list(CLASSES))
     report = audit([str(i) for i in range(len(labels))], labels, emb, 0.95, looser=[0.9, 0.925])
     config = TrainConfig(group_threshold=0.90, dup_threshold=0.95)
-    subsets, groups, note = _cluster_split(config, data, report, Reporter())
+    split = _cluster_split(config, data, report, Reporter())
+    subsets, groups, note = split.subsets, split.groups, split.note
     # 0.90 makes one cluster, which cannot be split; 0.925 keeps each source apart.
     assert "cosine >= 0.925" in note and "at 0.9:" in note
     assert groups is not None and len(set(groups)) == 30
@@ -225,7 +226,8 @@ def test_default_split_climbs_the_ladder_until_clusters_split() -> None:
     # Nothing splits soundly: by default a loud image-by-image split, by name an error.
     tight = TrainConfig(group_threshold=0.90, dup_threshold=0.90)
     report = audit([str(i) for i in range(len(labels))], labels, emb, 0.90)
-    subsets, groups, note = _cluster_split(tight, data, report, Reporter())
+    split = _cluster_split(tight, data, report, Reporter())
+    subsets, groups, note = split.subsets, split.groups, split.note
     assert groups is None and note == "" and set(subsets) == {"train", "val", "test"}
     with pytest.raises(SplitError, match=r"at 0\.9: Only 1 groups"):
         _cluster_split(replace(tight, group_by="auto"), data, report, Reporter())

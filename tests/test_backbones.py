@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from graft.backbones import BACKBONES, create_backbone, create_imagenet_model, get_spec
+from graft.backbones import BACKBONES, create_imagenet_model, get_spec
 from graft.errors import UsageError, WeightsError
+from graft.model import create_backbone
 
 
 def test_every_registry_entry_is_complete() -> None:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import io
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from graft.cli import main
+from conftest import FAST, cli_args
+from graft.cli import build_parser, config_from_args, main
+from graft.config import TrainConfig
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:
@@ -131,3 +140,148 @@ def test_lr_find_command(shapes_dir, tmp_path, capsys):
     )
     assert code == 0 and json.loads(out)["suggested_lr"] > 0
     assert (tmp_path / "lr.png").is_file()
+
+
+# ------------------------------------------------------------ options from TrainConfig fields
+
+
+def subparser(command: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def config_options(command: str) -> dict[str, list[argparse.Action]]:
+    """The options of ``command`` that set a TrainConfig field, by field name."""
+    found: dict[str, list[argparse.Action]] = {}
+    for action in subparser(command)._actions:
+        if action.dest in FIELDS:
+            found.setdefault(action.dest, []).append(action)
+    return found
+
+
+def test_every_train_option_is_a_config_field_with_help():
+    options = config_options("train")
+    assert set(options) == set(FIELDS)  # every field has an option, and nothing else sets one
+    for name, actions in options.items():
+        for action in actions:
+            assert action.help and action.help.strip(), f"--{name} has no help"
+        assert FIELDS[name].metadata["group"]
+
+
+def test_train_help_shows_the_config_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    text = re.sub(r"-\n\s+", "-", capsys.readouterr().out)  # words wrapped at a hyphen
+    blocks = re.split(r"\n(?=  -)", text)
+    defaults = TrainConfig()
+    checked = 0
+    for name, f in FIELDS.items():
+        flag = f.metadata["flag"] or "--" + name.replace("_", "-")
+        block = " ".join(next(b for b in blocks if b.split()[0].rstrip(",") == flag).split())
+        value = getattr(defaults, name)
+        if f.metadata["flag"]:  # a switch: its default is the field's, shown as no value
+            assert "(default:" not in block
+        elif value not in (None, ""):
+            assert f"(default: {value})" in block, block
+            checked += 1
+    assert checked == 27  # the others: 6 fields default to None, track to "", 2 switches
+    sections = {s.split(":\n")[0]: s for s in text.split("\n\n")}
+    assert "--patience" in sections["both stages"] and "--min-delta" in sections["both stages"]
+    assert "--epochs" in sections["stage 1: frozen backbone"]
+    assert "--patience" not in sections["stage 2: fine-tuning"]
+
+
+def test_train_without_options_is_the_default_config():
+    args = build_parser().parse_args(["train", "ROOT", "--out", "X"])
+    assert config_from_args(args) == TrainConfig()
+    args = build_parser().parse_args(["train", "ROOT", "--out", "X", *cli_args(FAST)])
+    assert config_from_args(args) == TrainConfig(**FAST)
+
+
+def test_flag_forms_set_their_fields():
+    flags = ["--no-pretrained", "--offline", "--no-trim", "--no-cache", "--unfreeze", "all"]
+    args = build_parser().parse_args(["train", "ROOT", "--out", "X", *flags])
+    config = config_from_args(args)
+    assert (config.pretrained, config.allow_download, config.trim) == (False, False, False)
+    assert config.cache_dir == "" and config.unfreeze == "all"
+    args = build_parser().parse_args(["train", "R", "--trim", "--cache-dir", "/c", "--lr", "0.1"])
+    config = config_from_args(args)
+    assert config.trim is True and config.cache_dir == "/c" and config.lr == 0.1
+
+
+@pytest.mark.parametrize("command", ["scan", "lr-find"])
+def test_scan_and_lr_find_share_train_defaults(command):
+    train = config_options("train")
+    options = config_options(command)
+    assert {"backbone", "img_size", "cache_dir"} <= set(options)
+    for name, actions in options.items():
+        for mine, theirs in zip(actions, train[name], strict=True):
+            assert mine.option_strings == theirs.option_strings
+            assert mine.default == theirs.default == FIELDS[name].default
+            assert mine.type is theirs.type
+    argv = [command, "ROOT"]
+    assert config_from_args(build_parser().parse_args(argv)) == TrainConfig()
+    if command == "lr-find":
+        assert {"seed", "head", "batch_size", "weights", "allow_download", "trim"} <= set(options)
+        args = build_parser().parse_args([*argv, "--seed", "7", "--offline", "--no-trim"])
+        assert config_from_args(args) == TrainConfig(seed=7, allow_download=False, trim=False)
+
+
+def test_scan_refuses_a_bad_option_value_before_reading_anything(capsys, tmp_path):
+    code, _, err = run(["scan", tmp_path / "none", "--img-size", "8"], capsys)
+    assert code == 2 and "--img-size 8 is not valid" in err
+
+
+def test_help_and_usage_errors_do_not_import_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from graft.cli import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['predict', '--help'], ['train', '-x']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), "
+        "contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try: main(argv)\n"
+        "        except SystemExit: pass\n"
+        "heavy = {'torch', 'torchvision', 'timm', 'numpy', 'rich'} & set(sys.modules)\n"
+        "print(sorted(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_malloc_is_tuned_once_arguments_are_parsed(monkeypatch, tmp_path, capsys):
+    import graft._malloc
+
+    calls = []
+    monkeypatch.setattr(graft._malloc, "tune_malloc", lambda: calls.append(1) or True)
+    with pytest.raises(SystemExit):
+        main(["report"])  # an argument error: no work starts
+    assert calls == []
+    assert main(["report", str(tmp_path)]) == 6
+    assert calls == [1]
+
+
+def test_predict_csv_has_the_columns_of_the_out_csv(trained_run, unseen_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a png")
+    images = [*sorted(unseen_dir.rglob("*.png"))[:3], bad]
+    code, printed, _ = run(["predict", trained_run, *images, "--csv", "--top-k", 2], capsys)
+    assert code == 7
+    out = tmp_path / "preds.csv"
+    assert run(["predict", trained_run, *images, "--out", out, "--top-k", 2], capsys)[0] == 7
+    shown = list(csv.reader(io.StringIO(printed)))
+    with open(out, newline="") as fh:
+        written = list(csv.reader(fh))
+    assert (
+        shown[0]
+        == written[0][:7]
+        == ["path", "label", "error", "class_1", "probability_1", "class_2", "probability_2"]
+    )
+    assert shown[0] == written[0]
+    # the same rows (probabilities may differ in the last digit between batchings)
+    assert [r[:4] + r[5:6] for r in shown] == [r[:4] + r[5:6] for r in written]
+    assert all(len(r) == 7 for r in shown + written)
+    labels = [r[1] for r in shown[1:]]
+    assert labels[-1] == "" and all(labels[:3])  # the answer or "unknown"; none for bad.png

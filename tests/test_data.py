@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from conftest import SHAPES, draw_shape, make_dataset
-from graft.data import build_transform, load_image, make_split, read_split, scan, write_split
+from graft.data import build_transform, load_image, scan
 from graft.errors import DataError, SplitError
+from graft.split import make_split, read_split, write_split
 
 
 def test_scan_counts_nested_case_insensitive_and_ignores_hidden(shapes_dir: Path) -> None:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from graft.diagnose import diagnose
-from graft.train import EpochRecord
+from graft.rundir import EpochRecord
 
 
 def hist(rows: list[tuple[float, float, float, float]], stage: str = "frozen") -> list:

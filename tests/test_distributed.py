@@ -39,8 +39,14 @@ def _torchrun(*args: str) -> list[str]:
 
 
 def _env(cache: Path) -> dict[str, str]:
-    # A cache of its own, so the backbone passes really are split across the ranks.
-    return {**os.environ, "GRAFT_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    # A cache of its own, so the backbone passes really are split across the ranks. fp32:
+    # on a CPU with native bf16, autocast rounds a half batch differently from a whole one.
+    return {
+        **os.environ,
+        "GRAFT_CACHE_DIR": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "GRAFT_PRECISION": "fp32",
+    }
 
 
 def _max_weight_diff(a: Path, b: Path) -> float:

@@ -12,19 +12,25 @@ import torch
 
 from conftest import FAST, draw_shape
 from graft import TrainConfig, fit
-from graft.backbones import create_backbone
 from graft.data import ImageFiles, build_transform, scan
+from graft.device import choose_device
 from graft.engines import (
     ONNX_ATOL,
-    FrozenPart,
     OnnxRunner,
     OpenVinoRunner,
     TorchRunner,
     export_onnx,
     make_runner,
 )
+from graft.model import FrozenPart, create_backbone
 from graft.predict import Predictor
-from graft.train import choose_engine
+
+
+@pytest.fixture(autouse=True)
+def fp32_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engines run fp32; so must the PyTorch they are compared with, also on a CPU with
+    native bf16, where graft would otherwise pick bf16 autocast."""
+    monkeypatch.setenv("GRAFT_PRECISION", "fp32")
 
 
 @pytest.mark.parametrize(("wanted", "kind"), [("", OpenVinoRunner), ("onnxruntime", OnnxRunner)])
@@ -45,7 +51,7 @@ def test_fast_prediction_matches_pytorch(
 
 def test_fast_frozen_features_match_pytorch(shapes_dir: Path, monkeypatch) -> None:
     backbone, _ = create_backbone("efficientnet_lite0")
-    engine = choose_engine()
+    engine = choose_device()
     data = scan(shapes_dir)
     files = ImageFiles(data.paths[:12], None, build_transform(64, (0.5,) * 3, (0.5,) * 3), 64)
     x = torch.stack([files[i][0] for i in range(12)])

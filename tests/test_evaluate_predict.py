@@ -121,7 +121,7 @@ def test_damaged_model_file_is_a_clear_error(
 
 
 def test_wilson_interval_and_calibration_numbers() -> None:
-    from graft.evaluate import calibration, fit_temperature, wilson
+    from graft.metrics import calibration, fit_temperature, wilson
 
     lo, hi = wilson(9, 10)
     assert 0.59 < lo < 0.6 and 0.98 < hi < 0.99  # the textbook values 0.596-0.982
@@ -161,7 +161,7 @@ def test_evaluation_reports_intervals_calibration_and_top_losses(trained_run: Pa
 
 
 def test_unknown_threshold_keeps_the_target_precision() -> None:
-    from graft.evaluate import choose_unknown_threshold, open_set_stats
+    from graft.metrics import choose_unknown_threshold, open_set_stats
 
     rng = np.random.default_rng(0)
     n = 300

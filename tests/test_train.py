@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import FAST, make_dataset
 from graft import RunExistsError, TrainConfig, fit
-from graft.backbones import create_backbone
 from graft.errors import SplitError, UsageError
+from graft.model import create_backbone
 
 
 def test_run_folder_describes_itself(trained_run: Path, shapes_dir: Path) -> None:

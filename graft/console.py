@@ -1,0 +1,108 @@
+"""What ``graft scan``, ``graft evaluate`` and ``graft predict`` print for a person: rich tables.
+
+Only the CLI imports this module, inside its commands, so ``graft --help`` never loads rich.
+Every file name and message passes through :func:`display` first: names that are not UTF-8
+print with U+FFFD, and brackets in them are not taken for rich markup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .io import display as _display
+
+
+def display(text: object) -> str:
+    """Printable in the terminal: non-UTF-8 bytes replaced, rich markup characters escaped."""
+    return escape(_display(text))
+
+
+def print_scan(data: Any, findings: list[str], audit_summary: dict | None, plot: Path) -> None:
+    """Counts per class, files left out, warnings and audit findings of ``graft scan``."""
+    console = Console()
+    table = Table(title=f"{data.root}")
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    table.add_column("share", justify="right")
+    total = len(data.paths)
+    for name, n in data.counts.items():
+        table.add_row(name, str(n), f"{n / total:.1%}")
+    table.add_row("[bold]total", f"[bold]{total}", "")
+    console.print(table)
+    if data.skipped:
+        console.print(f"[yellow]{len(data.skipped)} file(s) could not be decoded and are left out:")
+        for p, reason in data.skipped:
+            console.print(f"  {display(p)}: {display(reason)}")
+    if data.unsupported:
+        console.print(f"{len(data.unsupported)} file(s) with unsupported extensions ignored.")
+    for w in data.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    for f in findings:
+        console.print(f"[yellow]audit:[/] {display(f)}")
+    if audit_summary is not None and not findings:
+        console.print("audit: no duplicates or near-duplicates found.")
+    console.print(f"Bar chart: {plot}")
+
+
+def print_evaluation(result: dict) -> None:
+    """The metrics table of ``graft evaluate`` and the notes under it."""
+    console = Console()
+    lo, hi = result["accuracy_ci95"]
+    table = Table(
+        title=f"{result['data']}: accuracy {result['accuracy']:.1%} "
+        f"(95% CI {lo:.1%}-{hi:.1%}) on {result['n']} images, loss {result['loss']:.3f}, "
+        f"calibration error {result['calibration']['ece']:.3f}",
+        title_justify="left",
+    )
+    for col in ("class", "precision", "recall", "recall 95% CI", "F1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, m in result["per_class"].items():
+        table.add_row(
+            name,
+            f"{m['precision']:.3f}",
+            f"{m['recall']:.3f}",
+            f"{m['recall_ci95'][0]:.2f}-{m['recall_ci95'][1]:.2f}",
+            f"{m['f1']:.3f}",
+            str(m["support"]),
+        )
+    console.print(table)
+    if "tta_effect" in result:
+        t = result["tta_effect"]
+        console.print(
+            f"TTA: accuracy {t['accuracy_without']:.1%} -> {t['accuracy_with']:.1%}, "
+            f"loss {t['loss_without']:.3f} -> {t['loss_with']:.3f}"
+        )
+    o = result["open_set"]
+    if o["threshold"] > 0:
+        console.print(
+            f"Open set: below {o['threshold']:.1%} confidence the answer is "
+            f"'unknown': {o['coverage']:.1%} answered, "
+            f"{o['answered_accuracy']:.1%} of those right."
+        )
+    for c in result["most_confused"]:
+        console.print(f"confused: {c['true']} taken for {c['predicted']} ({c['count']}x)")
+    for f in result["failed"]:
+        console.print(f"[yellow]skipped[/] {display(f['path'])}: {display(f['reason'])}")
+    console.print(f"Confusion matrix: {Path(result['output_dir']) / 'confusion_matrix.png'}")
+
+
+def print_predictions(preds: Sequence[Any]) -> None:
+    """One row per image of ``graft predict``: the answer and the next classes."""
+    table = Table()
+    table.add_column("image", overflow="fold", ratio=3)
+    table.add_column("prediction", no_wrap=True)
+    table.add_column("next classes", ratio=2)
+    for p in preds:
+        if p.error:
+            table.add_row(display(p.path), "[red]error", display(p.error))
+            continue
+        best, prob = p.top[0]
+        answer = f"unknown (best {best} {prob:.1%})" if p.unknown else f"{best} {prob:.1%}"
+        table.add_row(display(p.path), answer, ", ".join(f"{c} {q:.1%}" for c, q in p.top[1:]))
+    Console().print(table)

@@ -1,0 +1,164 @@
+"""Frozen features: the backbone's outputs below a cut, computed once per image (and per
+augmented view) and kept in the on-disk cache.
+
+One path serves everything that needs them: training (activations at the fine-tuning cut,
+or pooled features), the duplicate audit of ``graft scan`` and ``graft train``, the
+learning-rate finder and ``--backbone auto``. All of them preprocess with the transform the
+model's own description gives (input size, normalisation, background trim), so they see the
+same pixels and share the cache.
+
+    features = FrozenFeatures(model, weights_source, cut=model.n_blocks)
+    pooled = features.views(data, range(len(data.paths)))      # [N, num_features]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .cache import FeatureCache, item_seed, open_cache
+from .data import ImageFiles, ScanResult, build_transform, make_loader
+from .device import Device, choose_device
+from .engines import Runner, make_runner
+from .errors import DataError
+from .model import GraftModel
+from .progress import Reporter
+
+__all__ = ["FrozenFeatures", "extract", "logits_cached", "pool_cached"]
+
+
+@torch.no_grad()
+def extract(
+    runner: Runner,
+    dataset: ImageFiles,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    reporter: Reporter,
+    label: str,
+) -> torch.Tensor:
+    """Run the frozen part of the backbone once over ``dataset``; returns its outputs in
+    dataset order (activations at the cut, or pooled feature vectors)."""
+    loader = make_loader(dataset, batch_size, shuffle=False, seed=seed, workers=workers)
+    out: torch.Tensor | None = None
+    with reporter.bar(label, len(dataset)) as advance:
+        for batch in loader:
+            if batch["failed"]:
+                # Files were checked by scan; one that breaks now (changed on disk) is fatal
+                # for a cache that must hold every image, so say which one.
+                index, reason = batch["failed"][0]
+                raise DataError(f"{dataset.paths[index]} could not be read any more: {reason}")
+            maps = runner(batch["images"])
+            if out is None:
+                out = torch.empty((len(dataset), *maps.shape[1:]), dtype=torch.float32)
+            out[batch["index"]] = maps
+            advance(len(batch["index"]))
+    assert out is not None
+    return out
+
+
+class FrozenFeatures:
+    """The frozen part of ``model`` below block ``cut``, run over images through the cache.
+
+    View 0 is the clean (unaugmented) image; views 1.. are augmented with ``augment``, each
+    image's augmentation seeded from its own content hash, the view and ``seed``.
+    """
+
+    def __init__(
+        self,
+        model: GraftModel,
+        weights_source: str,
+        cut: int | None = None,
+        *,
+        cache_dir: str | None = None,
+        augment: str = "none",
+        seed: int = 0,
+        workers: int = 0,
+        device: Device | None = None,
+        reporter: Reporter | None = None,
+        ddp: Any = None,
+        notes: list[str] | None = None,
+    ):
+        info = model.info
+        self.cut = model.n_blocks if cut is None else cut
+        self.img_size, self.augment, self.seed = info.img_size, augment, seed
+        self.workers, self.ddp = workers, ddp
+        self.reporter = reporter or Reporter()
+        self.device = device or choose_device()
+        self.transforms = {
+            "clean": build_transform(info.img_size, info.mean, info.std, "none", info.trim),
+            "augmented": build_transform(info.img_size, info.mean, info.std, augment, info.trim),
+        }
+        self.cache: FeatureCache = open_cache(
+            cache_dir,
+            info.backbone,
+            weights_source,
+            info.img_size,
+            self.cut,
+            model.n_blocks,
+            info.trim,
+        )
+        self.runner = make_runner(
+            model.frozen_part(self.cut), info.img_size, self.device, notes=notes
+        )
+
+    def views(
+        self,
+        data: ScanResult,
+        indices: Sequence[int],
+        view: int = 0,
+        label: str = "Computing backbone features",
+    ) -> torch.Tensor:
+        """Outputs for ``data``'s images at ``indices`` (view 0: clean), in that order;
+        only images missing from the cache are computed."""
+        indices = list(indices)
+        shas = [data.sha256[i] for i in indices]
+        name = "clean" if view == 0 else f"{self.augment}-seed{self.seed}-view{view}"
+        files = ImageFiles(
+            [data.paths[i] for i in indices],
+            [data.labels[i] for i in indices],
+            self.transforms["clean" if view == 0 else "augmented"],
+            self.img_size,
+            [item_seed(h, view, self.seed) for h in shas] if view else None,
+        )
+        return self.cache.get_or_compute(
+            name,
+            shas,
+            lambda missing: extract(
+                self.runner,
+                files.subset(missing),
+                64,
+                self.workers,
+                self.seed,
+                self.reporter,
+                label,
+            ),
+            self.ddp,
+        )
+
+
+@torch.no_grad()
+def _batched(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    maps: torch.Tensor,
+    device: Device,
+    batch: int = 256,
+) -> torch.Tensor:
+    """``fn`` over cached activations in batches, on the device, results on CPU."""
+    out = []
+    for i in range(0, len(maps), batch):
+        with device.context():
+            out.append(fn(device.prepare(maps[i : i + batch])).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def logits_cached(model: GraftModel, maps: torch.Tensor, cut: int, device: Device) -> torch.Tensor:
+    """Logits from activations cached at block ``cut``."""
+    return _batched(lambda x: model.forward_from(x, cut), maps, device)
+
+
+def pool_cached(model: GraftModel, maps: torch.Tensor, cut: int, device: Device) -> torch.Tensor:
+    """Pooled features from activations cached at block ``cut`` (frozen top, no grad)."""
+    return _batched(lambda x: model.pooled_from(x, cut), maps, device)

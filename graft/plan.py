@@ -1,0 +1,127 @@
+"""The shape of a training run, shared by its steps (graft.train, graft.stages,
+graft.finish): :class:`Run` (options, run folder, reporting), :class:`Plan` (where the
+backbone is cut and what is cached) and :class:`Features` (the cached inputs of both stages).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .data import ScanResult
+from .distributed import Dist
+from .model import GraftModel
+from .progress import Reporter
+from .rundir import RunDir
+
+__all__ = ["CUT_CACHE_BUDGET", "Features", "Plan", "Run", "describe_plan", "make_plan"]
+
+CUT_CACHE_BUDGET = int(os.environ.get("GRAFT_CUT_CACHE_MB", "2048")) * 2**20
+
+
+@dataclass
+class Run:
+    """What every step of a run reads: the options, the run folder, where to report."""
+
+    config: TrainConfig
+    dir: RunDir
+    reporter: Reporter
+    tracker: Any
+    ddp: Dist
+    resume: bool
+    workers: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """Where the backbone is cut and what is cached (chosen once, printed, saved)."""
+
+    n_blocks: int
+    unfreeze: int  # blocks that learn in stage 2
+    cut: int  # the first block that learns in stage 2 (n_blocks: only the head)
+    extract_at: int  # where the cache stores outputs (cut when they fit, else the end)
+    views: int  # cached views per training image (view 0 is the clean one)
+    stages: list[str]
+    text: str = ""
+
+    @property
+    def cache_cut(self) -> bool:
+        return self.extract_at < self.n_blocks
+
+
+@dataclass
+class Features:
+    """The cached inputs of both stages, at ``plan.extract_at``, and the split's labels."""
+
+    paths: dict[str, list[Path]]
+    labels: dict[str, torch.Tensor]
+    train: torch.Tensor  # [views, N, ...]
+    val: torch.Tensor
+    class_weights: torch.Tensor | None = None
+    class_weights_note: str = ""
+    unseen: ScanResult | None = None
+    unseen_maps: torch.Tensor | None = None
+    unseen_labels: torch.Tensor | None = None
+
+
+def make_plan(run: Run, model: GraftModel, n_images: int) -> Plan:
+    """Where to cut the backbone, and whether the activations at the cut fit the cache."""
+    config, n_blocks = run.config, model.n_blocks
+    unfreeze = n_blocks if config.unfreeze == "all" else min(int(config.unfreeze), n_blocks)
+    cut = n_blocks - unfreeze if config.fine_tune_epochs else n_blocks
+    views = 1 if config.augment == "none" else config.views
+    n_train = n_images * (1 - config.test_size - config.val_size)
+    cut_bytes = model.activation_bytes(cut, config.img_size) * ((views - 1) * n_train + n_images)
+    cache_cut = 0 < cut < n_blocks and cut_bytes <= CUT_CACHE_BUDGET
+    if not cache_cut and 0 < cut < n_blocks:
+        run.reporter.info(
+            f"Activations at the cut would take {cut_bytes / 2**20:.0f} MB: fine-tuning "
+            "runs on images, with the frozen blocks under no_grad."
+        )
+    stages = [
+        s for s, n in (("frozen", config.epochs), ("fine-tune", config.fine_tune_epochs)) if n
+    ]
+    plan = Plan(n_blocks, unfreeze, cut, cut if cache_cut else n_blocks, views, stages)
+    plan.text = describe_plan(config, plan, run.workers)
+    if run.ddp.active:
+        from .distributed import backend
+
+        plan.text += (
+            f" Distributed: {run.ddp.world} processes ({backend()}); the backbone passes and "
+            "each batch are split across them."
+        )
+    return plan
+
+
+def describe_plan(config: TrainConfig, plan: Plan, workers: int) -> str:
+    parts = []
+    if config.epochs:
+        parts.append(
+            f"stage 1 trains the head for up to {config.epochs} epochs on cached backbone "
+            f"features ({plan.views} view{'s' if plan.views > 1 else ''} per training image, "
+            f"augment={config.augment}): the backbone runs once per view, not once per epoch"
+        )
+    if config.fine_tune_epochs:
+        where = (
+            "on cached activations at the cut, so an epoch runs only the unfrozen top"
+            if plan.cache_cut
+            else "on freshly decoded, augmented images"
+        )
+        parts.append(
+            f"stage 2 fine-tunes the last {plan.unfreeze}/{plan.n_blocks} blocks for up to "
+            f"{config.fine_tune_epochs} epochs {where}"
+        )
+    parts.append(
+        f"early stopping after {config.patience} epochs without the validation loss "
+        f"dropping by more than {config.min_delta:g}"
+        if config.patience
+        else "no early stopping"
+    )
+    parts.append(f"{workers} decoding worker(s)")
+    return "; ".join(parts) + "."
