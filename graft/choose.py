@@ -98,7 +98,8 @@ def choose_backbone(
         seconds[name] = time.perf_counter() - t0
         del model
     first = next(iter(embedded))
-    split = choose_split(config, data, audit_for_split(config, data, embedded[first]), reporter)
+    report = audit_for_split(config, data, embedded[first])
+    split = choose_split(config, data, report, reporter, embedded[first])
     side = np.asarray(split.subsets)
     train, val = np.nonzero(side == "train")[0], np.nonzero(side == "val")[0]
     y = np.asarray(data.labels)

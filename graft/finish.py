@@ -19,7 +19,7 @@ from .features import logits_cached
 from .model import GraftModel
 from .plan import Features, Plan, Run
 from .rundir import EpochRecord, Summary
-from .split import Split
+from .split import Split, class_shares, share_problems
 
 __all__ = ["Calibration", "calibrate", "describe_kept", "finish", "report_result"]
 
@@ -155,6 +155,15 @@ def finish(
         backbone_choice=None,
         unseen=unseen,
         diagnosis=diagnosis.to_dict(),
+        class_shares=class_shares(split.subsets, data.labels, data.classes),
+        share_warnings=share_problems(
+            split.subsets,
+            data.labels,
+            data.classes,
+            config.test_size,
+            config.val_size,
+            split.groups if split.grouped else None,
+        ),
         audit=rundir.read_optional(rundir.audit.name),
         test={k: test[k] for k in ("accuracy", "accuracy_ci95", "loss", "n")},
         open_set=test["open_set"],

@@ -111,6 +111,8 @@ class Summary(TypedDict, total=False):
     backbone_choice: dict[str, Any] | None
     unseen: dict[str, Any] | None
     diagnosis: dict[str, Any]
+    class_shares: dict[str, dict[str, float]]  # class -> subset -> share of its images
+    share_warnings: list[str]  # classes whose val/test share is outside the bounds
     audit: dict[str, Any] | None
     test: dict[str, Any]
     open_set: dict[str, Any]

@@ -304,7 +304,7 @@ def audit_and_split(
     config, reporter, rundir = run.config, run.reporter, run.dir
     report = audit_for_split(config, data, embeddings)
     if not split.subsets:
-        split = choose_split(config, data, report, reporter)
+        split = choose_split(config, data, report, reporter, embeddings)
     write_split(rundir.split, data, split.subsets, split.groups)
     check_split(report, split.subsets)
     findings = explain(report, data.classes, data.labels, data.paths)
@@ -312,6 +312,8 @@ def audit_and_split(
         reporter.warn(finding)
     if split.note:
         reporter.info(split.note)
+    for problem in split.problems:
+        reporter.warn(f"Split not stratified within bounds: {problem}.")
     draw_examples(
         report, data.paths, data.labels, split.subsets, rundir / "leakage_pairs.png", data.root
     )
