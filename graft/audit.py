@@ -15,6 +15,7 @@ keeps each cluster on one side of the split.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +218,89 @@ def _components(n: int, edges: Sequence[tuple[int, int]]) -> np.ndarray:
     if edges:
         _merge(labels, np.array([e[0] for e in edges]), np.array([e[1] for e in edges]))
     return labels
+
+
+#: A cluster is a class of look-alikes, not a group of one origin, when its members are
+#: spread (1 - mean pairwise cosine) at least this fraction of their class's typical spread...
+LOOKALIKE_SPREAD = 0.5
+#: ... or when it holds more than this share of its class.
+LOOKALIKE_SHARE = 0.5
+
+
+def _spread(x: np.ndarray) -> float:
+    """1 - the mean cosine similarity of the distinct pairs among unit rows ``x``."""
+    n = len(x)
+    if n < 2:
+        return 0.0
+    total = x.sum(0, dtype=np.float64)
+    return float(1 - (total @ total - n) / (n * (n - 1)))
+
+
+def split_lookalikes(
+    clusters: np.ndarray,
+    embeddings: np.ndarray,
+    labels: Sequence[int],
+    threshold: float,
+    floor: np.ndarray,
+    floor_threshold: float,
+    step: float = 0.025,
+) -> tuple[np.ndarray, int]:
+    """Re-cluster, at ever tighter similarity, the clusters at ``threshold`` that are
+    look-alikes rather than near-copies: all trousers resemble each other, the frames of one
+    animation resemble each other far more than their class does. Breaking stops at the
+    audit's own clusters (``floor``, at ``floor_threshold``): those are near-copies by
+    definition. Returns cluster ids and how many clusters were broken."""
+    x = np.asarray(embeddings, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    y = np.asarray(labels)
+    size = Counter(y.tolist())
+    spread = {c: _spread(x[y == c]) for c in size}
+    out = np.asarray(clusters, dtype=np.int64).copy()
+    floor = np.asarray(floor, dtype=np.int64)
+    ids, counts = np.unique(out, return_counts=True)
+    todo = [(np.nonzero(out == c)[0], threshold) for c in ids[counts > 1]]
+    fresh, broken = 2 * len(out), 0  # new ids past any image index (the floor's ids)
+    while todo:
+        members, t = todo.pop()
+        main, n_main = Counter(y[members].tolist()).most_common(1)[0]
+        tight = _spread(x[members]) < LOOKALIKE_SPREAD * spread[main]
+        if t >= floor_threshold or (tight and n_main <= LOOKALIKE_SHARE * size[main]):
+            continue  # a group of one origin: kept whole
+        broken += 1
+        finer = t + step
+        if finer >= floor_threshold - 1e-9:
+            out[members] = floor[members]  # the audit's near-copy clusters, as they are
+            continue
+        local = np.arange(len(members))
+        near_duplicate_pairs(x[members], finer, keep=0, clusters=local)
+        for c in np.unique(local):
+            part = members[local == c]
+            out[part] = fresh
+            fresh += 1
+            if len(part) > 1:
+                todo.append((part, finer))
+    return _join(out, floor), broken
+
+
+def _join(*partitions: np.ndarray) -> np.ndarray:
+    """The finest partition coarser than each of ``partitions`` (connected components of
+    "same id in any of them"), as the smallest image index of each part."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(partitions[0])
+    src, dst = [], []
+    for part in partitions:
+        order = np.argsort(part, kind="stable")
+        same = part[order][1:] == part[order][:-1]
+        src.append(order[:-1][same])
+        dst.append(order[1:][same])
+    a, b = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    first = np.full(comp.max() + 1, n, dtype=np.int64)
+    np.minimum.at(first, comp, np.arange(n))
+    return first[comp]
 
 
 def audit(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from graft import TrainConfig
-from graft.audit import audit, grouping_ladder
+from graft.audit import audit, grouping_ladder, split_lookalikes
 from graft.errors import SplitError
 from graft.progress import Reporter
 from graft.split import (
@@ -21,7 +21,6 @@ from graft.split import (
     make_group_split,
     make_split,
     share_problems,
-    split_lookalikes,
 )
 
 DIM = 64
