@@ -73,7 +73,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted(__all__)
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly

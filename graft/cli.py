@@ -296,7 +296,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         if report.near_pairs or report.exact_groups:
             findings.append(
                 "A random train/validation split would put these copies on both sides and "
-                "overstate accuracy: train with --group-by auto (or --group-by REGEX)."
+                "overstate accuracy: `graft train` keeps them on one side by default "
+                "(--group-by none turns that off)."
             )
         audit_summary = report.to_dict(data.paths, data.root)
         if draw_examples(report, data.paths, data.labels, None, pairs_png, data.root):

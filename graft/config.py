@@ -12,6 +12,7 @@ and ``graft lr-find`` from it, so an option's default and meaning are written on
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +99,7 @@ class TrainConfig:
     )
     val_size: float = option(
         0.1,
-        "fraction of the rest used for early stopping and choosing the kept epoch",
+        "fraction of all images used for early stopping and choosing the kept epoch",
         "data",
     )
     seed: int = option(
@@ -270,6 +271,9 @@ class TrainConfig:
         def bad(option: str, value: Any, allowed: str) -> UsageError:
             return UsageError(f"--{option.replace('_', '-')} {value!r} is not valid: {allowed}.")
 
+        if isinstance(self.unfreeze, int) and not isinstance(self.unfreeze, bool):
+            self.unfreeze = str(self.unfreeze)  # unfreeze=2 from the library means "2"
+        self._check_types(bad)
         if self.backbone not in BACKBONES and self.backbone != "auto":
             raise bad("backbone", self.backbone, f"choose auto or one of {', '.join(BACKBONES)}")
         if not (32 <= self.img_size <= 1024):
@@ -317,6 +321,8 @@ class TrainConfig:
             raise bad("min_delta", self.min_delta, "use 0 (any drop counts) or a small loss")
         if self.l2sp < 0:
             raise bad("l2sp", self.l2sp, "use 0 (off) or a positive strength such as 0.01")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", self.weight_decay, "use 0 (off) or a small positive value")
         for name in ("lr", "fine_tune_lr"):
             if not (0.0 < getattr(self, name) < 10.0):
                 raise bad(name, getattr(self, name), "use a positive learning rate such as 1e-3")
@@ -328,6 +334,26 @@ class TrainConfig:
         from .tracking import parse_track
 
         parse_track(self.track)
+
+    def _check_types(self, bad: Any) -> None:
+        """Each field has its annotated type (ints are not bools or floats), and no float
+        is NaN or infinite: one rule for every option, from the CLI or the library."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), str(f.type).replace(" ", "").split("|")
+            if value is None and "None" in kinds:
+                continue
+            if "float" in kinds and isinstance(value, int | float) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    raise bad(f.name, value, "use a finite number")
+                setattr(self, f.name, float(value))
+            elif "int" in kinds and not (isinstance(value, int) and not isinstance(value, bool)):
+                raise bad(f.name, value, "use a whole number")
+            elif "bool" in kinds and not isinstance(value, bool):
+                raise bad(f.name, value, "use True or False")
+            elif kinds == ["str"] and not isinstance(value, str):
+                raise bad(f.name, value, "use text")
+            elif "float" in kinds and not isinstance(value, int | float):
+                raise bad(f.name, value, "use a number")
 
     # ------------------------------------------------------------------ derived values
     @property

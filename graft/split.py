@@ -224,8 +224,18 @@ def _place_groups(
             ],
             dtype=float,
         )
+        # A side takes the group when every class of it stays within its upper bound, or
+        # at least ends closer to its target than without it (a class of three big groups
+        # is better off with one of them in test, even if that overshoots, than with none).
         fits = np.array(
-            [all(have[c][s] + n <= upper[c][s] for c, n in counts[g].items()) for s in SUBSETS]
+            [
+                all(
+                    have[c][s] + n <= upper[c][s]
+                    or abs(have[c][s] + n - target[c][s]) < abs(have[c][s] - target[c][s])
+                    for c, n in counts[g].items()
+                )
+                for s in SUBSETS
+            ]
         )
         weight = lack * fits
         if weight.sum() == 0:  # nowhere it fits and is wanted: where it is lacked most
@@ -448,8 +458,9 @@ def _cluster_split(
         if not problems:
             break
         tried.append(
-            f"at {t:g}: {len(problems)} class{'es' if len(problems) > 1 else ''} outside "
-            "their share bounds"
+            f"at {t:g}: {len(problems)} "
+            + ("classes outside their" if len(problems) > 1 else "class outside its")
+            + " share bounds"
         )
     if found:
         # the rung closest to the bounds (the loosest of equals)

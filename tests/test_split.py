@@ -167,3 +167,14 @@ def test_the_run_reports_each_class_share_and_warns_outside_the_bounds(
     assert result.summary["share_warnings"] == []  # 14 images a class split stratified
     html = (tmp_path / "run" / "report.html").read_text()
     assert "share of its images in each subset" in html
+
+
+def test_a_class_of_three_big_groups_still_gets_test_images() -> None:
+    """Closest to the bounds: one of its groups in test (overshooting) beats none at all."""
+    labels = [0] * 24 + [1] * 24 + [2] * 24
+    groups = [f"t{i // 8}" for i in range(24)] + [str(i) for i in range(24, 72)]
+    subsets = make_group_split(labels, groups, ["tri", "a", "b"], 0.2, 0.1, seed=0)
+    tri = Counter(subsets[:24])
+    assert tri["test"] == 8 and tri["train"] == 16
+    problems = share_problems(subsets, labels, ["tri", "a", "b"], 0.2, 0.1, groups)
+    assert len(problems) == 1 and problems[0].startswith("'tri' has val 0%")
