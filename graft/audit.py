@@ -505,18 +505,9 @@ def audit_dataset(
     background trim, so ``graft scan`` and ``graft train`` compare the same pixels."""
     import torch
 
-    from .backbones import get_spec
     from .features import FrozenFeatures
-    from .model import ModelInfo, build_model
 
-    spec = get_spec(config.backbone)
-    info = ModelInfo(
-        config.backbone, config.img_size, spec.mean, spec.std, tuple(data.classes), trim=config.trim
-    )
-    model, source = build_model(info, config.pretrained, config.weights, config.allow_download)
-    features = FrozenFeatures(
-        model, source, cache_dir=config.cache_dir, seed=config.seed, reporter=reporter
-    )
+    features = FrozenFeatures.pretrained(config, data.classes, reporter)
     with torch.no_grad():
         emb = features.views(data, range(len(data.paths)))
     return audit(data.sha256, data.labels, emb.numpy(), config.dup_threshold)

@@ -23,17 +23,16 @@ import shutil
 import tempfile
 import time
 import warnings
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from . import __version__
 from .engines import ONNX_ATOL, Probabilities, export_onnx
 from .errors import RunExistsError, UsageError
 from .model import GraftModel, load_model, resolve_model_file
+from .report import template_environment
 from .rundir import REPORT, RunDir
 from .runtime import METADATA_FILE, MODEL_FILES
 
@@ -131,28 +130,6 @@ def export_metadata(model: GraftModel, fmt: str, run: Path, model_file: Path) ->
     }
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def _fixed(x: float, digits: int) -> str:
-    return f"{x:.{digits}f}"
-
-
-@cache
-def _card_env() -> Environment:
-    env = Environment(
-        loader=FileSystemLoader(Path(__file__).parent / "templates"),
-        autoescape=False,  # Markdown, not HTML
-        undefined=StrictUndefined,  # a misspelt key fails loudly instead of printing nothing
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters.update(pct=_pct, fixed=_fixed)
-    return env
-
-
 def _card_context(model: GraftModel, run: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The values ``model_card.md.j2`` shows, from the model and the run's own files."""
     summary = _read_json(RunDir(run).summary)
@@ -186,7 +163,8 @@ def _card_context(model: GraftModel, run: Path, meta: dict[str, Any]) -> dict[st
 def model_card(model: GraftModel, run: Path, meta: dict[str, Any]) -> str:
     """A Markdown model card written from the run's own files (nothing is claimed that the
     run did not measure)."""
-    return _card_env().get_template("model_card.md.j2").render(_card_context(model, run, meta))
+    template = template_environment(html=False).get_template("model_card.md.j2")
+    return template.render(_card_context(model, run, meta))
 
 
 def export_run(

@@ -104,6 +104,23 @@ class FrozenFeatures:
             model.frozen_part(self.cut), info.img_size, self.device, notes=notes
         )
 
+    @classmethod
+    def pretrained(
+        cls, config: Any, classes: Sequence[str], reporter: Reporter | None = None
+    ) -> FrozenFeatures:
+        """Pooled features of ``config``'s pretrained backbone, preprocessed as a run with
+        ``config`` would (size, normalisation, trim): for the audit of ``graft scan`` and
+        the learning-rate finder."""
+        from .backbones import get_spec
+        from .model import ModelInfo, build_model
+
+        spec = get_spec(config.backbone)
+        info = ModelInfo(
+            config.backbone, config.img_size, spec.mean, spec.std, tuple(classes), trim=config.trim
+        )
+        model, source = build_model(info, config.pretrained, config.weights, config.allow_download)
+        return cls(model, source, cache_dir=config.cache_dir, seed=config.seed, reporter=reporter)
+
     def views(
         self,
         data: ScanResult,

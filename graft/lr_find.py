@@ -32,11 +32,10 @@ def lr_find(
     steps: int = 100,
     reporter: Any = None,
 ) -> dict[str, Any]:
-    from .backbones import get_spec
     from .data import scan
     from .features import FrozenFeatures
     from .loop import class_weights_for
-    from .model import ModelInfo, build_model, make_head
+    from .model import make_head
     from .progress import Reporter
     from .split import make_split
 
@@ -44,14 +43,7 @@ def lr_find(
     data = scan(root, progress=reporter.iter)
     subsets = make_split(data.labels, data.classes, config.test_size, config.val_size, config.seed)
     train = [i for i, s in enumerate(subsets) if s == "train"]
-    spec = get_spec(config.backbone)
-    info = ModelInfo(
-        config.backbone, config.img_size, spec.mean, spec.std, tuple(data.classes), trim=config.trim
-    )
-    model, source = build_model(info, config.pretrained, config.weights, config.allow_download)
-    features = FrozenFeatures(
-        model, source, cache_dir=config.cache_dir, seed=config.seed, reporter=reporter
-    )
+    features = FrozenFeatures.pretrained(config, data.classes, reporter)
     with torch.no_grad():
         feats = features.views(data, train)
     y = torch.tensor([data.labels[i] for i in train])
@@ -60,7 +52,7 @@ def lr_find(
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    head = make_head(model.backbone.num_features, len(data.classes), config.head, config.dropout)
+    head = make_head(feats.shape[1], len(data.classes), config.head, config.dropout)
     head.train()
     optimizer = torch.optim.Adam(head.parameters(), lr=start)
     loss_fn = nn.CrossEntropyLoss(weight=weights)

@@ -72,12 +72,14 @@ def _printable(value: Any) -> Any:
 
 
 @cache
-def _env() -> Environment:
+def template_environment(html: bool = True) -> Environment:
+    """graft's jinja2 templates (``graft/templates``), for the HTML report (escaped) or the
+    Markdown model card (``html=False``)."""
     env = Environment(
         loader=FileSystemLoader(Path(__file__).parent / "templates"),
-        # on: class names, paths and notes come from the user's files and must stay text
-        autoescape=True,
-        finalize=_printable,
+        # HTML: class names, paths and notes come from the user's files and must stay text
+        autoescape=html,
+        finalize=_printable if html else None,
         undefined=StrictUndefined,  # a misspelt key fails loudly instead of printing nothing
         trim_blocks=True,
         lstrip_blocks=True,
@@ -116,7 +118,7 @@ def _report_context(run: Path) -> dict[str, Any]:
 
 def build_report(run: str | Path) -> str:
     run = Path(run)
-    return _env().get_template("report.html.j2").render(_report_context(run))
+    return template_environment().get_template("report.html.j2").render(_report_context(run))
 
 
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:
