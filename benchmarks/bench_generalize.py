@@ -100,7 +100,7 @@ def shared_split(sprites: Path, groups_csv: Path):
     from graft.split import groups_from_csv, make_group_split
 
     data = scan(sprites)
-    groups, _ = groups_from_csv(groups_csv, [data.relpath(p) for p in data.paths])
+    groups, _, _ = groups_from_csv(groups_csv, [data.relpath(p) for p in data.paths])
     subsets = make_group_split(data.labels, groups, data.classes, 0.2, 0.1, seed=42)
     return data, subsets
 

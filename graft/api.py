@@ -3,30 +3,102 @@
 clf = ImageClassifier(backbone="efficientnet_lite0", epochs=10)   # parameters only
 clf.fit("data/pokemon", out="runs/pokemon")                        # returns self
 clf.classes_                     # learned attributes end in "_"
-clf.predict(paths); clf.predict_proba(paths)
+clf.predict(paths); clf.predict_proba(paths)    # a list of paths -> one answer per path
+clf.predict("cat.jpg")                          # a single path -> a single answer
 clf.save("runs/copy"); ImageClassifier.load("runs/pokemon")
+
+Every mistake a caller can make raises a :class:`graft.errors.GraftError` that says what to
+do: NotFittedError before ``fit``/``load``, UsageError for arguments of the wrong kind,
+DataError for images that cannot be read, RunExistsError rather than overwrite a folder,
+SystemResourceError when the system refuses a write (read-only, full disk).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
 from .config import TrainConfig
-from .errors import DataError, NotFittedError, RunExistsError
+from .errors import (
+    DataError,
+    GraftError,
+    NotFittedError,
+    RunExistsError,
+    SystemResourceError,
+    UsageError,
+    os_error_message,
+)
+
+PathLike = str | os.PathLike[str]
+
+
+def _as_path(value: object, what: str) -> Path:
+    if isinstance(value, str | os.PathLike):
+        text = os.fspath(value)
+        if isinstance(text, str) and text.strip():  # Path("") would be the current folder
+            return Path(text)
+    raise UsageError(f"{what} must be a file or folder path (str or Path), not {value!r}.")
+
+
+def _as_paths(paths: object) -> tuple[list[Path], bool]:
+    """``(paths as a list, whether a single path was given)``. A string is one path, never
+    a sequence of one-letter file names."""
+    if isinstance(paths, str | os.PathLike):
+        return [_as_path(paths, "paths")], True
+    if isinstance(paths, bytes | dict) or not isinstance(paths, Iterable):
+        raise UsageError(
+            f"paths must be a path (str or Path) or a list of paths, not {type(paths).__name__}."
+        )
+    return [_as_path(p, "Each of paths") for p in paths], False
+
+
+def _os_error(exc: OSError, action: str) -> GraftError:
+    message = os_error_message(exc, action)
+    if message:
+        return SystemResourceError(message)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return UsageError(f"Could not {action}{where}: {exc.strerror or exc}. Choose another path.")
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    """Copy a run folder's entries into ``target`` (which exists). Unlike
+    ``shutil.copytree`` the first OSError escapes as it is, errno and file name intact, so
+    a full disk or a read-only folder gets its own message."""
+    for root, _dirs, files in os.walk(source):
+        into = target / Path(root).relative_to(source)
+        into.mkdir(exist_ok=True)
+        for name in files:
+            shutil.copy2(Path(root) / name, into / name)
 
 
 class ImageClassifier:
     """Transfer-learning image classifier. Parameters are those of :class:`TrainConfig`."""
 
     def __init__(self, **params: Any):
+        known = set(TrainConfig.__dataclass_fields__)
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise UsageError(
+                f"Unknown parameter(s) {', '.join(unknown)}: ImageClassifier takes those of "
+                f"TrainConfig ({', '.join(sorted(known))})."
+            )
         TrainConfig(**params)  # fail early on bad parameters, with the CLI's messages
         self.params = params
+
+    def __getattr__(self, name: str) -> Any:
+        # Learned attributes (classes_, run_dir_, ...) exist only after fit/load: say so.
+        if name.endswith("_") and not name.startswith("__"):
+            raise NotFittedError(
+                f"This ImageClassifier has no {name} yet: call fit(folder) or "
+                "ImageClassifier.load(run_dir) first."
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def get_params(self) -> dict[str, Any]:
         return dict(self.params)
@@ -34,8 +106,8 @@ class ImageClassifier:
     # ------------------------------------------------------------------ training
     def fit(
         self,
-        folder: str | Path,
-        out: str | Path | None = None,
+        folder: PathLike,
+        out: PathLike | None = None,
         force: bool = False,
         verbose: bool = False,
     ) -> ImageClassifier:
@@ -45,7 +117,13 @@ class ImageClassifier:
         from .progress import Reporter
         from .train import fit
 
-        run = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="graft-run-"))
+        folder = _as_path(folder, "folder")
+        run = _as_path(out, "out") if out is not None else None
+        if run is None:
+            try:
+                run = Path(tempfile.mkdtemp(prefix="graft-run-"))
+            except OSError as exc:
+                raise _os_error(exc, "create a temporary run folder") from exc
         result = fit(
             TrainConfig(**self.params),
             folder,
@@ -62,52 +140,110 @@ class ImageClassifier:
 
     # ------------------------------------------------------------------ inference
     def _check(self) -> Any:
-        if getattr(self, "_predictor", None) is None:
+        if self.__dict__.get("_predictor") is None:
             raise NotFittedError(
                 "This ImageClassifier is not fitted yet. Call fit(folder) or "
                 "ImageClassifier.load(run_dir) first."
             )
         return self._predictor
 
-    def predict_proba(self, paths: Sequence[str | Path]) -> np.ndarray:
-        """Class probabilities, one row per path, columns in ``classes_`` order."""
-        probs, failed = self._check().predict_proba(list(paths))
+    def _proba(self, paths: list[Path]) -> np.ndarray:
+        predictor = self._check()
+        if not paths:
+            return np.zeros((0, len(self.classes_)), dtype=np.float32)
+        probs, failed = predictor.predict_proba(paths)
         if failed:
             lines = "; ".join(f"{paths[i]}: {r}" for i, r in sorted(failed.items()))
-            raise DataError(f"Could not read {len(failed)} image(s): {lines}")
+            raise DataError(
+                f"Could not predict {len(failed)} of {len(paths)} image(s): {lines}. "
+                "Remove or replace them (graft predict reports the rest)."
+            )
         return probs
 
-    def predict(self, paths: Sequence[str | Path]) -> list[str]:
-        probs = self.predict_proba(paths)
-        return [self.classes_[i] for i in probs.argmax(1)]
+    @overload
+    def predict_proba(self, paths: PathLike) -> np.ndarray: ...
+    @overload
+    def predict_proba(self, paths: Iterable[PathLike]) -> np.ndarray: ...
+    def predict_proba(self, paths: PathLike | Iterable[PathLike]) -> np.ndarray:
+        """Class probabilities, columns in ``classes_`` order: for a single path one row
+        ``[n_classes]``; for a list of paths ``[len(paths), n_classes]`` (``[0, n_classes]``
+        for an empty list). Raises DataError naming every image that cannot be read."""
+        items, single = _as_paths(paths)
+        probs = self._proba(items)
+        return probs[0] if single else probs
 
-    def score(self, folder: str | Path) -> float:
+    @overload
+    def predict(self, paths: PathLike) -> str: ...
+    @overload
+    def predict(self, paths: Iterable[PathLike]) -> list[str]: ...
+    def predict(self, paths: PathLike | Iterable[PathLike]) -> str | list[str]:
+        """The most probable class: a single path gives one class name, a list of paths a
+        list of them (empty for an empty list)."""
+        items, single = _as_paths(paths)
+        labels = [self.classes_[i] for i in self._proba(items).argmax(1)]
+        return labels[0] if single else labels
+
+    def score(self, folder: PathLike) -> float:
         """Accuracy on a labelled folder laid out like the training data."""
         from .data import scan
 
-        data = scan(folder, classes=self.classes_)
-        pred = self.predict_proba(data.paths).argmax(1)
+        self._check()
+        data = scan(_as_path(folder, "folder"), classes=self.classes_)
+        pred = self._proba([Path(p) for p in data.paths]).argmax(1)
         return float((pred == np.asarray(data.labels)).mean())
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, force: bool = False) -> Path:
-        """Copy the run folder (model, config, split, history, plots) to ``path``."""
+    def save(self, path: PathLike, force: bool = False) -> Path:
+        """Copy the run folder (model, config, split, history, plots) to ``path``.
+
+        An existing file, or a non-empty folder, is refused (RunExistsError) unless
+        ``force`` is true and it holds a graft run: then only graft's files there are
+        replaced, and files you added are kept. A folder that is not a graft run is never
+        touched. Raises UsageError for the run's own folder (or a folder inside it) and
+        SystemResourceError when the system refuses the write."""
+        from .rundir import RunDir
+
         self._check()
-        path = Path(path)
-        if path.exists() and any(path.iterdir()) if path.is_dir() else path.exists():
+        path = _as_path(path, "path")
+        source = Path(self.run_dir_).resolve()
+        target = path.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise UsageError(
+                f"Cannot save to {path}: it is this classifier's own run folder ({source}), "
+                "inside it or around it. Choose a separate folder."
+            )
+        if path.exists() and not path.is_dir():
+            raise RunExistsError(f"{path} exists and is a file. Choose another path.")
+        if path.is_dir() and any(path.iterdir()):
             if not force:
-                raise RunExistsError(f"{path} exists; pass force=True to replace it.")
-            shutil.rmtree(path)
-        shutil.copytree(self.run_dir_, path)
+                raise RunExistsError(
+                    f"{path} exists and is not empty. Choose another path, or pass force=True "
+                    "to replace the graft run in it."
+                )
+            if RunDir(path).owned() is None:
+                raise RunExistsError(
+                    f"{path} is not a graft run folder, so save() will not touch it even with "
+                    "force=True. Choose another path."
+                )
+        created = not path.exists()
+        try:
+            before = RunDir(path).prepare(force)  # removes only graft's own files there
+        except OSError as exc:
+            raise _os_error(exc, f"save the run to {path}") from exc
+        try:
+            _copy_tree(source, path)
+        except OSError as exc:
+            RunDir(path).discard_new(before, created)  # no half-copied run left behind
+            raise _os_error(exc, f"save the run to {path}") from exc
         return path
 
     @classmethod
-    def load(cls, run: str | Path) -> ImageClassifier:
+    def load(cls, run: PathLike) -> ImageClassifier:
         """A fitted classifier from a run folder written by ``fit``/``graft train``."""
         from .predict import Predictor
         from .rundir import RunDir
 
-        run = Path(run)
+        run = _as_path(run, "run")
         params = {}
         if RunDir(run).config.is_file():
             known = set(TrainConfig.__dataclass_fields__)

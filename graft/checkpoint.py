@@ -98,22 +98,86 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint's metadata with its tensors under ``"tensors"``; None when absent."""
+    """The checkpoint's metadata with its tensors under ``"tensors"``; None when absent.
+
+    Its state and tensors are checked before anything is restored from them: a resume must
+    refuse a damaged checkpoint before it writes anything into the run folder."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from .model import nonfinite_problem
 
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), "pt") as fh:
             meta = json.loads((fh.metadata() or {})["state"])
-        meta["tensors"] = load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as exc:
+        raise RunFolderError(f"The checkpoint {path} is unreadable ({exc}). {_RESTART}") from exc
+    problem = state_problem(meta) or nonfinite_problem(
+        {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+    )
+    missing = [k for k in ("rng.torch", "rng.generator", "rng.loader") if k not in tensors]
+    if not problem and missing:
+        problem = f"it lacks the random states {', '.join(missing)}"
+    if problem:
         raise RunFolderError(
-            f"The checkpoint {path} is unreadable ({exc}). Delete it to restart the stages "
-            "from the beginning, or start a new run."
-        ) from exc
+            f"The checkpoint {path} is damaged: {problem}; it was changed after it was "
+            f"written. {_RESTART}"
+        )
+    meta["tensors"] = tensors
     return meta  # type: ignore[no-any-return]
+
+
+_RESTART = "Delete it to restart the stages from the beginning, or start a new run."
+
+#: stages a checkpoint can be in (graft.plan's names)
+STAGES = ("frozen", "fine-tune")
+
+
+def state_problem(meta: Any) -> str:
+    """What is wrong with a checkpoint's ``state`` metadata, or '' when it has the shape
+    :func:`save_checkpoint` writes (so a resume never fails half-way on a KeyError)."""
+    if not isinstance(meta, dict):
+        return "its state is not a JSON object"
+    want: dict[str, tuple[type, ...]] = {
+        "stage": (str,),
+        "epoch": (int,),
+        "stale": (int,),
+        "stage_done": (bool,),
+        "best": (dict,),
+        "history": (list,),
+        "param_groups": (list,),
+    }
+    for key, types in want.items():
+        value = meta.get(key)
+        if not isinstance(value, types) or (types == (int,) and isinstance(value, bool)):
+            return f"its state has {key}={value!r}"
+    if meta["stage"] not in STAGES or meta["epoch"] < 1 or meta["stale"] < 0:
+        return f"its state has stage {meta['stage']!r}, epoch {meta['epoch']}"
+    best = meta["best"]
+    if not (
+        _number(best.get("loss"), allow_inf=True)
+        and isinstance(best.get("step"), int)
+        and isinstance(best.get("stage"), str)
+    ):
+        return f"its best epoch is {best!r}"
+    if "progress_loss" in meta and not _number(meta["progress_loss"], allow_inf=True):
+        return f"its state has progress_loss={meta['progress_loss']!r}"
+    fields, required = set(EpochRecord.FIELDS), set(EpochRecord.FIELDS[:9])
+    for i, record in enumerate(meta["history"]):
+        if not (isinstance(record, dict) and required <= record.keys() <= fields):
+            return f"its history's record {i + 1} is not an epoch record"
+    if not all(isinstance(g, dict) and "params" in g for g in meta["param_groups"]):
+        return "its optimizer's parameter groups are malformed"
+    return ""
+
+
+def _number(value: Any, allow_inf: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return not math.isnan(value) and (allow_inf or math.isfinite(value))
 
 
 def restore_checkpoint(

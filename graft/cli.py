@@ -16,8 +16,10 @@ The options that shape a run are not written here: they are the fields of
 module level, so ``graft --help`` and argument errors never load torch; the libraries a
 command needs are imported when it runs.
 
-Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 data, 4 weights, 5 run folder exists,
-6 run folder incomplete, 7 partial failure (some files could not be read), 130 interrupted.
+Exit codes: 0 ok, 1 a bug in graft, 2 usage, 3 data, 4 weights, 5 run folder exists,
+6 run folder incomplete or damaged, 7 partial failure (some files could not be read),
+8 the system refused (disk full, read-only, permission, port in use), 9 training diverged,
+130 interrupted. See graft.errors.
 """
 
 from __future__ import annotations
@@ -28,249 +30,21 @@ import dataclasses
 import json
 import os
 import sys
-import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import GROUPS, TrainConfig
-from .errors import PARTIAL_FAILURE_EXIT, GraftError, RunFolderError, UsageError
+from .cliparse import build_parser, config_from_args
+from .config import TrainConfig
+from .errors import (
+    PARTIAL_FAILURE_EXIT,
+    GraftError,
+    RunFolderError,
+    SystemResourceError,
+    UsageError,
+    os_error_message,
+)
 from .io import display as _display
-
-#: the TrainConfig fields ``graft scan`` and ``graft lr-find`` take (their library calls use
-#: no others); ``graft train`` takes them all
-SCAN_OPTIONS = (
-    "backbone",
-    "weights",
-    "allow_download",
-    "img_size",
-    "trim",
-    "dup_threshold",
-    "cache_dir",
-)
-LR_FIND_OPTIONS = (
-    "backbone",
-    "weights",
-    "pretrained",
-    "allow_download",
-    "img_size",
-    "head",
-    "dropout",
-    "test_size",
-    "val_size",
-    "seed",
-    "trim",
-    "class_weights",
-    "cache_dir",
-    "batch_size",
-)
-
-# --------------------------------------------------------------------------- options
-
-
-def _value_type(field: dataclasses.Field) -> Any:
-    """``int`` for ``img_size: int``, ``float`` for ``fine_tune_head_lr: float | None``."""
-    hint = typing.get_type_hints(TrainConfig)[field.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
-
-
-def _add_field(target: Any, field: dataclasses.Field, override: dict[str, Any]) -> None:
-    """One TrainConfig field as an option of ``target`` (a parser or an argument group)."""
-    meta = {k: v for k, v in field.metadata.items() if k not in ("group", "flag", "shortcut")}
-    meta.update(override)
-    text = meta.pop("help").replace("%", "%%")
-    flag, shortcut = field.metadata["flag"], field.metadata["shortcut"]
-    name = "--" + field.name.replace("_", "-")
-    if isinstance(field.default, bool) and flag:  # --no-pretrained, --offline
-        action: Any = "store_const"
-        meta.update(const=not field.default)
-        name = flag
-    elif isinstance(field.default, bool):  # --trim/--no-trim
-        action = argparse.BooleanOptionalAction
-    else:
-        action = "store"
-        meta["type"] = _value_type(field)
-    if field.default not in (None, "") and not flag and "(default:" not in text:
-        text += " (default: %(default)s)"
-    target.add_argument(
-        name, dest=field.name, action=action, default=field.default, help=text, **meta
-    )
-    if shortcut:  # --no-cache: another way to set the same field
-        option, value, about = shortcut
-        target.add_argument(option, dest=field.name, action="store_const", const=value, help=about)
-
-
-def add_config_options(
-    parser: argparse.ArgumentParser,
-    names: Iterable[str] | None = None,
-    overrides: dict[str, dict[str, Any]] | None = None,
-) -> None:
-    """Add TrainConfig fields (all, or those in ``names``) as options, under the groups their
-    metadata names; ``overrides`` replaces a field's argparse settings (``{"backbone":
-    {"help": ...}}``). Names, types, defaults and help all come from the field."""
-    # Imported here, not at module level: the --backbone choices are the registry's names.
-    from .backbones import BACKBONES
-
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    chosen = [fields[n] for n in names] if names is not None else list(fields.values())
-    settings = {"backbone": {"choices": [*BACKBONES, "auto"]}}
-    for name, extra in (overrides or {}).items():
-        settings[name] = {**settings.get(name, {}), **extra}
-    for group in GROUPS:
-        members = [f for f in chosen if f.metadata["group"] == group]
-        if members:
-            target = parser.add_argument_group(group)
-            for f in members:
-                _add_field(target, f, settings.get(f.name, {}))
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig that parsed options describe (validated); fields the command has no
-    option for keep their defaults. Every option's ``dest`` is its field's name, flag forms
-    included (``--no-pretrained`` stores ``pretrained=False``, ``--no-cache`` ``cache_dir=""``)."""
-    names = (f.name for f in dataclasses.fields(TrainConfig))
-    return TrainConfig(**{n: getattr(args, n) for n in names if hasattr(args, n)})
-
-
-def _backbone_for(purpose: str) -> dict[str, dict[str, Any]]:
-    """--backbone for scan and lr-find: one named backbone ('auto' is train's alone)."""
-    from .backbones import BACKBONES
-
-    return {"backbone": {"choices": list(BACKBONES), "help": purpose}}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="graft",
-        description="Transfer learning for image classifiers.",
-        epilog="Exit codes: 0 ok, 2 usage, 3 data, 4 weights, 5 run exists, 6 bad run folder, "
-        "7 some files failed, 130 interrupted.",
-    )
-    parser.add_argument("--version", action="version", version=f"graft {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("scan", help="check a dataset folder: counts, unreadable files, warnings")
-    p.add_argument("root", help="folder with one sub-folder per class")
-    p.add_argument(
-        "--plot",
-        default=None,
-        metavar="PNG",
-        help="where to save the class-count bar chart (default: ./<root>_class_counts.png)",
-    )
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument(
-        "--no-audit", action="store_true", help="skip the duplicate audit (no backbone needed)"
-    )
-    add_config_options(p, SCAN_OPTIONS, _backbone_for("backbone whose features compare images"))
-
-    p = sub.add_parser("train", help="train and fine-tune a classifier")
-    p.add_argument("root", nargs="?", help="folder with one sub-folder per class")
-    p.add_argument("--out", help="run folder to create")
-    p.add_argument(
-        "--resume",
-        metavar="RUN_DIR",
-        help="continue an interrupted run from its last finished epoch (options and split "
-        "come from the run folder)",
-    )
-    p.add_argument("--force", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--quiet", action="store_true", help="print only errors")
-    add_config_options(p)
-
-    p = sub.add_parser("evaluate", help="metrics on the held-out split or a labelled folder")
-    p.add_argument("run", help="run folder made by `graft train`")
-    p.add_argument(
-        "folder",
-        nargs="?",
-        default=None,
-        help="labelled folder to evaluate on (default: the run's test split)",
-    )
-    p.add_argument("--out", default=None, help="where to write evaluation.json and the plot")
-    p.add_argument(
-        "--tta",
-        action="store_true",
-        help="test-time augmentation (flip and crops); reports its effect",
-    )
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-    p = sub.add_parser("lr-find", help="plot loss against learning rate and suggest one")
-    p.add_argument("root", help="folder with one sub-folder per class")
-    p.add_argument("--out", default="lr_find.png", help="the plot (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print the curve and suggestion as JSON")
-    add_config_options(
-        p, LR_FIND_OPTIONS, _backbone_for("backbone whose frozen features the head learns on")
-    )
-
-    p = sub.add_parser("report", help="write the run's self-contained HTML report")
-    p.add_argument("run", help="run folder made by `graft train`")
-    p.add_argument("--out", default=None, help="where to write it (default: RUN/report.html)")
-
-    _add_predict_parser(sub)
-
-    p = sub.add_parser("export", help="write the model as ONNX, OpenVINO or TorchScript")
-    p.add_argument("run", help="run folder made by `graft train`")
-    p.add_argument(
-        "--format",
-        default="onnx",
-        choices=["onnx", "openvino", "torchscript"],
-        help="model format (default: %(default)s)",
-    )
-    p.add_argument("--out", default=None, help="export folder (default: RUN/export-FORMAT)")
-    p.add_argument("--force", action="store_true", help="replace an existing export in --out")
-
-    p = sub.add_parser("serve", help="HTTP API and web page for a run or an export folder")
-    p.add_argument("source", help="run folder (graft train) or export folder (graft export)")
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
-    )
-    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    p.add_argument(
-        "--max-mb", type=float, default=20.0, help="largest image accepted, in MB (default: 20)"
-    )
-    p.add_argument(
-        "--max-files", type=int, default=16, help="most images per request (default: 16)"
-    )
-    p.add_argument("--top-k", type=int, default=3, help="classes returned per image (default: 3)")
-    return parser
-
-
-def _add_predict_parser(sub: Any) -> None:
-    p = sub.add_parser("predict", help="classify images")
-    p.add_argument("run", help="run folder made by `graft train`")
-    p.add_argument("paths", nargs="+", help="image files or folders")
-    p.add_argument(
-        "--top-k", type=int, default=3, help="classes listed per image (default: %(default)s)"
-    )
-    p.add_argument(
-        "--tta",
-        action="store_true",
-        help="average over flipped and cropped views (slower, often steadier)",
-    )
-    fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="print JSON")
-    fmt.add_argument("--csv", action="store_true", help="print CSV (the columns of --out FILE.csv)")
-    fmt.add_argument(
-        "--out",
-        default=None,
-        metavar="FILE",
-        help="stream results to FILE (.jsonl or .csv) as they are computed; run again with "
-        "the same FILE to continue after an interruption",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=64,
-        help="images per model call with --out (default: %(default)s)",
-    )
-    p.add_argument(
-        "--grid",
-        default=None,
-        metavar="PNG",
-        help="also draw the images with their top class and probability",
-    )
-
 
 # --------------------------------------------------------------------------- commands
 
@@ -328,16 +102,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import fit
 
     reporter = Reporter(verbose=not args.quiet)
-    if args.resume:
-        from .io import read_json
+    if args.quiet:  # "print only errors": library warnings (scikit-learn's) included
+        import warnings
 
-        saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
-            raise RunFolderError(
-                f"Nothing to resume: {saved} does not exist. Start a run with "
-                "`graft train ROOT --out DIR`."
-            )
-        config = TrainConfig.from_dict(read_json(saved))
+        warnings.simplefilter("ignore")
+    if args.resume:
+        config = _resume_config(args)
         result = fit(config, args.root, args.resume, reporter=reporter, resume=True)
     else:
         if not args.root or not args.out:
@@ -356,12 +126,54 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_config(args: argparse.Namespace) -> TrainConfig:
+    """The saved options of the run to resume; options given with --resume would be
+    silently ignored, so they are refused (ROOT may be given: the data moved)."""
+    run = Path(args.resume)
+    saved = run / "config.json"
+    if not saved.is_file():
+        raise RunFolderError(
+            f"Nothing to resume: {saved} does not exist. Start a run with "
+            "`graft train ROOT --out DIR`."
+        )
+    if (run / "summary.json").is_file():
+        raise UsageError(
+            f"{run} is a finished run: nothing to resume. To train it again, run "
+            f"`graft train ROOT --out {run} --force`."
+        )
+    given = [
+        "--" + f.name.replace("_", "-")
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name, f.default) != f.default
+    ]
+    if args.out and Path(args.out).resolve() != run.resolve():
+        given.insert(0, "--out")
+    if args.force:
+        given.insert(0, "--force")
+    if given:
+        raise UsageError(
+            f"--resume continues {run} with the options it was started with; "
+            f"{', '.join(given)} would be ignored. Drop them, or start a new run with --out."
+        )
+    from .io import read_json
+
+    try:
+        return TrainConfig.from_dict(read_json(saved))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise RunFolderError(f"{saved} is damaged ({exc}); the run cannot be resumed.") from exc
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
     from .progress import Reporter
 
     result = evaluate_run(
-        args.run, args.folder, args.out, Reporter(verbose=not args.json), tta=args.tta
+        args.run,
+        args.folder,
+        args.out,
+        Reporter(verbose=not args.json),
+        tta=args.tta,
+        data_root=args.data_root,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -425,11 +237,11 @@ def _draw_grid(preds: Sequence[Any], classes: Sequence[str], path: Path) -> None
 
 
 def _predict_to_file(args: argparse.Namespace, predictor: Any, paths: list[Path]) -> int:
-    from .predict import stream_predictions
+    from .predict import OUT_FORMATS, stream_predictions
     from .progress import Reporter
 
     out = Path(args.out)
-    if out.suffix.lower() not in (".jsonl", ".ndjson", ".csv"):
+    if out.suffix.lower() not in OUT_FORMATS:
         raise UsageError(f"--out {out}: use a .jsonl or .csv file name.")
     reporter = Reporter(verbose=True)
     with reporter.bar("Predicting", len(paths)) as advance:
@@ -528,6 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tune_malloc()  # where work starts, before torch allocates: see graft._malloc
     try:
+        if os.environ.get("GRAFT_ENGINE"):  # a bad value is refused before any work
+            from .engines import wanted_engine
+
+            wanted_engine()
         return COMMANDS[args.command](args)
     except GraftError as exc:
         print(f"graft {args.command}: error: {exc}", file=sys.stderr)
@@ -535,16 +351,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"graft {args.command}: interrupted.", file=sys.stderr)
         return 130
+    except OSError as exc:  # the machine's refusal (disk full, read-only...), not a bug
+        message = os_error_message(exc)
+        if message is None or os.environ.get("GRAFT_DEBUG"):
+            return _bug(args.command, exc)
+        print(f"graft {args.command}: error: {message}", file=sys.stderr)
+        return SystemResourceError.exit_code
     except Exception as exc:  # a bug: say so in one line, keep the details
-        if os.environ.get("GRAFT_DEBUG"):
-            raise
-        print(
-            f"graft {args.command}: unexpected error: {type(exc).__name__}: {exc}\n"
-            "This is a bug in graft; run again with GRAFT_DEBUG=1 to see the traceback and "
-            "please report it.",
-            file=sys.stderr,
-        )
-        return 1
+        return _bug(args.command, exc)
+
+
+def _bug(command: str, exc: BaseException) -> int:
+    if os.environ.get("GRAFT_DEBUG"):
+        raise exc
+    print(
+        f"graft {command}: unexpected error: {type(exc).__name__}: {exc}\n"
+        "This is a bug in graft; run again with GRAFT_DEBUG=1 to see the traceback and "
+        "please report it.",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

@@ -312,9 +312,16 @@ class TrainConfig:
         for name in ("epochs", "fine_tune_epochs", "patience"):
             if getattr(self, name) < 0:
                 raise bad(name, getattr(self, name), "use 0 or more")
-        for name in ("batch_size", "fine_tune_batch_size", "views"):
-            if getattr(self, name) < 1:
-                raise bad(name, getattr(self, name), "use 1 or more")
+        for name, most in (("batch_size", 65536), ("fine_tune_batch_size", 65536), ("views", 64)):
+            if not 1 <= getattr(self, name) <= most:
+                raise bad(name, getattr(self, name), f"use a whole number from 1 to {most}")
+        if not 0 <= self.seed < 2**32:
+            raise bad("seed", self.seed, "use a whole number from 0 to 4294967295")
+        if self.workers < -1:
+            raise bad("workers", self.workers, "use -1 (automatic), 0 (none) or a count")
+        for name in ("epochs", "fine_tune_epochs"):
+            if getattr(self, name) > 100_000:
+                raise bad(name, getattr(self, name), "use at most 100000")
         if self.fine_tune_head_lr is not None and not (0.0 < self.fine_tune_head_lr < 10.0):
             raise bad("fine_tune_head_lr", self.fine_tune_head_lr, "use a positive learning rate")
         if self.min_delta < 0:
@@ -334,6 +341,32 @@ class TrainConfig:
         from .tracking import parse_track
 
         parse_track(self.track)
+
+    def check_paths(self) -> None:
+        """The files and folders the options name exist and are of the right kind: checked
+        before a run folder is made, so a typo costs nothing (paths can change between
+        runs, so this is not part of :meth:`validate`)."""
+        from pathlib import Path
+
+        def missing(option: str, value: str, kind: str) -> UsageError:
+            return UsageError(
+                f"--{option.replace('_', '-')} {value}: no such {kind}. Check the path "
+                "(relative paths are taken from the current folder)."
+            )
+
+        if self.weights and not Path(self.weights).is_file():
+            from .errors import WeightsError
+
+            raise WeightsError(
+                f"--weights {self.weights}: no such file. Give the path of a .pth or "
+                ".safetensors file, or leave --weights out to use the backbone's usual source."
+            )
+        if self.groups_csv and not Path(self.groups_csv).is_file():
+            raise missing("groups_csv", self.groups_csv, "file")
+        if self.unseen and not Path(self.unseen).is_dir():
+            raise missing("unseen", self.unseen, "folder")
+        if self.cache_dir and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            raise UsageError(f"--cache-dir {self.cache_dir} is a file; give a folder.")
 
     def _check_types(self, bad: Any) -> None:
         """Each field has its annotated type (ints are not bools or floats), and no float

@@ -26,13 +26,13 @@ def display(text: object) -> str:
 def print_scan(data: Any, findings: list[str], audit_summary: dict | None, plot: Path) -> None:
     """Counts per class, files left out, warnings and audit findings of ``graft scan``."""
     console = Console()
-    table = Table(title=f"{data.root}")
+    table = Table(title=display(data.root))
     table.add_column("class")
     table.add_column("images", justify="right")
     table.add_column("share", justify="right")
     total = len(data.paths)
     for name, n in data.counts.items():
-        table.add_row(name, str(n), f"{n / total:.1%}")
+        table.add_row(display(name), str(n), f"{n / total:.1%}")
     table.add_row("[bold]total", f"[bold]{total}", "")
     console.print(table)
     if data.skipped:
@@ -42,12 +42,12 @@ def print_scan(data: Any, findings: list[str], audit_summary: dict | None, plot:
     if data.unsupported:
         console.print(f"{len(data.unsupported)} file(s) with unsupported extensions ignored.")
     for w in data.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {display(w)}")
     for f in findings:
         console.print(f"[yellow]audit:[/] {display(f)}")
     if audit_summary is not None and not findings:
         console.print("audit: no duplicates or near-duplicates found.")
-    console.print(f"Bar chart: {plot}")
+    console.print(f"Bar chart: {display(plot)}")
 
 
 def print_evaluation(result: dict) -> None:
@@ -55,7 +55,7 @@ def print_evaluation(result: dict) -> None:
     console = Console()
     lo, hi = result["accuracy_ci95"]
     table = Table(
-        title=f"{result['data']}: accuracy {result['accuracy']:.1%} "
+        title=f"{display(result['data'])}: accuracy {result['accuracy']:.1%} "
         f"(95% CI {lo:.1%}-{hi:.1%}) on {result['n']} images, loss {result['loss']:.3f}, "
         f"calibration error {result['calibration']['ece']:.3f}",
         title_justify="left",
@@ -63,8 +63,11 @@ def print_evaluation(result: dict) -> None:
     for col in ("class", "precision", "recall", "recall 95% CI", "F1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for name, m in result["per_class"].items():
+        if not m["support"]:  # no image of this class: its recall is undefined, not 0
+            table.add_row(display(name), "-", "-", "-", "-", "0 (none here)")
+            continue
         table.add_row(
-            name,
+            display(name),
             f"{m['precision']:.3f}",
             f"{m['recall']:.3f}",
             f"{m['recall_ci95'][0]:.2f}-{m['recall_ci95'][1]:.2f}",
@@ -86,7 +89,9 @@ def print_evaluation(result: dict) -> None:
             f"{o['answered_accuracy']:.1%} of those right."
         )
     for c in result["most_confused"]:
-        console.print(f"confused: {c['true']} taken for {c['predicted']} ({c['count']}x)")
+        console.print(
+            f"confused: {display(c['true'])} taken for {display(c['predicted'])} ({c['count']}x)"
+        )
     for f in result["failed"]:
         console.print(f"[yellow]skipped[/] {display(f['path'])}: {display(f['reason'])}")
     console.print(f"Confusion matrix: {Path(result['output_dir']) / 'confusion_matrix.png'}")
@@ -103,6 +108,8 @@ def print_predictions(preds: Sequence[Any]) -> None:
             table.add_row(display(p.path), "[red]error", display(p.error))
             continue
         best, prob = p.top[0]
+        best = display(best)
         answer = f"unknown (best {best} {prob:.1%})" if p.unknown else f"{best} {prob:.1%}"
-        table.add_row(display(p.path), answer, ", ".join(f"{c} {q:.1%}" for c, q in p.top[1:]))
+        rest = ", ".join(f"{display(c)} {q:.1%}" for c, q in p.top[1:])
+        table.add_row(display(p.path), answer, rest)
     Console().print(table)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -105,13 +106,52 @@ class ScanResult:
         return path.relative_to(self.root).as_posix()
 
 
+def is_run_folder(folder: Path) -> bool:
+    """A folder graft wrote (a run or an export): its plots are not training images."""
+    names = ("graft-files.json", "graft_metadata.json", "graft_runtime.py")
+    if any((folder / n).is_file() for n in names):
+        return True
+    return (folder / "config.json").is_file() and (
+        (folder / "split.csv").is_file() or (folder / "model.safetensors").is_file()
+    )
+
+
 def iter_files(folder: Path) -> Iterable[Path]:
     # followlinks=False: a symlink loop cannot send the walk round forever.
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and not is_run_folder(here / d)
+        )
         for name in sorted(filenames):
             if not name.startswith("."):
-                yield Path(dirpath) / name
+                yield here / name
+
+
+def _only_runs(folder: Path) -> bool:
+    """A folder that is a graft run, or holds runs and no image outside them (``runs/``
+    made inside the data folder by ``--out``)."""
+    if is_run_folder(folder):
+        return True
+    if not any(is_run_folder(d) for d in folder.iterdir() if d.is_dir()):
+        return False
+    return not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in iter_files(folder))
+
+
+def _root_notes(root: Path, left_out: list[str]) -> list[str]:
+    notes = []
+    if left_out:
+        notes.append(
+            f"Left out {', '.join(repr(n) for n in left_out)}: graft run folders, not classes "
+            "(keep run folders outside the data folder)."
+        )
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        notes.append(
+            f"{len(loose)} image(s) lie directly in {root}, outside any class folder "
+            f"(e.g. {loose[0].name}): they are not used. Move them into their class's folder."
+        )
+    return notes
 
 
 def find_classes(root: str | Path) -> tuple[Path, list[str]]:
@@ -122,7 +162,7 @@ def find_classes(root: str | Path) -> tuple[Path, list[str]]:
     if not root.is_dir():
         raise DataError(f"{root} is a file, not a folder. {_LAYOUT_HINT}")
     root = root.resolve()
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes, _ = _class_folders(root)
     if not classes:
         loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
         extra = (
@@ -132,6 +172,13 @@ def find_classes(root: str | Path) -> tuple[Path, list[str]]:
         )
         raise DataError(f"No class folders in {root}.{extra} {_LAYOUT_HINT}")
     return root, classes
+
+
+def _class_folders(root: Path) -> tuple[list[str], list[str]]:
+    """The class folders of ``root``, and the folders left out as graft runs."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    runs = [p.name for p in folders if _only_runs(p)]
+    return [p.name for p in folders if p.name not in runs], runs
 
 
 def scan(
@@ -148,6 +195,7 @@ def scan(
     unsupported files).
     """
     root, found = find_classes(root)
+    notes = _root_notes(root, _class_folders(root)[1])
     if classes is not None:
         unknown = sorted(set(found) - set(classes))
         if unknown:
@@ -190,6 +238,9 @@ def scan(
         iterator = progress(candidates, len(candidates), "Checking images")  # type: ignore[arg-type]
     for path, label in iterator:
         try:
+            if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever
+                skipped.append((path, "not a regular file (a pipe, socket or device)"))
+                continue
             # Read once: the bytes give both the content hash and the decode check.
             content = path.read_bytes()
             if decode:
@@ -201,7 +252,7 @@ def scan(
         labels.append(label)
         hashes.append(hashlib.sha256(content).hexdigest())
 
-    data = ScanResult(root, class_list, paths, labels, hashes, skipped, unsupported)
+    data = ScanResult(root, class_list, paths, labels, hashes, skipped, unsupported, notes)
     counts = data.counts
     if classes is None:
         empty = [name for name, n in counts.items() if n == 0]
@@ -220,6 +271,11 @@ def scan(
 
 def _dataset_warnings(counts: dict[str, int]) -> list[str]:
     out = []
+    if len(counts) == 1:
+        out.append(
+            f"Only one class ({next(iter(counts))!r}): a classifier needs at least two class "
+            "folders; `graft train` will refuse this folder."
+        )
     small = {k: v for k, v in counts.items() if v < MIN_PER_CLASS}
     if small:
         out.append(

@@ -10,6 +10,8 @@ The seed judged "good fit" by eye. graft reads the same curves by rule:
   still falling (by more than 2% and 0.01 over the last 3 epochs), so more epochs would
   likely help;
 - **good fit**: none of the above.
+- **inconclusive**: validation accuracy is far above training accuracy (> 15 points), or
+  there are fewer than 10 validation images: the curves cannot be read, whatever they show.
 
 It also flags numbers too good to trust (100% validation accuracy early on usually means
 near-duplicate images on both sides of the split).
@@ -24,7 +26,8 @@ from typing import Any
 
 @dataclass
 class Diagnosis:
-    verdict: str  # "good fit" | "overfitting" | "underfitting" | "still improving"
+    # "good fit" | "overfitting" | "underfitting" | "still improving" | "inconclusive"
+    verdict: str
     explanation: str
     final_gap: float  # train acc - val acc at the last epoch
     best_step: int
@@ -36,7 +39,13 @@ class Diagnosis:
         return asdict(self)
 
 
-def diagnose(history: Sequence[Any], grouped: bool = False) -> Diagnosis:
+#: fewer validation images than this and no verdict is given
+MIN_VAL_IMAGES = 10
+
+
+def diagnose(history: Sequence[Any], grouped: bool = False, n_val: int | None = None) -> Diagnosis:
+    """The verdict on ``history`` (EpochRecords); ``n_val`` is the number of validation
+    images, when known (too few and the verdict is "inconclusive")."""
     if not history:
         return Diagnosis("no data", "No epochs were run.", 0.0, 0, float("nan"), 0.0)
     last = history[-1]
@@ -55,7 +64,22 @@ def diagnose(history: Sequence[Any], grouped: bool = False) -> Diagnosis:
         f"{trend * 100:+.1f}%"
     )
 
-    if last.train_acc < 0.8 and last.val_acc <= last.train_acc + 0.05:
+    if n_val is not None and n_val < MIN_VAL_IMAGES:
+        verdict = "inconclusive"
+        explanation = (
+            f"only {n_val} validation image(s): too few for the curves to say whether the "
+            "model fits; add images (20 or more per class) before trusting any verdict; "
+            + numbers
+            + "."
+        )
+    elif gap < -0.15:
+        verdict = "inconclusive"
+        explanation = (
+            "validation accuracy is far above training accuracy, which the curves cannot "
+            "explain as fit: usually too few validation images, or training images made much "
+            "harder by augmentation, dropout or a class-weighted loss; " + numbers + "."
+        )
+    elif last.train_acc < 0.8 and last.val_acc <= last.train_acc + 0.05:
         verdict = "underfitting"
         explanation = (
             "the model does not fit even its training images well: train longer, "

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .device import Device
+from .errors import UsageError
 
 #: Absolute tolerance of ONNX Runtime / OpenVINO outputs against PyTorch (fp32), checked by
 #: the tests.
@@ -32,8 +33,21 @@ ONNX_ATOL = 1e-4
 STATIC_SHAPES_MAX_BYTES = 64 << 20
 
 
-def _wanted() -> str:
-    return os.environ.get("GRAFT_ENGINE", "").strip().lower()
+#: the values GRAFT_ENGINE takes ("" or unset: the fastest installed; "onnx" = onnxruntime)
+ENGINES = ("openvino", "onnxruntime", "onnx", "torch")
+
+
+def wanted_engine() -> str:
+    """``GRAFT_ENGINE``, checked: "" (the fastest installed), openvino, onnxruntime (onnx)
+    or torch; anything else is a :class:`UsageError` listing them."""
+    wanted = os.environ.get("GRAFT_ENGINE", "").strip().lower()
+    if wanted and wanted not in ENGINES:
+        # A misspelt name would otherwise quietly run whichever engine is installed.
+        raise UsageError(
+            f"GRAFT_ENGINE={os.environ['GRAFT_ENGINE']!r} is not an engine graft knows: use "
+            "openvino, onnxruntime or torch, or unset it to use the fastest one installed."
+        )
+    return wanted
 
 
 def _importable(module: str) -> bool:
@@ -46,12 +60,12 @@ def _importable(module: str) -> bool:
 
 def onnx_available() -> bool:
     """Whether ONNX Runtime may run frozen passes (installed, and not switched off)."""
-    return _wanted() in ("", "onnxruntime", "onnx") and _importable("onnxruntime")
+    return wanted_engine() in ("", "onnxruntime", "onnx") and _importable("onnxruntime")
 
 
 def openvino_available() -> bool:
     """Whether OpenVINO may run frozen passes (installed, and not switched off)."""
-    return _wanted() in ("", "openvino") and _importable("openvino")
+    return wanted_engine() in ("", "openvino") and _importable("openvino")
 
 
 class Runner:
@@ -247,6 +261,7 @@ class Probabilities(nn.Module):
 
 
 __all__ = [
+    "ENGINES",
     "ONNX_ATOL",
     "OnnxRunner",
     "OpenVinoRunner",
@@ -257,4 +272,5 @@ __all__ = [
     "make_runner",
     "onnx_available",
     "openvino_available",
+    "wanted_engine",
 ]

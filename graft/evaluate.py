@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, RunFolderError
+from .errors import DataError, RunFolderError, UsageError
 from .io import atomic_write_json
 from .metrics import Metrics, metrics_from_probs, open_set_stats
 from .model import GraftModel
-from .rundir import EVALUATION
+from .rundir import EVALUATION, RunDir
 
 
 class Evaluation(Metrics, total=False):
@@ -99,26 +99,26 @@ def evaluate_run(
     out_dir: str | Path | None = None,
     reporter: Any = None,
     tta: bool = False,
+    data_root: str | Path | None = None,
 ) -> Evaluation:
-    """Evaluate a run on its held-out test split, or on a labelled ``folder``."""
+    """Evaluate a run on its held-out test split, or on a labelled ``folder``.
+
+    The test split is read from split.csv and checked before anything is written: the file
+    whole, its images present (under ``data_root`` when the data folder moved) and
+    unchanged (graft.integrity)."""
     from .data import scan
     from .model import load_model, resolve_model_file
-    from .rundir import RunDir
-    from .split import read_split
 
     run = Path(run)
+    if folder is not None and data_root is not None:
+        raise UsageError(
+            "--data-root says where the run's held-out split is now; with a FOLDER to "
+            "evaluate on it has no use. Give one or the other."
+        )
     model = load_model(run)
     classes = list(model.info.classes)
     if folder is None:
-        rundir = RunDir(run)
-        if not rundir.split.is_file() or not rundir.config.is_file():
-            raise RunFolderError(
-                f"{run} has no split.csv/config.json; pass a FOLDER to evaluate on."
-            )
-        root = Path(rundir.read_config()["data_root"])
-        paths, labels, subsets = read_split(rundir.split, root, classes)
-        test = [i for i, s in enumerate(subsets) if s == "test"]
-        paths, labels = [paths[i] for i in test], [labels[i] for i in test]
+        paths, labels = _test_split(run, classes, data_root)
         title = "held-out test split"
         out = Path(out_dir) if out_dir else run
     else:
@@ -129,6 +129,9 @@ def evaluate_run(
         title = f"folder {Path(folder).name}"
         out = Path(out_dir) if out_dir else run / f"eval-{Path(folder).resolve().name}"
         result_skipped = [{"path": str(p), "reason": r} for p, r in data.skipped]
+    # an eval-* folder graft makes in the run is graft's: --force replaces it, the report
+    # shows it; one that was there before (the user's) stays the user's
+    claim = out.parent.resolve() == run.resolve() and out != run and not out.exists()
     onnx = resolve_model_file(run).with_suffix(".onnx")
     plain = None
     if tta:  # the same images without TTA, to report what TTA changed
@@ -150,5 +153,35 @@ def evaluate_run(
     if folder is not None:
         result["failed"] = result_skipped + result["failed"]
         atomic_write_json(out / EVALUATION, result)
+    if claim:
+        RunDir(run).claim([out.name])
     result["output_dir"] = str(out)
     return result
+
+
+def _test_split(
+    run: Path, classes: Sequence[str], data_root: str | Path | None
+) -> tuple[list[Path], list[int]]:
+    """The run's held-out test images and labels, every record checked
+    (:func:`graft.split.data_from_split`)."""
+    from .integrity import read_run_config
+    from .rundir import RunDir
+    from .split import data_from_split
+
+    rundir = RunDir(run)
+    if not rundir.split.is_file() or not rundir.config.is_file():
+        raise RunFolderError(f"{run} has no split.csv/config.json; pass a FOLDER to evaluate on.")
+    saved = read_run_config(rundir)["classes"]
+    if list(saved) != list(classes):
+        raise RunFolderError(
+            f"config.json and model.safetensors in {run} disagree on the classes "
+            f"({', '.join(saved)} against {', '.join(classes)}): one of them was changed or "
+            "replaced after training; retrain the run or restore the files."
+        )
+    data, _ = data_from_split(run, data_root, subsets=("test",), purpose="evaluate")
+    if not data.paths:
+        raise RunFolderError(
+            f"split.csv in {run} lists no test images: nothing held out to evaluate on; pass "
+            "a FOLDER to evaluate on."
+        )
+    return data.paths, data.labels

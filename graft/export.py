@@ -11,14 +11,17 @@ An export folder holds everything another program needs and nothing from trainin
 - ``MODEL_CARD.md``: data, classes, metrics with intervals, intended use and limits;
 - ``report.html`` when the run has one (``graft serve`` links to it).
 
-The folder is written beside its destination and renamed into place, so a failed export
-never leaves half a model behind.
+``graft.json`` lists the files the export wrote (``files``). The folder is written beside its
+destination and renamed into place, so a failed export never leaves half a model behind;
+``--force`` over an earlier export replaces only the files graft wrote there and keeps
+anything the user added.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -30,7 +33,13 @@ import torch
 
 from . import __version__
 from .engines import ONNX_ATOL, Probabilities, export_onnx
-from .errors import RunExistsError, UsageError
+from .errors import (
+    GraftError,
+    RunExistsError,
+    SystemResourceError,
+    UsageError,
+    os_error_message,
+)
 from .model import GraftModel, load_model, resolve_model_file
 from .report import template_environment
 from .rundir import REPORT, RunDir
@@ -40,6 +49,11 @@ FORMATS = tuple(MODEL_FILES)
 #: largest difference in probabilities allowed between an export and graft's own predict,
 #: checked on real images by tests/test_export.py
 EXPORT_ATOL = {"onnx": ONNX_ATOL, "openvino": ONNX_ATOL, "torchscript": 1e-5}
+#: every name an export may write (OpenVINO's IR is model.xml plus model.bin): ``--force``
+#: never deletes anything else, whatever an export's ``files`` list says
+EXPORT_FILES = frozenset(
+    {METADATA_FILE, "MODEL_CARD.md", "graft_runtime.py", REPORT, "model.bin", *MODEL_FILES.values()}
+)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -137,7 +151,7 @@ def _card_context(model: GraftModel, run: Path, meta: dict[str, Any]) -> dict[st
     grouped = "" if not grouping or grouping.startswith("none") else f" ({grouping.rstrip('.')})"
     cal = summary.get("calibration", {})
     elsewhere = []
-    for other in sorted(run.glob("eval-*/evaluation.json")):
+    for other in RunDir(run).evaluations():
         ev = _read_json(other)
         if "accuracy" in ev:
             elsewhere.append((other.parent.name, ev))
@@ -167,43 +181,92 @@ def model_card(model: GraftModel, run: Path, meta: dict[str, Any]) -> str:
     return template.render(_card_context(model, run, meta))
 
 
+def _replaceable(out: Path, force: bool) -> set[str] | None:
+    """What an existing ``out`` allows: None when it is free (missing or an empty folder),
+    else the names of graft's own files in it that ``force`` may replace. Anything that
+    is not an earlier graft export is refused, even with ``force``."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    if not force:
+        raise RunExistsError(
+            f"{out} already exists. Choose another --out, or pass --force to replace it."
+        )
+    meta = _read_json(out / METADATA_FILE) if out.is_dir() else {}
+    if not isinstance(meta, dict) or "graft_export" not in meta:
+        raise RunExistsError(
+            f"{out} exists and is not a graft export (no graft metadata in "
+            f"{METADATA_FILE}); graft will not delete anything in it. Choose another --out."
+        )
+    listed = meta.get("files")
+    # exports written before the manifest: graft's own names, and only those
+    names = set(listed) if isinstance(listed, list) else set(EXPORT_FILES)
+    return {n for n in names if n in EXPORT_FILES and (out / n).is_file()}
+
+
+def _install(staging: Path, out: Path, old: set[str] | None) -> None:
+    """Move the staged export into ``out``: a rename when ``out`` is free; over an earlier
+    export, graft's files one by one (the metadata last) and its stale ones removed, so
+    files the user added there stay."""
+    if old is None:
+        if out.is_dir():
+            out.rmdir()  # empty
+        staging.rename(out)
+        return
+    new = {p.name for p in staging.iterdir()}
+    for name in [*sorted(new - {METADATA_FILE}), METADATA_FILE]:
+        os.replace(staging / name, out / name)
+    for name in old - new:  # e.g. model.xml/model.bin after switching to onnx
+        (out / name).unlink(missing_ok=True)
+    staging.rmdir()
+
+
+def _stage(model: GraftModel, fmt: str, run_dir: Path, staging: Path) -> None:
+    model_file = _write_network(model, fmt, staging)
+    meta = export_metadata(model, fmt, run_dir, model_file)
+    (staging / "MODEL_CARD.md").write_text(model_card(model, run_dir, meta))
+    shutil.copyfile(Path(__file__).with_name("runtime.py"), staging / "graft_runtime.py")
+    if RunDir(run_dir).report.is_file():
+        shutil.copyfile(RunDir(run_dir).report, staging / REPORT)
+    # the manifest: what --force may replace next time, and nothing else
+    meta["files"] = sorted({p.name for p in staging.iterdir()} | {METADATA_FILE})
+    (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def export_run(
     run: str | Path, fmt: str = "onnx", out: str | Path | None = None, force: bool = False
 ) -> Path:
-    """Write ``run``'s model as ``fmt`` into ``out`` (default ``RUN/export-FMT``)."""
+    """Write ``run``'s model as ``fmt`` into ``out`` (default ``RUN/export-FMT``). With
+    ``force``, an earlier export there is replaced file by file; files the user added to it
+    are kept, and a folder that is not a graft export is refused unless it is empty."""
     if fmt not in FORMATS:
         raise UsageError(f"Unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}.")
     weights = resolve_model_file(run)
     run_dir = weights.parent
     out = Path(out) if out is not None else run_dir / f"export-{fmt}"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise RunExistsError(
-                f"{out} already exists. Choose another --out, or pass --force to replace it."
-            )
-        if not (out / METADATA_FILE).is_file():
-            raise RunExistsError(
-                f"{out} exists and is not a graft export; graft will not delete it. "
-                "Choose another --out."
-            )
+    old = _replaceable(out, force)
     model = load_model(weights)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model_file = _write_network(model, fmt, staging)
-        meta = export_metadata(model, fmt, run_dir, model_file)
-        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        (staging / "MODEL_CARD.md").write_text(model_card(model, run_dir, meta))
-        shutil.copyfile(Path(__file__).with_name("runtime.py"), staging / "graft_runtime.py")
-        if RunDir(run_dir).report.is_file():
-            shutil.copyfile(RunDir(run_dir).report, staging / REPORT)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise _os_error(exc, out) from exc
+    try:
+        _stage(model, fmt, run_dir, staging)
+        _install(staging, out, old)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _os_error(exc, out) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _os_error(exc: OSError, out: Path) -> GraftError:
+    message = os_error_message(exc, f"write the export to {out}")
+    if message:
+        return SystemResourceError(message)
+    return UsageError(f"Could not write the export to {out}: {exc}. Choose another --out.")
 
 
 __all__ = ["EXPORT_ATOL", "FORMATS", "export_run", "model_card"]

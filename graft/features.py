@@ -99,6 +99,7 @@ class FrozenFeatures:
             self.cut,
             model.n_blocks,
             info.trim,
+            warn=self.reporter.warn,
         )
         self.runner = make_runner(
             model.frozen_part(self.cut), info.img_size, self.device, notes=notes

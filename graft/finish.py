@@ -60,10 +60,19 @@ def calibrate(
     val_probs = (val_logits / temperature).softmax(1).numpy()
     unknown = choose_unknown_threshold(val_probs, labels.tolist(), config.unknown_precision)
     if unknown > 0:
-        reporter.info(
-            f"Open set: predictions below {unknown:.1%} confidence will answer 'unknown' "
-            f"(keeps validation precision >= {config.unknown_precision:.0%})."
+        answered = float((val_probs.max(1) >= unknown).mean())
+        message = (
+            f"Open set: predictions below {unknown:.1%} confidence will answer 'unknown'; "
+            f"{answered:.0%} of validation images keep an answer, right at least "
+            f"{config.unknown_precision:.0%} of the time."
         )
+        if answered < 0.5:
+            reporter.warn(
+                message + " The model is unsure of most images: more images per class, or "
+                "--unknown-precision 0 to always answer."
+            )
+        else:
+            reporter.info(message)
     model.info = replace(model.info, temperature=temperature, unknown_threshold=unknown)
     model.save(run.dir.model)
     return Calibration(temperature, not val_right, unknown)
@@ -117,7 +126,7 @@ def finish(
 
     config, rundir = run.config, run.dir
     model.eval()
-    diagnosis = diagnose(history, grouped=split.grouped)
+    diagnosis = diagnose(history, grouped=split.grouped, n_val=len(features.labels["val"]))
     suspicious = diagnosis.notes and not split.grouped
     plot_learning_curves(
         history,

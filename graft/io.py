@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,15 +21,30 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        write(tmp)
+        # mkstemp creates 0600 (and safetensors re-creates the file 0600): give it the
+        # permissions a plain open() would, like every other file of the run.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except OSError:
         Path(tmp).unlink(missing_ok=True)
         raise
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        code = _os_error_code(exc)
+        if code is not None:  # a library's wrapped OS error: the disk, not a bug
+            raise OSError(code, os.strerror(code), str(path)) from exc
+        raise
+
+
+def _os_error_code(exc: BaseException) -> int | None:
+    """The errno inside an error a library raised for a failed write: safetensors (Rust)
+    says "I/O error: No space left on device (os error 28)" in a SafetensorError, which is
+    not an OSError."""
+    match = re.search(r"\(os error (\d+)\)|\bOs \{ code: (\d+)", str(exc))
+    return int(match.group(1) or match.group(2)) if match else None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -15,8 +15,12 @@ as one module (what DistributedDataParallel wraps).
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,20 +55,121 @@ class ModelInfo:
         return {"graft_format": FORMAT_VERSION, **{k: json.dumps(v) for k, v in data.items()}}
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> ModelInfo:
-        try:
-            data = {
-                k: json.loads(meta[k])
-                for k in ("backbone", "img_size", "mean", "std", "classes", "head", "dropout")
-            }
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise WeightsError(f"The model file lacks graft's metadata ({exc}).") from exc
-        data["temperature"] = float(json.loads(meta.get("temperature", "1.0")))
-        data["unknown_threshold"] = float(json.loads(meta.get("unknown_threshold", "0.0")))
-        data["trim"] = bool(json.loads(meta.get("trim", "false")))
-        data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
+    def from_metadata(
+        cls, meta: dict[str, str], source: str | Path = "the model file"
+    ) -> ModelInfo:
+        """Rebuild the description from a weights file's metadata, every field checked:
+        a hand-edited value (temperature 0, a 5000 px input) would otherwise give NaN
+        probabilities or exhaust memory instead of a clear refusal. ``source`` names the
+        file in the error."""
+        fmt = meta.get("graft_format", FORMAT_VERSION)
+        if fmt != FORMAT_VERSION:
+            raise WeightsError(
+                f"{_where(source)} was written in graft model format {fmt!r}; this graft "
+                f"reads format {FORMAT_VERSION}. Use the graft version that trained it."
+            )
+        data: dict[str, Any] = {}
+        for name, (required, default, check) in _FIELDS.items():
+            if name not in meta:
+                if required:
+                    raise WeightsError(
+                        f"{_where(source)} lacks graft's metadata (no {name!r}): it is not a "
+                        "model written by `graft train`; point graft at a run folder."
+                    )
+                data[name] = default
+                continue
+            try:
+                value = json.loads(meta[name])
+            except (json.JSONDecodeError, TypeError):
+                value = meta[name]
+            problem = check(value)
+            if problem:
+                shown = meta[name] if len(str(meta[name])) <= 60 else str(meta[name])[:57] + "..."
+                raise WeightsError(
+                    f"{_where(source)} has invalid metadata: {name}={shown} ({problem}). The "
+                    "file was changed after training; retrain the run or restore the file."
+                )
+            data[name] = value
+        data["mean"] = tuple(float(v) for v in data["mean"])
+        data["std"] = tuple(float(v) for v in data["std"])
         data["classes"] = tuple(data["classes"])
+        for name in ("dropout", "temperature", "unknown_threshold"):
+            data[name] = float(data[name])
         return cls(**data)
+
+
+def _where(source: str | Path) -> str:
+    """``model.safetensors in RUN`` for a path, else the text given."""
+    if isinstance(source, Path):
+        return f"{source.name} in {source.parent}"
+    return source
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _in_range(lo: float, hi: float, what: str, integer: bool = False) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        ok = _number(value) and lo <= value <= hi and (not integer or isinstance(value, int))
+        return "" if ok else f"{what} expected"
+
+    return check
+
+
+def _triple(positive: bool) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        ok = isinstance(value, list) and len(value) == 3 and all(_number(v) for v in value)
+        if ok and positive:
+            ok = all(v > 0 for v in value)
+        kind = "positive" if positive else "finite"
+        return "" if ok else f"a list of 3 {kind} numbers expected"
+
+    return check
+
+
+def _check_classes(value: Any) -> str:
+    if not isinstance(value, list) or not value:
+        return "a non-empty list of class names expected"
+    if not all(isinstance(c, str) and c for c in value):
+        return "every class name must be a non-empty string"
+    if len(set(value)) != len(value):
+        return "class names must be unique"
+    return ""
+
+
+def _check_backbone(value: Any) -> str:
+    from .backbones import BACKBONES
+
+    if isinstance(value, str) and value in BACKBONES:
+        return ""
+    return f"one of {', '.join(BACKBONES)} expected"
+
+
+def _check_head(value: Any) -> str:
+    ok = isinstance(value, str) and re.fullmatch(r"linear|dense:[1-9]\d{0,5}", value)
+    return "" if ok else "'linear' or 'dense:N' expected"
+
+
+def _check_bool(value: Any) -> str:
+    return "" if isinstance(value, bool) else "true or false expected"
+
+
+#: metadata field -> (required, default when absent, check returning a problem or "").
+#: The bounds are those of graft train's options (graft.config) and of what calibration
+#: can fit; anything outside them was not written by graft.
+_FIELDS: dict[str, tuple[bool, Any, Callable[[Any], str]]] = {
+    "backbone": (True, None, _check_backbone),
+    "img_size": (True, None, _in_range(32, 1024, "a whole number of pixels in 32..1024", True)),
+    "mean": (True, None, _triple(positive=False)),
+    "std": (True, None, _triple(positive=True)),
+    "classes": (True, None, _check_classes),
+    "head": (True, None, _check_head),
+    "dropout": (True, None, _in_range(0.0, 0.999999, "a number in [0, 1)")),
+    "temperature": (False, 1.0, _in_range(1e-3, 1e3, "a number between 0.001 and 1000")),
+    "unknown_threshold": (False, 0.0, _in_range(0.0, 1.0, "a number in [0, 1]")),
+    "trim": (False, False, _check_bool),
+}
 
 
 class Backbone(nn.Module):
@@ -228,7 +333,8 @@ def resolve_model_file(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path) -> GraftModel:
-    """Rebuild a model from a ``model.safetensors`` written by :meth:`GraftModel.save`."""
+    """Rebuild a model from a ``model.safetensors`` written by :meth:`GraftModel.save`;
+    its metadata, the head's shape and every weight (finite) are checked first."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -242,13 +348,51 @@ def load_model(path: str | Path) -> GraftModel:
             f"Could not read {path}: {exc}. The file is truncated or not a graft model; "
             "train again or restore it from a backup."
         ) from exc
-    info = ModelInfo.from_metadata(meta)
+    info = ModelInfo.from_metadata(meta, path)
+    problem = head_problem(info, state) or nonfinite_problem(state)
+    if problem:
+        raise WeightsError(
+            f"{path.name} in {path.parent} is damaged: {problem}. The file was changed after "
+            "training; retrain the run or restore the file."
+        )
     model, _ = build_model(info, pretrained=False)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise WeightsError(f"{path} does not match its own description: {exc}") from exc
     return model.eval()
+
+
+def head_problem(info: ModelInfo, state: dict[str, torch.Tensor]) -> str:
+    """Whether the stored head matches the metadata (classes, hidden size), checked before
+    the model is built, so a tampered ``dense:N`` cannot allocate a huge layer first."""
+    last = "head.1.weight" if info.head == "linear" else "head.3.weight"
+    if last not in state or state[last].ndim != 2:
+        return f"it has no {last} tensor for its head {info.head!r}"
+    if state[last].shape[0] != len(info.classes):
+        return (
+            f"its head has {state[last].shape[0]} outputs but the metadata lists "
+            f"{len(info.classes)} classes"
+        )
+    if info.head != "linear":
+        hidden = int(info.head.split(":")[1])
+        first = state.get("head.0.weight")
+        if first is None or first.ndim != 2 or first.shape[0] != hidden:
+            return f"its head's hidden layer does not have the {hidden} units {info.head!r} says"
+    return ""
+
+
+def nonfinite_problem(tensors: dict[str, torch.Tensor]) -> str:
+    """A sentence naming the first tensors holding NaN or infinite values, or ''."""
+    bad = [
+        name
+        for name, t in tensors.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if not bad:
+        return ""
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return f"NaN or infinite values in {', '.join(bad[:3])}{more}"
 
 
 class FrozenPart(nn.Module):

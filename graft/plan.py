@@ -5,6 +5,7 @@ backbone is cut and what is cached) and :class:`Features` (the cached inputs of 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +16,27 @@ import torch
 from .config import TrainConfig
 from .data import ScanResult
 from .distributed import Dist
+from .errors import UsageError
 from .model import GraftModel
 from .progress import Reporter
 from .rundir import RunDir
 
-__all__ = ["CUT_CACHE_BUDGET", "Features", "Plan", "Run", "describe_plan", "make_plan"]
+__all__ = ["Features", "Plan", "Run", "describe_plan", "make_plan"]
 
-CUT_CACHE_BUDGET = int(os.environ.get("GRAFT_CUT_CACHE_MB", "2048")) * 2**20
+
+def cut_cache_budget() -> int:
+    """Bytes the activations cached at the cut may take (``GRAFT_CUT_CACHE_MB``, 2048)."""
+    text = os.environ.get("GRAFT_CUT_CACHE_MB", "2048").strip()
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = math.nan
+    if not (math.isfinite(mb) and mb >= 0):
+        raise UsageError(
+            f"GRAFT_CUT_CACHE_MB={text!r} is not valid: use a number of megabytes such as "
+            "2048 (0 turns the cache at the cut off), or unset it."
+        )
+    return int(mb * 2**20)
 
 
 @dataclass
@@ -36,6 +51,10 @@ class Run:
     resume: bool
     workers: int
     timings: dict[str, float] = field(default_factory=dict)
+    # entries of the run folder that were there before this run (the user's: kept), and
+    # whether this run created the folder; None until the folder is prepared
+    user_files: list[str] | None = None
+    created: bool = False
 
 
 @dataclass
@@ -74,11 +93,16 @@ def make_plan(run: Run, model: GraftModel, n_images: int) -> Plan:
     """Where to cut the backbone, and whether the activations at the cut fit the cache."""
     config, n_blocks = run.config, model.n_blocks
     unfreeze = n_blocks if config.unfreeze == "all" else min(int(config.unfreeze), n_blocks)
+    if config.unfreeze != "all" and int(config.unfreeze) > n_blocks and config.fine_tune_epochs:
+        run.reporter.warn(
+            f"--unfreeze {config.unfreeze}: {config.backbone} has {n_blocks} blocks, so all "
+            f"{n_blocks} learn in stage 2 (the same as --unfreeze all)."
+        )
     cut = n_blocks - unfreeze if config.fine_tune_epochs else n_blocks
     views = 1 if config.augment == "none" else config.views
     n_train = n_images * (1 - config.test_size - config.val_size)
     cut_bytes = model.activation_bytes(cut, config.img_size) * ((views - 1) * n_train + n_images)
-    cache_cut = 0 < cut < n_blocks and cut_bytes <= CUT_CACHE_BUDGET
+    cache_cut = 0 < cut < n_blocks and cut_bytes <= cut_cache_budget()
     if not cache_cut and 0 < cut < n_blocks:
         run.reporter.info(
             f"Activations at the cut would take {cut_bytes / 2**20:.0f} MB: fine-tuning "

@@ -24,7 +24,7 @@ from PIL import Image
 
 from ._malloc import tune_malloc
 from .data import IMAGE_EXTENSIONS, ImageFiles, build_transform, iter_files, make_loader
-from .errors import UsageError
+from .errors import GraftError, SystemResourceError, UsageError, WeightsError, os_error_message
 from .model import GraftModel, load_model
 from .runtime import rank_classes
 
@@ -66,6 +66,36 @@ def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
     return [x, x.flip(3), crop, crop.flip(3)]
 
 
+#: the per-image answer when the network's output is NaN or infinite: never a number
+NON_FINITE = (
+    "the model produced non-finite scores (NaN or infinity): the run's weights are broken; "
+    "retrain it"
+)
+
+
+def check_count(name: str, value: object) -> int:
+    """``value`` as a count of at least 1 (a batch size, a top-k), or a UsageError."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise UsageError(f"{name} must be a whole number of 1 or more, not {value!r}.")
+    return int(value)
+
+
+def check_finite_weights(model: torch.nn.Module, source: str | Path) -> None:
+    """Refuse a model whose weights hold NaN or infinity (a diverged training): it would
+    answer every image with NaN probabilities. One pass over the tensors at load."""
+    bad = [
+        name
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise WeightsError(
+            f"{source} holds non-finite weights (NaN or infinity) in {len(bad)} tensor(s), "
+            f"e.g. {bad[0]}: the training diverged and this model cannot predict; "
+            "retrain the run (graft train ... --force)."
+        )
+
+
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     """Files as given; folders expanded (recursively) to the images inside them."""
     out: list[Path] = []
@@ -91,10 +121,12 @@ class Predictor:
         onnx_path: Path | None = None,
         backend: str = "auto",
         tta: bool = False,
+        source: str | Path = "The model",
     ):
         from .device import choose_device
         from .engines import Probabilities, TorchRunner, make_runner
 
+        check_finite_weights(model, source)
         tune_malloc()
         self.model = model.eval()
         self.device = device or choose_device()
@@ -130,7 +162,12 @@ class Predictor:
         if not os.access(weights.parent, os.W_OK):
             onnx_path = None  # export to a temporary file instead
         return cls(
-            load_model(weights), workers=workers, onnx_path=onnx_path, backend=backend, tta=tta
+            load_model(weights),
+            workers=workers,
+            onnx_path=onnx_path,
+            backend=backend,
+            tta=tta,
+            source=weights,
         )
 
     @torch.no_grad()
@@ -138,8 +175,9 @@ class Predictor:
         self, paths: Sequence[str | Path], batch_size: int = 32
     ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[int, str]]]:
         """Batch by batch, in order: (indices into ``paths``, their probabilities,
-        ``{index: reason}`` for files of the batch that could not be read). Memory stays
-        that of one batch, however many paths there are."""
+        ``{index: reason}`` for files of the batch that could not be read or got non-finite
+        scores). Memory stays that of one batch, however many paths there are."""
+        batch_size = check_count("batch_size", batch_size)
         dataset = ImageFiles([Path(p) for p in paths], None, self.transform, self.info.img_size)
         if not len(paths):
             return
@@ -154,13 +192,18 @@ class Predictor:
                 p = self.runner(torch.cat(views)).reshape(len(views), len(x), -1).mean(0)
             else:
                 p = self.runner(x)
-            yield batch["index"].numpy(), p.numpy(), failed
+            index, probs = batch["index"].numpy(), p.numpy()
+            finite = np.isfinite(probs).all(axis=1)
+            if not finite.all():  # never report NaN as a probability
+                failed.update({int(i): NON_FINITE for i in index[~finite]})
+                index, probs = index[finite], probs[finite]
+            yield index, probs, failed
 
     def predict_proba(
         self, paths: Sequence[str | Path], batch_size: int = 32
     ) -> tuple[np.ndarray, dict[int, str]]:
         """Probabilities ``[len(paths), n_classes]`` (NaN rows for failures) and
-        ``{index: reason}`` for files that could not be read."""
+        ``{index: reason}`` for files that could not be read or predicted."""
         probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
         failed: dict[int, str] = {}
         for index, p, bad in self.iter_proba(paths, batch_size):
@@ -232,26 +275,123 @@ def csv_row(prediction: Prediction, k: int) -> list[str]:
     return row + [""] * (len(csv_header(k)) - len(row))
 
 
-def _done_paths(out: Path, fmt: str, header: list[str]) -> set[str]:
-    """Paths already written to ``out``; a torn last line (a crash mid-write) is cut off."""
-    if not out.is_file() or out.stat().st_size == 0:
-        return set()
-    raw = out.read_bytes()
-    if not raw.endswith(b"\n"):
-        keep = raw.rfind(b"\n") + 1
-        with open(out, "r+b") as fh:
-            fh.truncate(keep)
-        raw = raw[:keep]
-    text = raw.decode("utf-8", errors="surrogateescape")
-    if fmt == "jsonl":
-        return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
-    rows = list(csv.reader(io.StringIO(text)))
-    if rows and rows[0] != header:
-        raise UsageError(
-            f"{out} was written with other columns ({len(rows[0])}): use the same --top-k, "
-            "or another output file."
+#: where each format of ``--out`` is recognised, by file name ending
+OUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+_JSONL_START = '{"path": '
+
+
+def _not_ours(out: Path, why: str, line: int | None = None) -> UsageError:
+    todo = (
+        f"Fix or delete line {line} (its image is then predicted again), or give --out a "
+        "new file name."
+        if line
+        else "Give --out a new file name (or the file an earlier `graft predict --out` "
+        "wrote, to continue it)."
+    )
+    return UsageError(f"{out} {why}; graft left it unchanged. {todo}")
+
+
+def _is_prediction(row: object) -> bool:
+    """A JSON Lines row as :meth:`Prediction.to_dict` writes it."""
+    return (
+        isinstance(row, dict)
+        and isinstance(row.get("path"), str)
+        and ("error" in row or ("label" in row and isinstance(row.get("top"), list)))
+    )
+
+
+def _jsonl_paths(out: Path, lines: list[str]) -> set[str]:
+    done: set[str] = set()
+    bad: list[int] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if _is_prediction(row):
+            done.add(row["path"])
+        else:
+            bad.append(number)
+    if bad and not done:
+        raise _not_ours(out, "was not written by `graft predict` (not its JSON Lines)")
+    if bad:  # graft's file, damaged: a line torn or edited by hand
+        raise _not_ours(out, f"has a damaged line {bad[0]} (torn or edited)", bad[0])
+    return done
+
+
+def _csv_paths(out: Path, text: str, header: list[str]) -> set[str]:
+    reader = csv.reader(io.StringIO(text))
+    first = next(reader, None)
+    if first is not None and first != header:
+        if first[:3] != header[:3]:
+            raise _not_ours(
+                out, "was not written by `graft predict` (its first line is not graft's header)"
+            )
+        raise _not_ours(
+            out,
+            f"was written with other columns ({len(first)}, not {len(header)}): "
+            "use the same --top-k as that call",
         )
-    return {r[0] for r in rows[1:] if r}
+    done: set[str] = set()
+    for row in reader:
+        if len(row) != len(header):
+            raise _not_ours(
+                out,
+                f"has a damaged line {reader.line_num} ({len(row)} columns, not "
+                f"{len(header)}; torn or edited)",
+                reader.line_num,
+            )
+        done.add(row[0])
+    return done
+
+
+def _torn_tail_ok(tail: str, fmt: str, header: list[str]) -> bool:
+    """Whether the text after the last newline can be the start of a line graft was writing
+    when it was interrupted (and so may be cut off)."""
+    if fmt == "jsonl":
+        return tail.startswith(_JSONL_START) or _JSONL_START.startswith(tail)
+    rows = list(csv.reader(io.StringIO(tail)))
+    return len(rows) <= 1 and all(len(r) <= len(header) for r in rows)
+
+
+def existing_results(out: Path, fmt: str, header: list[str]) -> tuple[set[str], int]:
+    """The paths an earlier ``graft predict --out`` already wrote to ``out``, and how many
+    bytes of it to keep (less than its size when the last line was torn by a crash).
+
+    Reads only: a file that is not graft's own (another header, lines that are not
+    predictions, a damaged line in the middle) is refused with a UsageError before
+    anything is written, so a user's file is never changed."""
+    try:
+        if not out.exists():
+            return set(), 0
+        if not out.is_file():
+            raise UsageError(f"--out {out} is not a file (a folder?): give a file name.")
+        raw = out.read_bytes()
+    except OSError as exc:
+        raise _os_error(exc, f"read {out}") from exc
+    keep = raw.rfind(b"\n") + 1
+    text = raw[:keep].decode("utf-8", errors="surrogateescape")
+    tail = raw[keep:].decode("utf-8", errors="surrogateescape")
+    if fmt == "jsonl":
+        done = _jsonl_paths(out, text.splitlines())
+    else:
+        done = _csv_paths(out, text, header)
+    if tail and not _torn_tail_ok(tail, fmt, header):
+        raise _not_ours(out, "does not end like a file `graft predict` was writing")
+    if tail and not text and fmt == "csv" and not ",".join(header).startswith(tail):
+        raise _not_ours(
+            out, "was not written by `graft predict` (its first line is not graft's header)"
+        )
+    return done, keep
+
+
+def _os_error(exc: OSError, action: str) -> GraftError:
+    message = os_error_message(exc, action)
+    if message:
+        return SystemResourceError(message)
+    return UsageError(f"Could not {action}: {exc.strerror or exc}. Choose another --out.")
 
 
 def stream_predictions(
@@ -262,33 +402,51 @@ def stream_predictions(
     batch_size: int = 64,
     progress: Any = None,
 ) -> StreamStats:
-    """Predict ``paths`` into ``out`` (``.jsonl`` or ``.csv``) as they are computed.
+    """Predict ``paths`` into ``out`` (``.jsonl``/``.ndjson`` or ``.csv``) as they are
+    computed.
 
     Results are flushed batch by batch, so memory stays flat and an interrupted call loses
     at most one batch; calling again with the same file continues where it stopped (paths
-    already in the file are skipped). ``progress(n)`` is called after each batch.
+    already in the file are skipped, a torn last line is cut off). An existing file that
+    graft did not write is refused and left as it was. ``progress(n)`` is called after
+    each batch.
     """
-    fmt = "csv" if out.suffix.lower() == ".csv" else "jsonl"
-    k = max(1, min(top_k, len(predictor.classes)))
+    out = Path(out)
+    batch_size = check_count("batch_size", batch_size)
+    top_k = check_count("top_k", top_k)
+    fmt = OUT_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"--out {out}: use a .jsonl, .ndjson or .csv file name.")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UsageError(f"--out {out}: {out.parent} is a file, not a folder.")
+    k = min(top_k, len(predictor.classes))
     header = csv_header(k)
-    done = _done_paths(out, fmt, header)
+    done, keep = existing_results(out, fmt, header)  # validates before anything is written
     todo = [p for p in paths if str(p) not in done]
     started = time.perf_counter()
     written = failed = 0
-    new_file = not out.is_file() or out.stat().st_size == 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.is_file() and out.stat().st_size > keep:
+            with open(out, "r+b") as raw:
+                raw.truncate(keep)  # only a torn last line (a crash mid-write) is cut
+        fh = open(out, "a", newline="", encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise _os_error(exc, f"write {out}") from exc
+    with fh:
         writer = csv.writer(fh, lineterminator="\n") if fmt == "csv" else None
-        if writer is not None and new_file:
+        if writer is not None and keep == 0:
             writer.writerow(header)
         for batch in predictor.iter_predict(todo, top_k, batch_size):
-            for p in batch:
-                failed += bool(p.error)
+            failed += sum(bool(p.error) for p in batch)
+            try:  # a full disk or a file gone read-only mid-way: say so, not "a bug"
                 if writer is None:
-                    fh.write(json.dumps(p.to_dict()) + "\n")
+                    fh.write("".join(json.dumps(p.to_dict()) + "\n" for p in batch))
                 else:
-                    writer.writerow(csv_row(p, k))
-            fh.flush()
+                    writer.writerows(csv_row(p, k) for p in batch)
+                fh.flush()
+            except OSError as exc:
+                raise _os_error(exc, f"write {out}") from exc
             written += len(batch)
             if progress is not None:
                 progress(len(batch))

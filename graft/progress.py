@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -55,13 +56,14 @@ class Reporter:
                 yield item
                 advance(1)
 
+    # Messages carry class names and paths, which may contain "[...]": never rich markup.
     def info(self, text: str) -> None:
         if self.verbose:
-            self.console.print(text)
+            self.console.print(escape(text))
 
     def warn(self, text: str) -> None:
         if self.verbose:
-            self.console.print(f"[yellow]warning:[/] {text}")
+            self.console.print(f"[yellow]warning:[/] {escape(text)}")
 
     def stage(self, text: str) -> None:
         if self.verbose:
@@ -81,6 +83,6 @@ class Reporter:
 
     def diagnosis(self, d: Any) -> None:
         if self.verbose:
-            self.console.print(f"[bold]Diagnosis: {d.verdict}[/] - {d.explanation}")
+            self.console.print(f"[bold]Diagnosis: {d.verdict}[/] - {escape(d.explanation)}")
             for note in d.notes:
-                self.console.print(f"  - {note}")
+                self.console.print(f"  - {escape(note)}")

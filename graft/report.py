@@ -14,11 +14,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, UndefinedError
 from markupsafe import Markup
 
+from .errors import RunFolderError
 from .io import atomic_write_text, display, read_json
-from .rundir import AUDIT, EVALUATION, RunDir
+from .rundir import RunDir
 
 #: the plots the report embeds, by file stem in the run folder; a missing one is left out
 FIGURES = (
@@ -102,23 +103,85 @@ def _report_context(run: Path) -> dict[str, Any]:
     """The values ``report.html.j2`` shows, read from the run folder."""
     rundir = RunDir(run)
     summary, config = rundir.read_summary(), rundir.read_config()
+    for path, data in ((rundir.summary, summary), (rundir.config, config)):
+        if not isinstance(data, dict):
+            raise _damaged(path, "it is not a JSON object")
+    numbers = ("img_size", "seed", "test_size", "val_size")
+    bad = [k for k in numbers if not _is_number(config.get(k))]
+    bad += [k for k in ("backbone", "data_root") if not isinstance(config.get(k), str)]
+    if bad:
+        raise _damaged(rundir.config, f"{', '.join(bad)} missing or of the wrong type")
     return {
         "title": f"graft run: {run.name}",
         "summary": summary,
         "config": config,
-        "diag": summary["diagnosis"],
-        "audit": rundir.read_optional(AUDIT),
-        "ev": rundir.read_optional(EVALUATION),
+        "diag": summary.get("diagnosis"),
+        "audit": _read_optional(rundir.audit),
+        "ev": _read_optional(rundir.evaluation),
         # `graft evaluate RUN FOLDER` results on images from elsewhere
-        "extra": [read_json(p) for p in sorted(run.glob("eval-*/evaluation.json"))],
+        "extra": [_read_optional(p) for p in RunDir(run).evaluations()],
         "figures": _figures(run),
         "settings": [(key, config.get(key)) for key in CONFIG_KEYS],
     }
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _damaged(path: Path, detail: str) -> RunFolderError:
+    return RunFolderError(
+        f"{path.name} in {path.parent} is damaged: {detail}. It was changed after graft wrote "
+        "it: restore it, or run the command that writes it again (`graft train`, "
+        "`graft evaluate`)."
+    )
+
+
+def _read_optional(path: Path) -> dict[str, Any] | None:
+    """A JSON object the run may lack (audit.json, evaluation.json): None when absent."""
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise _damaged(path, f"it is not readable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise _damaged(path, "it is not a JSON object")
+    return data
+
+
+#: what a run file of the wrong shape (valid JSON, unexpected content) raises in the template
+_SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, UndefinedError)
+
+
 def build_report(run: str | Path) -> str:
     run = Path(run)
-    return template_environment().get_template("report.html.j2").render(_report_context(run))
+    template = template_environment().get_template("report.html.j2")
+    context = _report_context(run)
+    try:
+        return template.render(context)
+    except _SHAPE_ERRORS as exc:
+        path, detail = _culprit(run, template, context)
+        raise _damaged(path, f"{detail} ({type(exc).__name__}: {exc})") from exc
+
+
+def _culprit(run: Path, template: Any, context: dict[str, Any]) -> tuple[Path, str]:
+    """Which file made the report fail, found by leaving out the optional ones in turn."""
+    rundir = RunDir(run)
+    extras = RunDir(run).evaluations()
+    trials: list[tuple[Path, dict[str, Any]]] = [
+        (rundir.audit, {"audit": None}),
+        (rundir.evaluation, {"ev": None}),
+    ]
+    for i, path in enumerate(extras):
+        trials.append((path, {"extra": [e for j, e in enumerate(context["extra"]) if j != i]}))
+    for path, change in trials:
+        try:
+            template.render({**context, **change})
+        except _SHAPE_ERRORS:
+            continue
+        return path, "its content does not have the shape graft writes"
+    return rundir.summary, "its content does not have the shape graft writes"
 
 
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:

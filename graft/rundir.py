@@ -28,7 +28,7 @@ from typing import Any, TypedDict
 from .errors import RunExistsError, RunFolderError
 from .io import atomic_write_json, atomic_write_text, read_json
 
-__all__ = ["RUN_FILES", "EpochRecord", "RunDir", "Summary"]
+__all__ = ["MANIFEST", "RUN_FILES", "EpochRecord", "RunDir", "Summary"]
 
 CONFIG = "config.json"
 SPLIT = "split.csv"
@@ -41,6 +41,8 @@ AUDIT = "audit.json"
 SKIPPED = "skipped.csv"
 ONNX = "model.onnx"
 REPORT = "report.html"
+#: what graft wrote in the folder (relative names); --force removes these and nothing else
+MANIFEST = "graft-files.json"
 
 # Run-folder files graft owns; --force removes exactly these, never anything else.
 RUN_FILES = (
@@ -121,6 +123,11 @@ class Summary(TypedDict, total=False):
     epoch_seconds: dict[str, float]
 
 
+def _plain_name(name: str) -> bool:
+    """An entry directly in the run folder (a manifest never points outside it)."""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
 @dataclass(frozen=True)
 class RunDir:
     """A run folder (it need not exist yet)."""
@@ -175,9 +182,10 @@ class RunDir:
         return self.path / REPORT
 
     # ------------------------------------------------------------------ creating
-    def prepare(self, force: bool) -> None:
-        """Create the folder for a new run; an existing non-empty one only with ``force``,
-        and then only graft's own files are removed."""
+    def prepare(self, force: bool) -> list[str]:
+        """Create the folder for a new run and return the names already in it (the user's,
+        kept). An existing non-empty folder is used only with ``force``, and only if it is a
+        graft run: then exactly the files graft wrote there are removed."""
         out = self.path
         if out.exists() and not out.is_dir():
             raise RunExistsError(f"{out} exists and is a file. Choose another --out.")
@@ -187,11 +195,79 @@ class RunDir:
                     f"Run folder {out} already exists and is not empty. Choose another --out, "
                     "or pass --force to replace the run in it."
                 )
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(out / "predictions", ignore_errors=True)
-            shutil.rmtree(out / "tensorboard", ignore_errors=True)
+            owned = self.owned()
+            clash = [n for n in RUN_FILES if (out / n).exists()]
+            if owned is None and clash:
+                raise RunExistsError(
+                    f"{out} is not a graft run folder (no {CONFIG}, no {MANIFEST}) but holds "
+                    f"files with graft's names ({', '.join(clash[:4])}), so --force will not "
+                    "touch it. Choose another --out."
+                )
+            for name in owned or []:  # a folder of only other files: nothing is removed
+                self._remove(name)
+            (out / MANIFEST).unlink(missing_ok=True)
+            for leftover in out.glob(".*.tmp"):  # half-written files of a killed run
+                leftover.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
+        return sorted(p.name for p in out.iterdir())
+
+    def owned(self) -> list[str] | None:
+        """The names graft wrote here: the manifest's, or for a run made before manifests
+        existed, graft's own file names; None when the folder is not a graft run."""
+        manifest = self.path / MANIFEST
+        if manifest.is_file():
+            try:
+                names = read_json(manifest)["files"]
+                if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                    # plus graft's own names (model.onnx is made later, by predict)
+                    ours = [n for n in RUN_FILES if (self.path / n).exists()]
+                    return sorted({*ours, *(n for n in names if _plain_name(n))})
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            raise RunFolderError(
+                f"{manifest} is damaged: graft cannot tell its files from yours, so it removes "
+                "nothing. Empty the folder yourself or choose another --out."
+            )
+        if self.config.is_file():
+            return [n for n in RUN_FILES if (self.path / n).exists()]
+        return None
+
+    def evaluations(self) -> list[Path]:
+        """The ``eval-*/evaluation.json`` files graft evaluate wrote here (a folder of that
+        name the user made is not graft's, and not its results)."""
+        found = sorted(self.path.glob("eval-*/evaluation.json"))
+        if not (self.path / MANIFEST).is_file():
+            return found  # a run from before manifests: every eval folder was graft's
+        owned = set(self.owned() or [])
+        return [p for p in found if p.parent.name in owned]
+
+    def claim(self, names: list[str]) -> None:
+        """Record ``names`` (entries of this folder graft has just written) in the manifest."""
+        known = self.owned() if (self.path / MANIFEST).is_file() else []
+        merged = sorted({*(known or []), *(n for n in names if _plain_name(n))})
+        atomic_write_json(self.path / MANIFEST, {"files": merged})
+
+    def claim_new(self, before: list[str]) -> None:
+        """Record every entry that is here now and was not in ``before``."""
+        keep = {*before, MANIFEST}
+        self.claim([p.name for p in self.path.iterdir() if p.name not in keep])
+
+    def discard_new(self, before: list[str], created: bool) -> None:
+        """Undo a run that failed before training began: remove what it wrote (and the
+        folder, when this run created it), so the corrected command needs no --force."""
+        keep = set(before)
+        for p in list(self.path.iterdir()) if self.path.is_dir() else []:
+            if p.name not in keep:
+                self._remove(p.name)
+        if created and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
+
+    def _remove(self, name: str) -> None:
+        target = self.path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reading and writing
     def _read(self, path: Path, what: str) -> Any:
@@ -221,7 +297,12 @@ class RunDir:
     def read_optional(self, name: str) -> Any:
         """A JSON file of the run that may be absent (``audit.json``, ``evaluation.json``)."""
         path = self.path / name
-        return read_json(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return read_json(path)
+        except (OSError, ValueError) as exc:
+            raise RunFolderError(f"{path} is unreadable ({exc}); train the run again.") from exc
 
     def write_history(self, history: list[EpochRecord]) -> None:
         fields = EpochRecord.FIELDS

@@ -11,7 +11,10 @@ tests/test_export.py). Use it as a library::
     for top in model.predict(["cat.jpg"]):
         print(top)
 
-or as a script: ``python graft_runtime.py EXPORT_DIR IMAGE...``.
+or as a script: ``python graft_runtime.py EXPORT_DIR IMAGE...``. Each image gets one line,
+its answer or why it could not be read (missing, a folder, not an image, truncated, over
+Pillow's pixel limit ``Image.MAX_IMAGE_PIXELS``); the others are still predicted. Exit codes:
+0 all predicted, 2 usage, 6 the export folder is unusable, 7 some images failed.
 """
 
 from __future__ import annotations
@@ -30,6 +33,38 @@ from PIL import Image, ImageChops, ImageOps
 #: the JSON file beside every exported model: preprocessing, labels, calibration, metrics
 METADATA_FILE = "graft.json"
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt"}
+#: the package each format's engine needs, for the message when it is not installed
+ENGINE_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino", "torchscript": "torch"}
+#: exit codes of ``python graft_runtime.py`` (those of ``graft`` for the same situations)
+EXIT_USAGE, EXIT_EXPORT, EXIT_PARTIAL = 2, 6, 7
+#: the answer for an image whose scores are NaN or infinite: never reported as numbers
+NON_FINITE = (
+    "the model produced non-finite scores (NaN or infinity): the run's weights are broken; "
+    "retrain it"
+)
+
+
+class ExportError(ValueError):
+    """The export folder cannot be used: missing, incomplete or damaged files, or the
+    engine its format needs is not installed. Not an image's fault."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """Why one image could not be read, in a few words (for its line or entry)."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return f"refused: image too large ({text})"
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "a folder, not an image file"
+    if isinstance(exc, PermissionError):
+        return "permission denied: the file cannot be read"
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image (or an unsupported format)"
+    if "truncated" in text.lower() or "broken" in text.lower():
+        return f"truncated or corrupt image ({text})"
+    return f"could not be read ({text})"
 
 
 def load_image(source: str | Path | bytes, size_hint: int | None = None) -> Image.Image:
@@ -145,24 +180,48 @@ def rank_classes(
 
 class ExportedModel:
     """An export folder (``graft export``) as a predictor: images in, calibrated
-    probabilities out. ``threads`` caps the CPU threads the engine uses."""
+    probabilities out. ``threads`` caps the CPU threads the engine uses. Raises
+    :class:`ExportError` when the folder cannot be used."""
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         self.folder = Path(folder)
         meta_path = self.folder / METADATA_FILE
         if not meta_path.is_file():
-            raise FileNotFoundError(
+            raise ExportError(
                 f"{meta_path} is missing: point at a folder written by `graft export`."
             )
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        self.format: str = self.meta["format"]
-        pre = self.meta["preprocessing"]
-        self.img_size: int = int(pre["size"])
-        self.mean, self.std = pre["mean"], pre["std"]
-        self.trim = bool(pre.get("trim", False))
-        self.classes: list[str] = list(self.meta["classes"])
-        self.unknown_threshold: float = float(self.meta.get("unknown_threshold", 0.0))
-        self._run = self._load(self.folder / MODEL_FILES[self.format], threads)
+        again = "export the run again (graft export RUN --force)"
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+            self.format: str = self.meta["format"]
+            pre = self.meta["preprocessing"]
+            self.img_size: int = int(pre["size"])
+            self.mean, self.std = [float(v) for v in pre["mean"]], [float(v) for v in pre["std"]]
+            self.trim = bool(pre.get("trim", False))
+            self.classes: list[str] = [str(c) for c in self.meta["classes"]]
+            self.unknown_threshold: float = float(self.meta.get("unknown_threshold", 0.0))
+            model_path = self.folder / MODEL_FILES[self.format]
+            if not (
+                self.classes
+                and 0 < self.img_size <= 4096
+                and len(self.mean) == len(self.std) == 3
+                and all(np.isfinite(self.mean))
+                and all(np.isfinite(s) and s > 0 for s in self.std)
+            ):
+                raise ValueError("classes, size, mean or std out of range")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ExportError(f"{meta_path} is damaged ({exc!r}): {again}.") from exc
+        if not model_path.is_file():
+            raise ExportError(f"{model_path} is missing: {again}.")
+        try:
+            self._run = self._load(model_path, threads)
+        except ImportError as exc:
+            package = ENGINE_PACKAGES[self.format]
+            raise ExportError(
+                f"The {self.format} export needs the {package} package: pip install {package}."
+            ) from exc
+        except Exception as exc:  # each engine has its own errors for a damaged model file
+            raise ExportError(f"Could not load {model_path} ({exc}): {again}.") from exc
 
     def _load(self, path: Path, threads: int | None) -> Any:
         if self.format == "onnx":
@@ -213,31 +272,72 @@ class ExportedModel:
         return np.asarray(self._run(x), dtype=np.float32)
 
     def predict_proba(self, sources: Sequence[str | Path | bytes]) -> np.ndarray:
+        """Probabilities for image files or bytes; raises on the first one that cannot be
+        read (:meth:`predict` answers the others and names it)."""
         return self.predict_proba_images([self.decode(s) for s in sources])
 
-    def predict(self, sources: Sequence[str | Path | bytes], top_k: int = 3) -> list[dict]:
-        """Per image: ``label`` ("unknown" below the threshold) and the ``top`` classes."""
-        out = []
-        for p in self.predict_proba(sources):
-            top, unknown = rank_classes(p, self.classes, top_k, self.unknown_threshold)
-            out.append(
-                {
-                    "label": "unknown" if unknown else top[0][0],
-                    "top": [{"class": c, "probability": prob} for c, prob in top],
-                }
-            )
+    def predict(
+        self, sources: Sequence[str | Path | bytes], top_k: int = 3, batch_size: int = 32
+    ) -> list[dict]:
+        """Per image, in order: ``label`` ("unknown" below the threshold) and the ``top``
+        classes, or ``error`` (why it could not be read or predicted): one bad image never
+        stops the others. Images are decoded ``batch_size`` at a time, so memory stays that
+        of one batch."""
+        sources, step = list(sources), max(1, int(batch_size))
+        out: list[dict] = []
+        for start in range(0, len(sources), step):
+            results: list[dict | None] = []
+            images = []
+            for source in sources[start : start + step]:
+                try:
+                    images.append(self.decode(source))
+                    results.append(None)
+                except Exception as exc:  # Pillow raises many kinds on bad data
+                    results.append({"error": describe_error(exc)})
+            probs = iter(self.predict_proba_images(images))
+            out += [r if r is not None else self._answer(next(probs), top_k) for r in results]
         return out
+
+    def _answer(self, probs: np.ndarray, top_k: int) -> dict:
+        if not np.isfinite(probs).all():
+            return {"error": NON_FINITE}
+        top, unknown = rank_classes(probs, self.classes, top_k, self.unknown_threshold)
+        return {
+            "label": "unknown" if unknown else top[0][0],
+            "top": [{"class": c, "probability": prob} for c, prob in top],
+        }
+
+
+def _shown(text: str) -> str:
+    """A path as printable text (file names need not be valid UTF-8)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 2:
+    if len(args) < 2 or args[0] in ("-h", "--help"):
         print("usage: python graft_runtime.py EXPORT_DIR IMAGE...", file=sys.stderr)
-        return 2
-    model = ExportedModel(args[0])
+        return 0 if args[:1] in (["-h"], ["--help"]) else EXIT_USAGE
+    try:
+        model = ExportedModel(args[0])
+    except ExportError as exc:
+        print(f"graft_runtime: error: {exc}", file=sys.stderr)
+        return EXIT_EXPORT
+    failed = 0
     for path, result in zip(args[1:], model.predict(args[1:]), strict=True):
+        if "error" in result:
+            failed += 1
+            print(f"{_shown(path)}: error: {result['error']}")
+            continue
         best = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in result["top"])
-        print(f"{path}: {result['label']} ({best})")
+        print(f"{_shown(path)}: {result['label']} ({best})")
+    if failed:
+        print(
+            f"graft_runtime: {failed} of {len(args) - 1} file(s) could not be predicted "
+            "(their lines say why).",
+            file=sys.stderr,
+        )
+        return EXIT_PARTIAL
     return 0
 
 

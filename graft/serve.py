@@ -5,86 +5,95 @@
     GET  /health    liveness
     GET  /model     classes, backbone, input size, metrics, limits
     GET  /          a page to drop images on and see probability bars
-    GET  /report    the run's HTML report, when it has one
-    GET  /docs      OpenAPI documentation (FastAPI)
+    GET  /report    the run's HTML report, when it has one (local paths redacted)
+    GET  /docs      OpenAPI documentation (Swagger UI served from graft/static: works offline)
 
-The model loads once. Requests are decoded in a thread pool while the model runs, and images
-waiting for the model are batched together (never delayed for it: whatever queued during the
-previous batch goes next), so both cores stay busy under load. Bodies are read into memory
-with a hard size limit before anything is parsed, client file names are only echoed back,
-never opened, and no route takes a path: nothing a client sends reads or writes a file.
+The model loads once. Each image is decoded and turned into the model's input on one
+decoding thread (so one big picture, not sixteen, is ever held at full size), and the
+inputs waiting for the model are batched (never delayed for it: whatever queued during the
+previous batch goes next).
+
+This module owns the model behind the API (:class:`ServedModel`), the batching, the routes and
+the uvicorn server; reading and admitting requests, and the limits (:class:`ServeSettings`),
+live in graft.serve_requests. What a client can make the server hold is bounded there; here,
+the request line and headers must arrive within ``header_timeout_s`` (else the connection is
+closed). No route takes a path: nothing a client sends reads or writes a file.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import errno
+import html
 import json
+import math
+import os
+import re
+import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from dataclasses import asdict
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from . import __version__
-from .errors import RunFolderError
+from .errors import RunFolderError, SystemResourceError, UsageError, os_error_message
 from .rundir import REPORT, SUMMARY, RunDir
-from .runtime import METADATA_FILE, rank_classes
+from .runtime import METADATA_FILE, NON_FINITE, ExportError, rank_classes
+from .serve_requests import MB, Admission, ServeSettings, Upload, prepare_upload, read_uploads
 
-MB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    max_mb: float = 20.0  #: largest accepted image file
-    max_files: int = 16  #: most images in one request
-    top_k: int = 3  #: classes returned per image unless the request asks otherwise
-    max_batch: int = 32  #: most images the model runs at once
-
-    @property
-    def max_bytes(self) -> int:
-        return int(self.max_mb * MB)
-
-    @property
-    def max_body(self) -> int:
-        # every file at its limit, base64's 4/3 (JSON), and room for the form's own headers
-        return self.max_bytes * self.max_files * 4 // 3 + 64 * 1024
+STATIC = Path(__file__).parent / "static"
 
 
 class ServedModel:
     """A run folder (graft's own Predictor) or an export folder (``graft_runtime``) behind one
-    interface: ``decode(bytes)`` and ``predict_proba(images)``."""
+    interface: ``prepare(bytes)`` (decode, then the model's input for that image: the full
+    picture is freed at once) and ``infer(inputs)`` (class probabilities)."""
 
     def __init__(self, source: str | Path):
         self.source = Path(source)
         self.warm_up: Callable[[int], None] = lambda max_batch: None
+        self.prepare: Callable[[bytes], Any]
+        self.infer: Callable[[list[Any]], np.ndarray]
         if (self.source / METADATA_FILE).is_file():
-            from .runtime import ExportedModel
+            from .runtime import ExportedModel, preprocess
 
-            exported = ExportedModel(self.source)
+            try:
+                exported = ExportedModel(self.source)
+            except ExportError as exc:  # a damaged export is the folder's fault: exit 6
+                raise RunFolderError(str(exc)) from exc
             self.kind, self.engine = f"export ({exported.format})", exported.engine
             self.classes, self.img_size = exported.classes, exported.img_size
             self.unknown_threshold = exported.unknown_threshold
             self.backbone = exported.meta.get("backbone", "?")
             self.metrics = exported.meta.get("metrics", {})
-            self.decode: Callable[[bytes], Image.Image] = exported.decode
-            self.predict_proba: Callable[[Sequence[Image.Image]], np.ndarray] = (
-                exported.predict_proba_images
-            )
+            self.prepare = lambda raw: preprocess(
+                [exported.decode(raw)],
+                exported.img_size,
+                exported.mean,
+                exported.std,
+                exported.trim,
+            )[0]
+            # what ExportedModel.predict_proba_images does after its own preprocess
+            self.infer = lambda xs: np.asarray(exported._run(np.stack(xs)), dtype=np.float32)
             self.folder = self.source
         else:
+            import torch
+
             from .model import resolve_model_file
             from .predict import Predictor
             from .runtime import load_image
 
-            predictor = Predictor.from_run(self.source)
+            predictor = Predictor.from_run(self.source)  # tta=False: one view per image
             info = predictor.info
             self.kind, self.engine = "run", predictor.runner.name
             self.classes, self.img_size = list(info.classes), info.img_size
@@ -93,8 +102,8 @@ class ServedModel:
             self.folder = resolve_model_file(self.source).parent
             data = RunDir(self.folder).read_optional(SUMMARY) or {}
             self.metrics = {k: data[k] for k in ("test", "open_set", "calibration") if k in data}
-            self.decode = lambda raw: load_image(raw, info.img_size)
-            self.predict_proba = predictor.predict_proba_images
+            self.prepare = lambda raw: predictor.transform(load_image(raw, info.img_size))
+            self.infer = lambda xs: predictor.runner(torch.stack(xs)).numpy()
             self.warm_up = predictor.runner.warm_up
         report = self.folder / REPORT
         self.report: Path | None = report if report.is_file() else None
@@ -164,106 +173,6 @@ class Batcher:
                 start += len(batch)
 
 
-# ----------------------------------------------------------------------------- requests
-
-
-@dataclass
-class Upload:
-    name: str
-    data: bytes
-
-
-def _client_name(name: str | None, index: int) -> str:
-    """Only the last part of what the client calls its file, for echoing back."""
-    base = PurePosixPath((name or "").replace("\\", "/")).name
-    return base[:200] or f"image-{index + 1}"
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(
-            413,
-            f"Request body is {int(declared) / MB:.1f} MB; the limit is "
-            f"{limit / MB:.1f} MB (see GET /model, 'limits').",
-        )
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"Request body exceeds the {limit / MB:.1f} MB limit.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _from_multipart(headers: Any, body: bytes) -> list[Upload]:
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException, MultiPartParser
-
-    class InMemory(MultiPartParser):
-        spool_max_size = 1 << 62  # the body is already bounded and in memory: no temp files
-
-    async def stream() -> AsyncIterator[bytes]:
-        yield body
-
-    try:
-        form = await InMemory(headers, stream(), max_files=10_000, max_fields=10_000).parse()
-    except MultiPartException as exc:
-        raise HTTPException(400, f"Malformed multipart body: {exc.message}") from exc
-    uploads = []
-    for key, value in form.multi_items():
-        if key not in ("file", "files"):
-            continue
-        if not isinstance(value, UploadFile):
-            raise HTTPException(400, f"Form field {key!r} must be a file upload, not text.")
-        uploads.append(Upload(_client_name(value.filename, len(uploads)), await value.read()))
-    return uploads
-
-
-def _from_json(body: bytes) -> list[Upload]:
-    try:
-        payload = json.loads(body or b"null")
-    except ValueError as exc:
-        raise HTTPException(400, f"The body is not valid JSON: {exc}.") from exc
-    items = payload.get("images") if isinstance(payload, dict) else None
-    if items is None and isinstance(payload, dict) and "image" in payload:
-        items = [payload["image"]]
-    if not isinstance(items, list):
-        raise HTTPException(
-            400, 'JSON must be {"images": ["<base64>", ...]} (or objects {"name", "data"}).'
-        )
-    uploads = []
-    for i, item in enumerate(items):
-        name, data = (
-            (item.get("name"), item.get("data")) if isinstance(item, dict) else (None, item)
-        )
-        if not isinstance(data, str):
-            raise HTTPException(400, f"images[{i}] must be a base64 string.")
-        if data.startswith("data:") and "," in data:
-            data = data.split(",", 1)[1]  # a data URL, as a browser's FileReader makes
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise HTTPException(400, f"images[{i}] is not valid base64 ({exc}).") from exc
-        uploads.append(Upload(_client_name(name, i), raw))
-    return uploads
-
-
-def _decode(model: ServedModel, upload: Upload) -> tuple[Image.Image | None, int, str]:
-    """(image, 0, "") or (None, HTTP status, reason)."""
-    from .data import decode_error_kind, describe_decode_error
-
-    try:
-        return model.decode(upload.data), 0, ""
-    except Exception as exc:
-        kind, reason = decode_error_kind(exc), describe_decode_error(exc)
-        if kind == "too_large":
-            return None, 413, f"{upload.name}: {reason}"
-        if kind == "not_image":
-            return None, 415, f"{upload.name} is not an image (or an unsupported format)."
-        return None, 422, f"{upload.name} could not be decoded: {reason}"
-
-
 # ----------------------------------------------------------------------------- the app
 
 
@@ -303,55 +212,27 @@ def _request_body_docs() -> dict[str, Any]:
     }
 
 
-async def _read_uploads(request: Request, settings: ServeSettings) -> list[Upload]:
-    """The images of one /predict request, within ``settings``' limits (else an HTTP error)."""
-    body = await _read_body(request, settings.max_body)
-    ctype = request.headers.get("content-type", "").lower()
-    if ctype.startswith("multipart/form-data"):
-        uploads = await _from_multipart(request.headers, body)
-    elif ctype.startswith("application/json"):
-        uploads = _from_json(body)
-    else:
-        raise HTTPException(
-            415,
-            "Send images as multipart/form-data (field 'file', repeated for several) or "
-            'as JSON {"images": ["<base64>", ...]}; got Content-Type '
-            f"{ctype or 'none'!r}.",
-        )
-    if not uploads:
-        raise HTTPException(400, "No image in the request: add a multipart field named 'file'.")
-    if len(uploads) > settings.max_files:
-        raise HTTPException(
-            413, f"{len(uploads)} images in one request; the limit is {settings.max_files}."
-        )
-    for up in uploads:
-        if not up.data:
-            raise HTTPException(400, f"{up.name} is empty (0 bytes).")
-        if len(up.data) > settings.max_bytes:
-            raise HTTPException(
-                413,
-                f"{up.name} is {len(up.data) / MB:.1f} MB; the limit is "
-                f"{settings.max_mb:g} MB per image.",
-            )
-    return uploads
-
-
 def _answers(
     model: ServedModel,
     uploads: list[Upload],
-    decoded: list[tuple[Image.Image | None, int, str]],
+    decoded: list[tuple[Any, int, str, int]],
     probs: np.ndarray,
     top_k: int,
 ) -> list[dict[str, Any]]:
     """One JSON answer per upload, in order: its top classes and label, or its error.
-    ``probs`` has a row for each upload that decoded, in order."""
-    results, row = [], 0
-    for up, (im, _, reason) in zip(uploads, decoded, strict=True):
+    ``probs`` has a row for each upload that decoded, in order. A row with NaN or infinity
+    is that image's error (as in runtime.ExportedModel.predict), never numbers: JSON cannot
+    carry them and they mean nothing."""
+    results, rows = [], iter(probs)
+    for up, (im, _, reason, _) in zip(uploads, decoded, strict=True):
         if im is None:
             results.append({"name": up.name, "error": reason})
             continue
-        top, unknown = rank_classes(probs[row], model.classes, top_k, model.unknown_threshold)
-        row += 1
+        row = next(rows)
+        if not np.isfinite(row).all():
+            results.append({"name": up.name, "error": NON_FINITE})
+            continue
+        top, unknown = rank_classes(row, model.classes, top_k, model.unknown_threshold)
         results.append(
             {
                 "name": up.name,
@@ -366,7 +247,22 @@ def _answers(
 def _add_predict_route(
     app: FastAPI, model: ServedModel, settings: ServeSettings, batcher: Batcher
 ) -> None:
-    """POST /predict: decode in a thread pool, run the model through ``batcher``."""
+    """POST /predict: admit, read, prepare each image in a thread, run the model (batched)."""
+    admission = app.state.admission = Admission(settings)
+    max_pixels = settings.max_megapixels * 1e6
+    # One decoding thread, server-wide: one picture at full size at a time, and one malloc
+    # arena holding its peak (glibc gives each thread its own, each kept at its high-water
+    # mark). The model runs in another thread, so both cores stay busy.
+    decoder = ThreadPoolExecutor(1, thread_name_prefix="graft-decode")
+
+    async def prepare(up: Upload) -> tuple[Any, int, str, int]:
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(
+            decoder, prepare_upload, model.prepare, model.img_size, up, max_pixels
+        )
+        admission.since_trim += len(up.data) + 4 * result[3]  # decoded RGBA, roughly
+        up.data = b""  # the bytes are no longer needed: free them before the next image
+        return result
 
     @app.post("/predict", openapi_extra=_request_body_docs())
     async def predict(
@@ -374,16 +270,17 @@ def _add_predict_route(
         top_k: int = Query(settings.top_k, ge=1, le=1000, description="classes per image"),
     ) -> dict[str, Any]:
         started = time.perf_counter()
-        uploads = await _read_uploads(request, settings)
-        decoded = await asyncio.to_thread(lambda: [_decode(model, up) for up in uploads])
-        images = [im for im, _, _ in decoded if im is not None]
-        if not images:
+        with admission.request() as take:
+            uploads = await read_uploads(request, settings, take)
+            decoded = [await prepare(up) for up in uploads]
+        inputs = [x for x, *_ in decoded if x is not None]
+        if not inputs:
             status, reason = decoded[0][1], decoded[0][2]
             raise HTTPException(
                 status, reason if len(decoded) == 1 else f"No usable image: {reason}"
             )
         t_decoded = time.perf_counter()
-        probs = await batcher.submit(images)
+        probs = await batcher.submit(inputs)
         t_done = time.perf_counter()
         return {
             "predictions": _answers(model, uploads, decoded, probs, top_k),
@@ -395,13 +292,65 @@ def _add_predict_route(
         }
 
 
+def _recorded_paths(folder: Path) -> set[str]:
+    """Every absolute path the run's JSON files record (data root, unseen and evaluation
+    folders...), and the run folder's own."""
+    found = {str(folder.resolve()), str(folder.absolute()), str(Path.home())}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and len(value) < 4096:
+            if PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute():
+                found.add(value)
+
+    for path in [*folder.glob("*.json"), *folder.glob("eval-*/*.json")]:
+        try:
+            walk(json.loads(path.read_text(errors="replace")))
+        except (OSError, ValueError, RecursionError):
+            continue
+    return {p for p in found if len(p) > 1}
+
+
+#: an absolute path left in text (after a space, '>' or '('), as a safety net: its folders
+_ABSOLUTE = re.compile(r"(?<=[\s>(])(?:/[^\s<>\"'/]+)+/(?=[^\s<>\"'/])")
+
+
+def redact_report(text: str, folder: Path) -> str:
+    """The report as served: each absolute local path shown by its last folder name only,
+    so a client learns nothing of this machine's layout (the file itself is unchanged)."""
+    for path in sorted(_recorded_paths(folder), key=len, reverse=True):
+        pure = PureWindowsPath(path) if "\\" in path else PurePosixPath(path)
+        short = "~" if path == str(Path.home()) else pure.name or "/"
+        for form in {path, html.escape(path), html.escape(path, quote=False)}:
+            text = text.replace(form, short)
+    return _ABSOLUTE.sub("", text)
+
+
 def _add_static_routes(app: FastAPI, model: ServedModel, settings: ServeSettings) -> None:
-    """GET /, /health, /model and /report: the page, liveness, the model, its report."""
+    """GET /, /health, /model, /report and /docs: the page, liveness, the model, its report
+    and the API documentation, all from this server (nothing loads from the internet)."""
     page = (Path(__file__).parent / "web" / "index.html").read_text()
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
         return page
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - API docs",
+            swagger_js_url="/static/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui.css",
+            swagger_favicon_url="/static/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None},  # it would call validator.swagger.io
+        )
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -412,10 +361,12 @@ def _add_static_routes(app: FastAPI, model: ServedModel, settings: ServeSettings
         return model.describe(settings)
 
     @app.get("/report", response_class=HTMLResponse)
-    async def report() -> FileResponse:
+    async def report() -> HTMLResponse:
         if model.report is None:
             raise HTTPException(404, "This model has no report.html (run `graft report RUN`).")
-        return FileResponse(model.report, media_type="text/html")
+        path = model.report
+        text = await asyncio.to_thread(lambda: path.read_text(errors="replace"))
+        return HTMLResponse(await asyncio.to_thread(redact_report, text, model.folder))
 
 
 def create_app(source: str | Path, settings: ServeSettings | None = None) -> FastAPI:
@@ -426,7 +377,7 @@ def create_app(source: str | Path, settings: ServeSettings | None = None) -> Fas
         raise RunFolderError(f"{source} does not exist: give a run folder or an export folder.")
     model = ServedModel(source)
     model.warm_up(settings.max_batch)
-    batcher = Batcher(model.predict_proba, settings.max_batch)
+    batcher = Batcher(model.infer, settings.max_batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -439,11 +390,120 @@ def create_app(source: str | Path, settings: ServeSettings | None = None) -> Fas
         version=__version__,
         description=f"Image classifier ({model.backbone}, {len(model.classes)} classes).",
         lifespan=lifespan,
+        docs_url=None,  # served below from graft/static instead of a CDN
+        redoc_url=None,  # ReDoc only exists on a CDN
     )
     app.state.model, app.state.settings = model, settings
     _add_static_routes(app, model, settings)
     _add_predict_route(app, model, settings, batcher)
     return app
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, or a GraftError saying why not. Bound here, not by
+    uvicorn, which logs a bind failure and calls sys.exit(1)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UsageError(f"--port must be a whole number from 1 to 65535, got {port!r}.")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UsageError(
+            f"--host {host!r} is not an address of this machine ({exc}): use 127.0.0.1, "
+            "0.0.0.0 or a name that resolves."
+        ) from exc
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name != "nt":
+            # as uvicorn does: a restart may reuse a port in TIME_WAIT, never a listening one
+            # (on Windows the same option would let it take a port another server listens on)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        where = f"port {port} on {host}"
+        if exc.errno == errno.EADDRINUSE:
+            message = f"{where} is in use: choose another --port or stop the other server."
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            message = f"{where} needs privileges: choose a --port above 1023."
+        else:
+            message = os_error_message(exc, f"listen on {where}") or f"{where}: {exc}."
+        raise SystemResourceError(message) from exc
+    return sock
+
+
+def _h11_with_header_deadline(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol, closing a connection whose request line and headers are not
+    all in ``seconds`` after it opened or after its last response, or that still sends a
+    body ``seconds`` after it was answered. uvicorn (0.54) has no such timeout: a client
+    sending a header byte now and then held a connection forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(seconds, self._expire)
+
+        def _expire(self) -> None:
+            waiting = self.conn.their_state is h11.IDLE  # still no complete request
+            # or still sending a body the server already answered (413, 503): drop it
+            draining = self.conn.their_state is h11.SEND_BODY and self.conn.our_state in (
+                h11.DONE,
+                h11.MUST_CLOSE,
+            )
+            if (waiting or draining) and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
+
+
+def build_server(
+    source: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings: ServeSettings | None = None,
+    log_level: str = "info",
+) -> tuple[Any, socket.socket]:
+    """A uvicorn server for ``source`` and the socket it will listen on (bound here first,
+    before the model loads, so a taken port fails fast): ``server.run(sockets=[sock])``."""
+    import uvicorn
+
+    settings = settings or ServeSettings()
+    sock = _listening_socket(host, port)
+    try:
+        config = uvicorn.Config(
+            create_app(source, settings),
+            log_level=log_level,
+            http=_h11_with_header_deadline(settings.header_timeout_s),
+            limit_concurrency=settings.max_connections,
+            timeout_keep_alive=max(1, math.ceil(settings.keep_alive_s)),
+            h11_max_incomplete_event_size=16 * 1024,  # request line and headers
+        )
+    except BaseException:
+        sock.close()
+        raise
+    return uvicorn.Server(config), sock
 
 
 def serve(
@@ -454,10 +514,19 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Serve until interrupted (uvicorn, one process: the model loads once)."""
-    import uvicorn
+    server, sock = build_server(source, host, port, settings, log_level)
+    with sock:
+        server.run(sockets=[sock])
 
-    app = create_app(source, settings)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
 
-
-__all__ = ["Batcher", "ServeSettings", "ServedModel", "create_app", "serve"]
+__all__ = [
+    "MB",
+    "Admission",
+    "Batcher",
+    "ServeSettings",
+    "ServedModel",
+    "build_server",
+    "create_app",
+    "redact_report",
+    "serve",
+]

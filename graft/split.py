@@ -21,13 +21,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from .data import MIN_PER_CLASS, ScanResult
 from .errors import DataError, RunFolderError, SplitError
-from .io import atomic_write_text, read_json
+from .io import atomic_write_text
 
 __all__ = [
     "SUBSETS",
@@ -325,24 +325,40 @@ def groups_from_pattern(relpaths: Sequence[str], pattern: str) -> tuple[list[str
     return out, unmatched
 
 
-def groups_from_csv(path: Path, relpaths: Sequence[str]) -> tuple[list[str], int]:
-    """Groups from a CSV with columns ``path`` (relative to the dataset root) and ``group``."""
+def groups_from_csv(path: Path, relpaths: Sequence[str]) -> tuple[list[str], int, list[str]]:
+    """Groups from a CSV with columns ``path`` (relative to the dataset root) and ``group``.
+    Returns each image's group, how many images the CSV does not name, and its rows that
+    name no image; a CSV that names none of the images is refused (its paths are probably
+    not relative to the root)."""
     mapping: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"path", "group"} <= set(reader.fieldnames):
-            raise DataError(
-                f"{path} needs the columns 'path' and 'group' (found {reader.fieldnames})."
-            )
-        for row in reader:
-            mapping[row["path"].strip()] = row["group"].strip()
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"path", "group"} <= set(reader.fieldnames):
+                raise DataError(
+                    f"{path} needs the columns 'path' and 'group' (found {reader.fieldnames})."
+                )
+            for row in reader:
+                mapping[(row["path"] or "").strip()] = (row["group"] or "").strip()
+    except csv.Error as exc:
+        raise DataError(f"{path} is not a readable CSV file ({exc}).") from exc
     out = [mapping.get(rel, f"file:{rel}") for rel in relpaths]
-    return out, sum(rel not in mapping for rel in relpaths)
+    named = set(relpaths)
+    stray = [p for p in mapping if p not in named]
+    if mapping and len(stray) == len(mapping):
+        like = f", like {relpaths[0]!r}" if relpaths else ""
+        raise DataError(
+            f"None of the {len(mapping)} paths in {path} is an image of the data folder (e.g. "
+            f"{stray[0]!r}). Write them relative to the data folder{like}."
+        )
+    return out, sum(rel not in mapping for rel in relpaths), stray
 
 
 def write_split(
     path: Path, data: ScanResult, subsets: Sequence[str], groups: Sequence[str] | None = None
-) -> None:
+) -> dict[str, Any]:
+    """Write ``split.csv``; returns what config.json should record of it (``rows``, and the
+    file's ``sha256``), so that a truncated or edited file is told from the one written."""
     groups = groups or [""] * len(subsets)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -350,20 +366,22 @@ def write_split(
     rows = zip(data.paths, data.labels, subsets, data.sha256, groups, strict=True)
     for p, label, subset, sha, group in rows:
         writer.writerow([data.relpath(p), data.classes[label], subset, sha, group])
-    atomic_write_text(path, buf.getvalue())
+    text = buf.getvalue()
+    atomic_write_text(path, text)
+    from .integrity import split_sha256
+
+    return {"rows": len(subsets), "sha256": split_sha256(text)}
 
 
 def read_split(
     path: Path, root: Path, classes: Sequence[str]
 ) -> tuple[list[Path], list[int], list[str]]:
-    index = {c: i for i, c in enumerate(classes)}
-    paths, labels, subsets = [], [], []
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        for row in csv.DictReader(fh):
-            paths.append(root / row["path"])
-            labels.append(index[row["class"]])
-            subsets.append(row["subset"])
-    return paths, labels, subsets
+    """The images, labels and subsets ``split.csv`` lists, every row checked
+    (:func:`graft.integrity.read_split_rows`)."""
+    from .integrity import read_split_rows
+
+    rows = read_split_rows(path, classes)
+    return [root / r for r in rows.relpaths], rows.labels, rows.subsets
 
 
 # --------------------------------------------------------------------------- a run's split
@@ -501,8 +519,10 @@ def _resolve_groups(config: Any, data: ScanResult) -> tuple[list[str] | None, st
     so (clusters of the audit are :func:`_cluster_split`'s)."""
     rel = [data.relpath(p) for p in data.paths]
     if config.groups_csv:
-        groups, unmatched = groups_from_csv(Path(config.groups_csv), rel)
+        groups, unmatched, stray = groups_from_csv(Path(config.groups_csv), rel)
         source = f"groups from {config.groups_csv}"
+        if stray:
+            source += f" ({len(stray)} of its rows name no image, e.g. {stray[0]!r}: ignored)"
     elif config.group_by and config.group_by not in ("auto", "none"):
         groups, unmatched = groups_from_pattern(rel, config.group_by)
         source = f"groups from --group-by {config.group_by!r}"
@@ -515,8 +535,19 @@ def _resolve_groups(config: Any, data: ScanResult) -> tuple[list[str] | None, st
     return groups, note + "."
 
 
-def data_from_split(run: Path, data_root: str | Path | None) -> tuple[ScanResult, Split]:
-    """The images of an existing run, exactly as its split.csv lists them."""
+def data_from_split(
+    run: Path,
+    data_root: str | Path | None,
+    subsets: Sequence[str] = SUBSETS,
+    purpose: Literal["resume", "evaluate"] = "resume",
+) -> tuple[ScanResult, Split]:
+    """The images of an existing run in ``subsets``, exactly as its split.csv lists them.
+
+    Everything is checked before anything in the run folder is written (graft.integrity):
+    the rows and their number against what the run recorded, then that the images are
+    still there and unchanged. ``purpose`` chooses the advice of those errors (how to point
+    graft at a data folder that moved)."""
+    from .integrity import check_split_images, check_split_record, read_run_config, read_split_rows
     from .rundir import RunDir
 
     rundir = RunDir(run)
@@ -525,16 +556,19 @@ def data_from_split(run: Path, data_root: str | Path | None) -> tuple[ScanResult
             f"Nothing to resume in {run}: it has no config.json/split.csv. "
             "Start a new run with `graft train ROOT --out DIR`."
         )
-    saved = read_json(rundir.config)
-    root = Path(data_root or saved["data_root"]).resolve()
-    classes = list(saved["classes"])
-    index = {c: i for i, c in enumerate(classes)}
-    paths, labels, subsets, hashes, groups = [], [], [], [], []
-    with open(rundir.split, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        for row in csv.DictReader(fh):
-            paths.append(root / row["path"])
-            labels.append(index[row["class"]])
-            subsets.append(row["subset"])
-            hashes.append(row["sha256"])
-            groups.append(row.get("group", ""))
-    return ScanResult(root, classes, paths, labels, hashes), Split(subsets, groups)
+    config = read_run_config(rundir)
+    rows = read_split_rows(rundir.split, config["classes"])
+    check_split_record(rundir, rows, config)
+    root = Path(data_root or config["data_root"]).expanduser().resolve()
+    keep = [i for i, s in enumerate(rows.subsets) if s in subsets]
+    check_split_images(
+        rundir, root, [rows.relpaths[i] for i in keep], [rows.hashes[i] for i in keep], purpose
+    )
+    data = ScanResult(
+        root,
+        list(config["classes"]),
+        [root / rows.relpaths[i] for i in keep],
+        [rows.labels[i] for i in keep],
+        [rows.hashes[i] for i in keep],
+    )
+    return data, Split([rows.subsets[i] for i in keep], [rows.groups[i] for i in keep])

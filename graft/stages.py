@@ -4,6 +4,7 @@ epoch by epoch, with early stopping, model selection and a checkpoint after ever
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from torch import nn
 from .checkpoint import Best, load_checkpoint, restore_checkpoint, save_checkpoint
 from .data import ImageFiles, build_transform
 from .device import Device
+from .errors import DivergedError
 from .features import pool_cached
 from .loop import (
     NO_EVAL,
@@ -236,6 +238,7 @@ def run_stage(
         run.dir.write_history(history)
         reporter.epoch(rec, improved)
         run.tracker.epoch(rec)
+        _stop_if_diverged(rec, stage.lr)
         if rec.val_loss < progress_loss - config.min_delta:
             progress_loss, stale = rec.val_loss, 0
         else:
@@ -264,3 +267,18 @@ def run_stage(
                 f"{config.min_delta:g} for {stale} epochs."
             )
             break
+
+
+def _stop_if_diverged(rec: EpochRecord, lr: float) -> None:
+    """A NaN or infinite loss never recovers and would be saved as a model that answers
+    the same class for every image: stop here, before the epoch's checkpoint. What earlier
+    epochs wrote stays for inspection."""
+    if math.isfinite(rec.train_loss) and math.isfinite(rec.val_loss):
+        return
+    raise DivergedError(
+        f"The {rec.stage} stage diverged at epoch {rec.epoch}: training loss {rec.train_loss}, "
+        f"validation loss {rec.val_loss} (learning rate {lr:g}). The run stopped unfinished "
+        "(no test evaluation, no summary); model.safetensors, if any, holds an earlier finite "
+        "epoch. Lower the learning rate (--lr / --fine-tune-lr) or --l2sp, check the images, "
+        "and train again with --force."
+    )

@@ -33,7 +33,7 @@ from ._malloc import tune_malloc
 from .config import TrainConfig
 from .data import ScanResult, default_workers, find_classes, scan
 from .device import Device, choose_device
-from .errors import DataError
+from .errors import DataError, SplitError
 from .features import FrozenFeatures, pool_cached
 from .finish import calibrate, describe_kept, finish, report_result
 from .loop import class_weights_for
@@ -90,14 +90,30 @@ def fit(
     workers = default_workers() if config.workers < 0 else config.workers
     run = Run(config, RunDir(out), reporter, tracker, ddp, resume, workers)
     try:
-        return _fit(run, data_root, force)
+        result = _fit(run, data_root, force)
+        if ddp.main:
+            run.dir.claim_new(run.user_files)
+        return result
     except BaseException:
         tracker.abort()
+        _after_failure(run)
         raise
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         teardown(ddp)
+
+
+def _after_failure(run: Run) -> None:
+    """A run that failed before its first epoch leaves nothing behind (the corrected
+    command needs no --force); one that trained keeps its files for --resume and records
+    them as graft's."""
+    if not run.ddp.main or run.user_files is None or not run.dir.path.is_dir():
+        return
+    if run.resume or run.dir.checkpoint.is_file():
+        run.dir.claim_new(run.user_files)
+    else:
+        run.dir.discard_new(run.user_files, created=run.created)
 
 
 def _fit(run: Run, data_root: str | Path | None, force: bool) -> TrainResult:
@@ -142,10 +158,19 @@ def load_data(run: Run, data_root: str | Path | None, force: bool) -> tuple[Scan
     only once the data root is known to be good), or as its split.csv lists them."""
     from .split import data_from_split
 
+    run.config.check_paths()
+    data = None
     if not run.resume:
+        # Everything that can be checked before training is checked before the run folder
+        # exists: a wrong path or an unusable folder costs nothing and leaves nothing.
         find_classes(data_root)  # type: ignore[arg-type]  # a wrong data path fails first
-        run.dir.prepare(force)
+        data = scan(data_root, progress=run.reporter.iter)  # type: ignore[arg-type]
+        _check_trainable(data)
+        run.created = not run.dir.path.exists()
+        run.user_files = run.dir.prepare(force)
+        run.dir.claim([])  # from here on the manifest says which files are graft's
     else:
+        run.user_files = sorted(p.name for p in run.dir.path.iterdir())
         for leftover in run.dir.path.glob(".*.tmp"):  # half-written files of the interruption
             leftover.unlink(missing_ok=True)
     run.tracker.start()
@@ -156,9 +181,13 @@ def load_data(run: Run, data_root: str | Path | None, force: bool) -> tuple[Scan
     np.random.seed(run.config.seed)
     if run.resume:
         data, split = data_from_split(run.dir.path, data_root)
+        saved = run.dir.read_config()
+        if data_root is not None and saved.get("data_root") != str(data.root):
+            # the data moved: later commands (evaluate, report) look where it is now
+            run.dir.write_config({**saved, "data_root": str(data.root)})
         run.reporter.info(f"Resuming {run.dir.path}: {len(data.paths)} images from its split.csv")
         return data, split
-    data = scan(data_root, progress=run.reporter.iter)  # type: ignore[arg-type]
+    assert data is not None
     run.dir.write_skipped(data.skipped)
     for warning in data.warnings:
         run.reporter.warn(warning)
@@ -166,6 +195,24 @@ def load_data(run: Run, data_root: str | Path | None, force: bool) -> tuple[Scan
 
     plot_class_counts(data.counts, run.dir / "class_counts.png")
     return data, Split([])  # the split waits for the audit (fill_caches)
+
+
+def _check_trainable(data: ScanResult) -> None:
+    """A folder that cannot make a classifier is refused before anything is written."""
+    from .data import MIN_PER_CLASS
+
+    if len(data.classes) < 2:
+        raise DataError(
+            f"{data.root} has only one class folder ({data.classes[0]!r}): a classifier needs "
+            "at least two. Add a folder of images for each other class."
+        )
+    small = [f"'{k}' ({v})" for k, v in data.counts.items() if v < MIN_PER_CLASS]
+    if small:
+        raise SplitError(
+            "Too few images for a stratified train/validation/test split in: "
+            f"{', '.join(small)}. Each class needs at least {MIN_PER_CLASS} images (20 or more "
+            "gives meaningful numbers). Add images or remove those classes."
+        )
 
 
 # --------------------------------------------------------------------------- 2. model and plan
@@ -305,7 +352,7 @@ def audit_and_split(
     report = audit_for_split(config, data, embeddings)
     if not split.subsets:
         split = choose_split(config, data, report, reporter, embeddings)
-    write_split(rundir.split, data, split.subsets, split.groups)
+    split_record = write_split(rundir.split, data, split.subsets, split.groups)
     check_split(report, split.subsets)
     findings = explain(report, data.classes, data.labels, data.paths)
     for finding in findings:
@@ -330,6 +377,7 @@ def audit_and_split(
             **config.to_dict(),
             "data_root": str(data.root),
             "classes": data.classes,
+            "split_csv": split_record,  # rows and sha256: graft.integrity checks them
             "weights_source": weights_source,
             "engine": device.reason,
             "plan": plan.text,

@@ -91,6 +91,16 @@ def test_two_processes_match_one(shapes_dir: Path, tmp_path: Path) -> None:
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("graft-rank1-*"))
 
 
+def _kill_workers(marker: str) -> None:
+    """SIGKILL every process whose command line names ``marker`` (Linux /proc)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().decode(errors="replace"):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # gone already, or not ours
+
+
 def test_interrupted_torchrun_resumes_to_the_same_result(shapes_dir: Path, tmp_path: Path):
     cfg = {**CFG, "epochs": 3, "fine_tune_epochs": 3, "unfreeze": "all", "patience": 0}
     args = ["train", str(shapes_dir), "--quiet", *cli_args(cfg)]
@@ -114,6 +124,7 @@ def test_interrupted_torchrun_resumes_to_the_same_result(shapes_dir: Path, tmp_p
             time.sleep(0.005)
         assert proc.poll() is None, "the run ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)  # mid fine-tuning, on the images path
+        _kill_workers(str(cut))  # torchrun starts its ranks in sessions of their own
     finally:
         proc.wait()
     assert 4 <= len(_rows(cut)) < 6

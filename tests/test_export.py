@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import draw_shape
 from graft.cli import main
 from graft.errors import RunExistsError
-from graft.export import EXPORT_ATOL, FORMATS, export_run
+from graft.export import EXPORT_ATOL, EXPORT_FILES, FORMATS, export_run
 from graft.predict import Predictor
 
 
@@ -62,6 +62,10 @@ def test_export_matches_graft_predict(
     assert meta["classes"] == ["circle", "square", "triangle"]
     assert meta["preprocessing"]["size"] == 64 and len(meta["preprocessing"]["mean"]) == 3
     assert {"graft_runtime.py", "MODEL_CARD.md", "report.html"} <= {p.name for p in out.iterdir()}
+    # the manifest lists exactly what was written, all of it names --force may replace
+    assert (
+        set(meta["files"]) == {p.name for p in out.iterdir()} and set(meta["files"]) <= EXPORT_FILES
+    )
 
     # A fresh interpreter that imports only the export folder's own runtime.
     result = subprocess.run(
@@ -158,3 +162,54 @@ def test_trimmed_preprocessing_travels_with_the_model(
     assert trimmed.size[0] == trimmed.size[1] and 20 < trimmed.size[0] < 30
     photo = Image.effect_noise((64, 48), 60).convert("RGB")  # content fills the frame
     assert trim_background(photo) is photo
+
+
+def test_force_replaces_only_the_files_graft_wrote(trained_run: Path, tmp_path: Path) -> None:
+    out = export_run(trained_run, "onnx", tmp_path / "exp")
+    meta = json.loads((out / "graft.json").read_text())
+    assert set(meta["files"]) == {p.name for p in out.iterdir()}  # the manifest
+    (out / "notes.txt").write_text("mine")
+    (out / "predictions").mkdir()
+    (out / "predictions" / "holiday.csv").write_text("path,label\n")
+
+    again = export_run(trained_run, "torchscript", out, force=True)
+    names = {p.name for p in again.iterdir()}
+    assert {"model.pt", "notes.txt", "predictions"} <= names and "model.onnx" not in names
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "predictions" / "holiday.csv").read_text() == "path,label\n"
+    assert json.loads((out / "graft.json").read_text())["format"] == "torchscript"
+    assert not list(tmp_path.glob(".exp.*"))
+
+    # A manifest edited to claim the user's files still never deletes them.
+    meta = json.loads((out / "graft.json").read_text())
+    meta["files"] += ["notes.txt", "predictions", "../outside.txt"]
+    (out / "graft.json").write_text(json.dumps(meta))
+    (tmp_path / "outside.txt").write_text("outside")
+    export_run(trained_run, "onnx", out, force=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "predictions").is_dir()
+    assert (tmp_path / "outside.txt").read_text() == "outside"
+    assert "model.pt" not in {p.name for p in out.iterdir()}
+
+
+def test_force_refuses_a_folder_that_only_looks_like_an_export(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "graft.json").write_text('{"format": "onnx"}')  # someone else's graft.json
+    (other / "model.onnx").write_text("my own model")
+    with pytest.raises(RunExistsError, match="not a graft export"):
+        export_run(trained_run, "onnx", other, force=True)
+    assert (other / "model.onnx").read_text() == "my own model"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (export_run(trained_run, "onnx", empty) / "model.onnx").is_file()
+
+
+def test_an_export_the_system_refuses_is_a_clear_error(trained_run: Path, tmp_path: Path) -> None:
+    from graft.errors import UsageError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(UsageError, match="Could not write the export"):
+        export_run(trained_run, "onnx", blocker / "export")  # a parent that is a file

@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from graft.cli import main
@@ -49,3 +50,177 @@ def test_csv_stream_and_guards(trained_run: Path, images: Path, tmp_path: Path, 
         assert len(list(csv.DictReader(fh))) == 10  # nothing repeated
     assert main(["predict", str(trained_run), str(images), "--out", str(out), "--top-k", "3"]) == 2
     assert main(["predict", str(trained_run), str(images), "--out", str(tmp_path / "x.txt")]) == 2
+
+
+# ------------------------------------------------------------------ a file graft did not write
+
+
+FOREIGN = {
+    "mydata.csv": b"name,amount\nalice,10\nbob,20",  # no final newline: looks "torn"
+    "notes.csv": b"path,label,error\nmine.png,cat\n",  # graft-like header, other columns
+    "mydata.jsonl": b'{"a": 1}\n{"b": 2',
+    "log.jsonl": b"plain text\nmore text\n",
+    "table.ndjson": b'{"path": "x.png"}\n',  # a dict with a path, but not a prediction
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOREIGN))
+def test_a_file_graft_did_not_write_is_refused_untouched(
+    trained_run: Path, images: Path, tmp_path: Path, name: str, capsys
+) -> None:
+    out = tmp_path / name
+    out.write_bytes(FOREIGN[name])
+    assert main(["predict", str(trained_run), str(images), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "unchanged" in err and "unexpected" not in err
+    assert out.read_bytes() == FOREIGN[name]  # byte for byte
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_damaged_line_in_the_middle_is_refused_with_its_number(
+    trained_run: Path, images: Path, tmp_path: Path, suffix: str, capsys
+) -> None:
+    out = tmp_path / f"results{suffix}"
+    assert main(["predict", str(trained_run), str(images), "--out", str(out)]) == 7
+    lines = out.read_text().splitlines(keepends=True)
+    damaged = "".join(lines[:3]) + lines[3][:12] + "\n" + "".join(lines[4:])
+    out.write_text(damaged)
+    capsys.readouterr()
+    assert main(["predict", str(trained_run), str(images), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "damaged line 4" in err and "unexpected" not in err
+    assert out.read_text() == damaged
+
+
+def test_batch_size_is_checked_before_anything_is_written(
+    trained_run: Path, images: Path, tmp_path: Path
+) -> None:
+    from graft.errors import UsageError
+    from graft.predict import Predictor, stream_predictions
+
+    predictor = Predictor.from_run(trained_run)
+    paths = sorted(images.iterdir())
+    for bad in (-1, 0, 2.5, True, "8"):
+        with pytest.raises(UsageError, match="batch_size"):
+            stream_predictions(predictor, paths, tmp_path / "x.jsonl", batch_size=bad)  # type: ignore[arg-type]
+        with pytest.raises(UsageError, match="batch_size"):
+            predictor.predict(paths, batch_size=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "x.jsonl").exists()
+    with pytest.raises(UsageError, match="top_k"):
+        stream_predictions(predictor, paths, tmp_path / "x.jsonl", top_k=0)
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+# ------------------------------------------------------------------ the same columns everywhere
+
+
+@pytest.fixture(scope="module")
+def all_unknown_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the run whose threshold makes every answer "unknown"."""
+    import shutil
+    from dataclasses import replace
+
+    from graft.model import load_model
+
+    run = tmp_path_factory.mktemp("unknown") / "run"
+    shutil.copytree(trained_run, run)
+    (run / "model.onnx").unlink(missing_ok=True)
+    model = load_model(run)
+    model.info = replace(model.info, unknown_threshold=1.0)
+    model.save(run / "model.safetensors")
+    return run
+
+
+def test_csv_to_stdout_and_to_a_file_have_the_same_columns_and_labels(
+    all_unknown_run: Path, images: Path, tmp_path: Path, capsys
+) -> None:
+    capsys.readouterr()
+    assert main(["predict", str(all_unknown_run), str(images), "--csv", "--top-k", "2"]) == 7
+    printed = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    out = tmp_path / "p.csv"
+    assert (
+        main(["predict", str(all_unknown_run), str(images), "--out", str(out), "--top-k", "2"]) == 7
+    )
+    with open(out, newline="") as fh:
+        reader = csv.DictReader(fh)
+        written = list(reader)
+        assert list(printed[0]) == reader.fieldnames and "label" in reader.fieldnames
+    assert len(printed) == len(written) == 10
+    assert [r["label"] for r in printed] == [r["label"] for r in written]
+    assert {r["label"] for r in printed if not r["error"]} == {"unknown"}
+
+
+# ------------------------------------------------------------------ never a NaN probability
+
+
+def test_weights_with_nan_are_refused_at_load(
+    trained_run: Path, images: Path, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    import torch
+
+    from graft.errors import WeightsError
+    from graft.model import load_model
+    from graft.predict import Predictor
+
+    run = tmp_path / "nan"
+    shutil.copytree(trained_run, run)
+    (run / "model.onnx").unlink(missing_ok=True)
+    model = load_model(run)
+    with torch.no_grad():
+        next(model.head.parameters()).fill_(float("nan"))
+    with pytest.raises(WeightsError, match="non-finite weights"):
+        Predictor(model)  # a model built in memory is checked too, not only a file
+    model.save(run / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"(?i)nan or infini"):
+        Predictor.from_run(run)
+    capsys.readouterr()
+    assert main(["predict", str(run), str(images), "--json"]) == 4
+    captured = capsys.readouterr()
+    assert "NaN" not in captured.out and "retrain" in captured.err.lower()
+
+
+def test_non_finite_scores_become_per_image_errors(
+    trained_run: Path, images: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from graft.predict import NON_FINITE, Predictor, stream_predictions
+
+    predictor = Predictor.from_run(trained_run)
+    real = predictor.runner
+
+    def half_broken(x: torch.Tensor) -> torch.Tensor:
+        p = real(x).clone()
+        p[::2] = float("nan")  # every other image of the batch
+        return p
+
+    predictor.runner = half_broken  # type: ignore[assignment]
+    paths = sorted(images.iterdir())
+    out = tmp_path / "p.jsonl"
+    stats = stream_predictions(predictor, paths, out)
+
+    def no_nan(token: str) -> None:
+        raise AssertionError(f"invalid JSON constant {token}")
+
+    rows = [json.loads(line, parse_constant=no_nan) for line in out.read_text().splitlines()]
+    assert len(rows) == 10 and stats.failed == sum("error" in r for r in rows)
+    assert sum(r.get("error") == NON_FINITE for r in rows) >= 4
+    probs, failed = predictor.predict_proba(paths)
+    assert all(np.isfinite(probs[i]).all() for i in range(len(paths)) if i not in failed)
+
+
+@pytest.mark.parametrize("where", ["a folder", "under a file"])
+def test_an_out_path_that_cannot_be_a_file_is_a_usage_error(
+    trained_run: Path, images: Path, tmp_path: Path, where: str, capsys
+) -> None:
+    if where == "a folder":
+        out = tmp_path / "results.jsonl"
+        out.mkdir()
+    else:
+        (tmp_path / "plain").write_text("x")
+        out = tmp_path / "plain" / "results.jsonl"
+    assert main(["predict", str(trained_run), str(images), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "unexpected" not in err

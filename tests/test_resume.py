@@ -99,7 +99,9 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path: Path, uninterrupted:
 
     run = tmp_path / "copy"
     shutil.copytree(uninterrupted, run)
-    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2  # nothing to resume
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     _same_result(run, uninterrupted)
 
 

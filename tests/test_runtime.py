@@ -1,10 +1,18 @@
-"""``graft.runtime.rank_classes``: the one place probabilities become an answer (top-k
-classes and "unknown") for ``graft predict``, ``graft serve`` and exported models."""
+"""``graft.runtime``: ``rank_classes``, the one place probabilities become an answer (top-k
+classes and "unknown") for ``graft predict``, ``graft serve`` and exported models; and the
+exported ``graft_runtime.py`` script, which answers every good image and names each bad one."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from graft.runtime import rank_classes
 
@@ -61,3 +69,119 @@ def test_float32_probabilities_compare_as_python_floats() -> None:
 def test_probabilities_must_match_the_classes() -> None:
     with pytest.raises(ValueError, match="2 probabilities for 3 classes"):
         rank_classes(np.array([0.5, 0.5]), CLASSES, 1, 0.0)
+
+
+# ------------------------------------------------------------------ the exported script
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from graft.export import export_run
+
+    return export_run(trained_run, "onnx", tmp_path_factory.mktemp("runtime") / "export")
+
+
+def _script(export: Path, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python EXPORT/graft_runtime.py ARGS...`` in a fresh interpreter."""
+    command = [sys.executable, str(export / "graft_runtime.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory, unseen_dir: Path) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bad")
+    good_jpg = next(unseen_dir.rglob("*.jpg"))
+    files = {
+        "text": folder / "notes.png",
+        "truncated": folder / "cut.jpg",
+        "folder": folder / "a-folder.png",
+        "missing": folder / "missing.png",
+        "too large": folder / "huge.png",
+    }
+    files["text"].write_text("not an image")
+    files["truncated"].write_bytes(good_jpg.read_bytes()[:300])
+    files["folder"].mkdir()
+    # 100 megapixels, over Pillow's default limit, but a 1-bit PNG of a few kilobytes
+    Image.new("1", (10_000, 10_000)).save(files["too large"])
+    return files
+
+
+def test_script_answers_good_images_and_names_each_bad_one(
+    exported: Path, bad_files: dict[str, Path], unseen_dir: Path, tmp_path: Path
+) -> None:
+    good = sorted(unseen_dir.rglob("*.*"))[:2]
+    result = _script(exported, exported, good[0], *bad_files.values(), good[1], cwd=tmp_path)
+    assert result.returncode == 7, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert len(lines) == 7
+    for path in good:
+        assert not lines[str(path)].startswith("error"), lines[str(path)]
+    expected = {
+        "text": "not an image",
+        "truncated": "truncated",
+        "folder": "a folder",
+        "missing": "no such file",
+        "too large": "image too large",
+    }
+    for kind, path in bad_files.items():
+        assert lines[str(path)].startswith("error: ") and expected[kind] in lines[str(path)]
+    assert "5 of 7 file(s) could not be predicted" in result.stderr
+
+
+def test_library_predict_gives_an_entry_per_image(
+    exported: Path, bad_files: dict[str, Path], unseen_dir: Path
+) -> None:
+    from graft.runtime import ExportedModel
+
+    model = ExportedModel(exported)
+    good = sorted(unseen_dir.rglob("*.png"))[0]
+    results = model.predict([good, bad_files["missing"], bad_files["too large"]], batch_size=2)
+    assert [("error" in r) for r in results] == [False, True, True]
+    assert results[0]["label"] in [*model.classes, "unknown"]
+
+
+def test_non_finite_scores_are_never_reported(exported: Path, unseen_dir: Path) -> None:
+    from graft.runtime import NON_FINITE, ExportedModel
+
+    model = ExportedModel(exported)
+    model._run = lambda x: np.full((len(x), len(model.classes)), np.nan, np.float32)
+    results = model.predict(sorted(unseen_dir.rglob("*.png"))[:2])
+    assert results == [{"error": NON_FINITE}] * 2
+
+
+def _break(folder: Path, how: str) -> None:
+    if how == "no metadata":
+        (folder / "graft.json").unlink()
+    elif how == "damaged metadata":
+        (folder / "graft.json").write_text("{not json")
+    elif how == "metadata without classes":
+        meta = json.loads((folder / "graft.json").read_text())
+        meta["classes"] = []
+        (folder / "graft.json").write_text(json.dumps(meta))
+    elif how == "no model file":
+        (folder / "model.onnx").unlink()
+    else:  # a damaged model file
+        (folder / "model.onnx").write_bytes(b"not a model")
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["no metadata", "damaged metadata", "metadata without classes", "no model file", "damaged"],
+)
+def test_script_refuses_a_broken_export_folder(
+    exported: Path, unseen_dir: Path, tmp_path: Path, how: str
+) -> None:
+    broken = tmp_path / "export"
+    shutil.copytree(exported, broken)
+    _break(broken, how)
+    result = _script(exported, broken, next(unseen_dir.rglob("*.png")), cwd=tmp_path)
+    assert result.returncode == 6 and result.stdout == ""
+    assert result.stderr.startswith("graft_runtime: error: ") and "Traceback" not in result.stderr
+    assert str(broken) in result.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["only-a-folder"]])
+def test_script_usage(exported: Path, tmp_path: Path, args: list[str]) -> None:
+    result = _script(exported, *args, cwd=tmp_path)
+    assert result.returncode == 2 and "usage: python graft_runtime.py" in result.stderr

@@ -14,7 +14,13 @@ import torch
 
 PACKAGE = Path(__file__).resolve().parents[1] / "graft"
 #: the layers a user runs, which may import anything; nothing else may import them
-APPLICATION = {"graft.cli", "graft.serve", "graft.__main__"}
+APPLICATION = {
+    "graft.cli",
+    "graft.cliparse",
+    "graft.serve",
+    "graft.serve_requests",
+    "graft.__main__",
+}
 
 
 def _module_name(path: Path) -> str:

@@ -76,6 +76,7 @@ def test_history_covers_both_stages_and_the_model_learns(trained_run: Path) -> N
         "overfitting",
         "underfitting",
         "still improving",
+        "inconclusive",  # a handful of validation images
     }
     assert summary["best"]["step"] >= 1
     assert float(rows[0]["train_loss"]) > float(rows[-1]["train_loss"])
@@ -91,11 +92,18 @@ def test_existing_run_folder_is_never_overwritten_without_force(
 
 
 def test_force_replaces_only_graft_files(tmp_path: Path, shapes_dir: Path) -> None:
+    config = TrainConfig(**{**FAST, "epochs": 1, "fine_tune_epochs": 0})
     out = tmp_path / "run"
     out.mkdir()
     (out / "my-notes.txt").write_text("keep me")
     (out / "history.csv").write_text("old")
-    fit(TrainConfig(**{**FAST, "epochs": 1, "fine_tune_epochs": 0}), shapes_dir, out, force=True)
+    # not a graft run: even its graft-named files are the user's
+    with pytest.raises(RunExistsError, match="not a graft run folder"):
+        fit(config, shapes_dir, out, force=True)
+    assert (out / "history.csv").read_text() == "old"
+    (out / "history.csv").unlink()
+    fit(config, shapes_dir, out, force=True)  # a folder of my notes only: used
+    fit(config, shapes_dir, out, force=True)  # a graft run: replaced
     assert (out / "my-notes.txt").read_text() == "keep me"
     assert (out / "history.csv").read_text().startswith("stage,")
 

@@ -1,0 +1,471 @@
+"""Reliability, round two (issue 20): bad options and inputs are refused before anything is
+written, user files are never touched, a diverging run stops, and every refusal has its exit
+code. Each test names the issue item it covers."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import make_dataset
+from graft.cli import main
+from graft.diagnose import diagnose
+from graft.rundir import MANIFEST, EpochRecord
+
+TINY = ["--img-size", "32", "--epochs", "1", "--fine-tune-epochs", "0", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 10 images: the size of the review's data sets."""
+    return make_dataset(tmp_path_factory.mktemp("small") / "data", per_class=10)
+
+
+def _train(data: Path, out: Path, *extra: str) -> int:
+    return main(["train", str(data), "--out", str(out), *TINY, *extra])
+
+
+# --------------------------------------------------------------- items 1, 13, 14, 15: options
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--l2sp", "nan"],
+        ["--l2sp", "inf"],
+        ["--min-delta", "nan"],
+        ["--weight-decay", "-1"],
+        ["--weight-decay", "nan"],
+        ["--seed", "-1"],
+        ["--seed", "99999999999"],
+        ["--workers", "-5"],
+        ["--views", "100000"],
+        ["--groups-csv", "/nonexistent.csv"],
+        ["--unseen", "/nonexistent"],
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_bad_option_is_usage_error_and_leaves_nothing(
+    small: Path, tmp_path: Path, options: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    assert _train(small, out, *options) == 2
+    err = capsys.readouterr().err
+    assert options[0] in err and "bug" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "where"),
+    [
+        (["predict", "RUN", "x.png", "--batch-size", "-1", "--out", "x.jsonl"], "--batch-size"),
+        (["predict", "RUN", "x.png", "--top-k", "0"], "--top-k"),
+        (["serve", "RUN", "--port", "99999"], "--port"),
+        (["serve", "RUN", "--port", "-1"], "--port"),
+        (["serve", "RUN", "--max-mb", "nan"], "--max-mb"),
+        (["serve", "RUN", "--max-mb", "inf"], "--max-mb"),
+        (["serve", "RUN", "--max-files", "0"], "--max-files"),
+    ],
+    ids=lambda a: " ".join(a) if isinstance(a, list) else a,
+)
+def test_other_commands_check_their_options_first(
+    small: Path, tmp_path: Path, argv: list[str], where: str, capsys: pytest.CaptureFixture
+) -> None:
+    argv = [
+        str(small) if a == "DATA" else str(tmp_path / "nope") if a == "RUN" else a for a in argv
+    ]
+    os.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error
+        main(argv)
+    assert stop.value.code == 2
+    assert where in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_scan_options_outside_their_range_are_usage_errors(
+    small: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    os.chdir(tmp_path)
+    bad = (
+        ["--img-size", "0"],
+        ["--img-size", "5000"],
+        ["--dup-threshold", "5"],
+        ["--dup-threshold", "nan"],
+    )
+    for options in bad:
+        assert main(["scan", str(small), "--no-audit", *options]) == 2
+        assert options[0] in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no chart written
+
+
+def test_bad_environment_variable_is_a_usage_error(
+    small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("GRAFT_CUT_CACHE_MB", "abc")
+    out = tmp_path / "run"
+    assert _train(small, out, "--fine-tune-epochs", "1") == 2
+    assert "GRAFT_CUT_CACHE_MB" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# --------------------------------------------------------------- item 13: nothing half-made
+
+
+def _two_image_class(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "few", per_class={"circle": 10, "square": 2, "triangle": 10})
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("weights-missing", 4),
+        ("vgg16-offline", 4),
+        ("class-of-two", 3),
+        ("one-class", 3),
+    ],
+)
+def test_failed_start_leaves_no_run_folder(
+    small: Path,
+    tmp_path: Path,
+    case: str,
+    code: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached VGG16 weights
+    data, extra = small, []
+    if case == "weights-missing":
+        extra = ["--weights", str(tmp_path / "missing.pth")]
+    elif case == "vgg16-offline":
+        extra = ["--backbone", "vgg16", "--offline"]
+    elif case == "class-of-two":
+        data = _two_image_class(tmp_path)
+    else:
+        data = tmp_path / "one"
+        shutil.copytree(small / "circle", data / "circle")
+    out = tmp_path / "run"
+    assert _train(data, out, *extra) == code
+    err = capsys.readouterr().err
+    assert "bug" not in err
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
+    if case == "one-class":
+        assert "only one class" in err
+    if case == "class-of-two":  # the corrected rerun needs no --force
+        shutil.rmtree(data / "square")
+        assert _train(data, out) == 0
+
+
+def test_failed_start_keeps_what_was_in_the_folder(small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    # an empty-but-for-my-notes folder still needs --force; the failure must keep the notes
+    assert _train(small, out, "--force", "--weights", str(tmp_path / "missing.pth")) == 4
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_out_inside_the_data_folder(small: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(small, data)
+    assert _train(data, data / "runs" / "one") == 0
+    capsys.readouterr()
+    # item 19: a second run finds the first inside the data folder: not a class
+    assert _train(data, data / "runs" / "two") == 0
+    assert "Left out 'runs'" in capsys.readouterr().err
+    assert main(["scan", str(data), "--no-audit", "--json", "--plot", str(tmp_path / "c.png")]) == 0
+    assert '"runs"' not in capsys.readouterr().out
+
+
+def test_loose_images_in_the_root_are_reported(small: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(small, data)
+    Image.new("RGB", (8, 8)).save(data / "stray.png")
+    assert main(["scan", str(data), "--no-audit", "--plot", str(tmp_path / "c.png")]) == 0
+    assert "outside any class folder" in " ".join(capsys.readouterr().out.split())
+
+
+# --------------------------------------------------------------- item 3: user files and --force
+
+
+def test_force_replaces_only_graft_files(small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _train(small, out) == 0
+    assert main(["evaluate", str(out), str(small)]) == 0  # graft writes eval-data/
+    graft_eval = [p.name for p in out.glob("eval-*")]
+    assert graft_eval
+    mine = {
+        "notes.txt": "mine",
+        "predictions/mine.csv": "a,b\n",
+        "tensorboard/mylogs": "x",
+        "eval-holiday/evaluation.json": "{}",
+    }
+    for name, text in mine.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    assert _train(small, out) == 5  # exists: refused without --force
+    assert _train(small, out, "--force") == 0
+    for name, text in mine.items():
+        assert (out / name).read_text() == text, name
+    assert not any((out / n).exists() for n in graft_eval)  # the old model's results went
+    import json
+
+    owned = json.loads((out / MANIFEST).read_text())["files"]
+    assert "model.safetensors" in owned and "notes.txt" not in owned
+
+
+def test_force_refuses_a_folder_that_is_not_a_run(small: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "photos"
+    out.mkdir()
+    for name in ("report.html", "config.txt", "class_counts.png"):
+        (out / name).write_text("mine")
+    assert _train(small, out, "--force") == 5
+    assert "not a graft run folder" in capsys.readouterr().err
+    # a folder holding none of graft's names is used: nothing of it is removed
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert _train(small, other, "--force") == 0
+    assert (other / "notes.txt").read_text() == "mine"
+    assert "notes.txt" not in (other / MANIFEST).read_text()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "class_counts.png",
+        "config.txt",
+        "report.html",
+    ]
+
+
+# --------------------------------------------------------------- items 1 and 15: runs
+
+
+def test_diverging_run_stops_with_its_own_exit_code(
+    small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import graft.stages as stages
+
+    real = stages.train_one_epoch
+    calls = {"n": 0}
+
+    def diverge(*args, **kwargs):  # the second epoch's loss is NaN, as a too-high lr gives
+        loss, acc = real(*args, **kwargs)
+        calls["n"] += 1
+        return (math.nan if calls["n"] >= 2 else loss), acc
+
+    monkeypatch.setattr(stages, "train_one_epoch", diverge)
+    out = tmp_path / "run"
+    assert _train(small, out, "--epochs", "3") == 9
+    err = capsys.readouterr().err
+    assert "diverged at epoch 2" in err and "--lr" in err
+    assert not (out / "summary.json").exists()  # not a finished run
+    from graft.model import load_model
+
+    model = load_model(out / "model.safetensors")  # epoch 1's weights: finite, loadable
+    assert all(t.isfinite().all() for t in model.state_dict().values())
+    assert (out / "checkpoint.safetensors").exists()  # epoch 1 stays, with its history
+    assert "checkpoint.safetensors" in (out / MANIFEST).read_text()
+
+
+def test_resume_refuses_options_it_would_ignore(small: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert _train(small, out) == 0
+    capsys.readouterr()
+    # a finished run: nothing to resume (it used to train it again)
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(["train", "--resume", str(out)]) == 2
+    assert "finished run" in capsys.readouterr().err
+    (out / "summary.json").unlink()
+    assert main(["train", "--resume", str(out), "--out", str(tmp_path / "other")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--lr", "0.1"]) == 2
+    assert "--lr" in capsys.readouterr().err
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    assert not (tmp_path / "other").exists()
+
+
+def test_groups_csv_that_names_no_image(small: Path, tmp_path: Path, capsys) -> None:
+    groups = tmp_path / "groups.csv"
+    groups.write_text("path,group\n/abs/circle_000.png,a\nwrong/x.png,b\n")
+    out = tmp_path / "run"
+    assert _train(small, out, "--groups-csv", str(groups)) == 3
+    assert "None of the 2 paths" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unfreeze_beyond_the_backbone_says_so(small: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert _train(small, out, "--fine-tune-epochs", "1", "--unfreeze", "99") == 0
+    assert "--unfreeze 99" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- item 14: the system refuses
+
+
+def _refuse(code: int):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code), "/some/where")
+
+    return fail
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_disk_full_or_read_only_is_its_own_exit_code(
+    small: Path, tmp_path: Path, code: int, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Writing model.safetensors fails as a full disk or read-only folder would make it:
+    exit 8 with the reason and the path, not 'a bug in graft'."""
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", _refuse(code))
+    assert _train(small, tmp_path / "run") == 8
+    err = capsys.readouterr().err
+    assert "/some/where" in err and "bug" not in err
+
+
+@contextlib.contextmanager
+def _small_disk(path: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs at ``path`` (``ro``, or ``size=...`` for a full disk) where this process
+    may mount one; otherwise the test is skipped with the reason."""
+    path.mkdir()
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root on Linux")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.mark.parametrize(("options", "words"), [("ro,size=1m", "read-only"), ("size=2m", "full")])
+def test_read_only_or_full_disk_for_real(
+    small: Path, tmp_path: Path, options: str, words: str, capsys
+) -> None:
+    with _small_disk(tmp_path / "disk", options) as disk:
+        assert _train(small, disk / "run") == 8
+        err = capsys.readouterr().err
+        assert words in err and "bug" not in err
+        if "ro" not in options:  # what was written before the disk filled is cleaned up
+            assert not list(disk.glob("run/.*.tmp"))
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() == 0, reason="root ignores folder permissions"
+)
+def test_read_only_out_without_root(small: Path, tmp_path: Path, capsys) -> None:
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        assert _train(small, parent / "run") == 8
+        assert "permission denied" in capsys.readouterr().err
+    finally:
+        parent.chmod(0o700)
+
+
+def test_scan_from_a_read_only_folder(small: Path, tmp_path: Path, capsys) -> None:
+    """scan writes its chart into the current folder by default."""
+    with _small_disk(tmp_path / "disk", "ro,size=1m") as here:
+        os.chdir(here)
+        try:
+            assert main(["scan", str(small), "--no-audit"]) == 8
+        finally:
+            os.chdir(tmp_path)
+        assert "read-only" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- items 17, 20: scan
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_scan_does_not_hang_on_a_fifo(small: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(small, data)
+    os.mkfifo(data / "circle" / "pipe.png")
+    assert main(["scan", str(data), "--no-audit", "--json", "--plot", str(tmp_path / "c.png")]) == 0
+    assert "not a regular file" in capsys.readouterr().out
+
+
+def test_scan_prints_class_names_as_they_are(small: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(small, data)
+    (data / "circle").rename(data / "[bold]rich")
+    assert main(["scan", str(data), "--no-audit", "--plot", str(tmp_path / "c.png")]) == 0
+    assert "[bold]rich" in capsys.readouterr().out
+
+
+def test_scan_warns_about_one_class(small: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "one"
+    shutil.copytree(small / "circle", data / "circle")
+    assert main(["scan", str(data), "--no-audit", "--plot", str(tmp_path / "c.png")]) == 0
+    assert "Only one class" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------- item 18: honest messages
+
+
+def _history(rows: list[tuple[float, float, float, float]]) -> list[EpochRecord]:
+    return [
+        EpochRecord("frozen", i + 1, i + 1, tl, ta, vl, va, 1e-3, 1.0)
+        for i, (tl, ta, vl, va) in enumerate(rows)
+    ]
+
+
+def test_validation_far_above_training_is_not_a_good_fit() -> None:
+    d = diagnose(_history([(1.2, 0.0, 0.4, 1.0)]), n_val=30)
+    assert d.verdict == "inconclusive"
+
+
+def test_too_few_validation_images_is_inconclusive() -> None:
+    d = diagnose(_history([(0.5, 0.9, 0.5, 0.9), (0.4, 0.92, 0.45, 0.9)]), n_val=3)
+    assert d.verdict == "inconclusive" and "3 validation image" in d.explanation
+    assert diagnose(_history([(0.5, 0.9, 0.5, 0.9)] * 2), n_val=30).verdict != "inconclusive"
+
+
+# --------------------------------------------------------------- item 20: small things
+
+
+def test_run_files_share_one_permission(trained_run: Path) -> None:
+    """model and checkpoint files used to be 0600 while the others were 0644."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in trained_run.iterdir() if p.is_file()}
+    assert "model.safetensors" in modes and "checkpoint.safetensors" in modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_evaluate_shows_no_score_for_a_class_with_no_images(
+    trained_run: Path, tmp_path: Path, capsys
+) -> None:
+    data = make_dataset(tmp_path / "two", per_class={"circle": 3, "square": 3})
+    assert main(["evaluate", str(trained_run), str(data), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "triangle" in line)
+    assert "0.000" not in row and "none here" in row
+
+
+def test_quiet_prints_nothing(small: Path, tmp_path: Path, capfd) -> None:
+    """--quiet: only errors (scikit-learn's warnings on tiny classes used to get through)."""
+    assert _train(small, tmp_path / "run", "--quiet", "--test-size", "0.1") == 0
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
+
+
+def test_force_removes_what_a_killed_run_left_half_written(small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _train(small, out) == 0
+    leftover = out / ".checkpoint.safetensors.x1y2z3.tmp"  # kill -9 during a write
+    leftover.write_bytes(b"")
+    assert _train(small, out, "--force") == 0
+    assert not leftover.exists()
