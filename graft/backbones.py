@@ -154,7 +154,7 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise WeightsError(
-            f"Could not read weights file {path}: {exc}. It may be truncated or not a "
+            f"Could not read weights file {path}: {_first_line(exc)}. It may be truncated or not a "
             "PyTorch/safetensors state dict; download it again."
         ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -312,3 +312,9 @@ def create_imagenet_model(
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Is it a {spec.name} state dict?"
         )
     return model.eval(), source
+
+
+def _first_line(exc: BaseException, width: int = 160) -> str:
+    """The gist of a library's error (torch.load's runs to many lines of advice)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -44,6 +44,7 @@ from .errors import (
     UsageError,
     os_error_message,
 )
+from .io import check_output_file, check_output_folder
 from .io import display as _display
 
 # --------------------------------------------------------------------------- commands
@@ -55,13 +56,19 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from .progress import Reporter
 
     config = config_from_args(args)  # validates the options before any work
+    config.check_paths()
+    if not args.root.strip():
+        raise UsageError("ROOT is empty: give the data folder, e.g. `graft scan photos/`.")
+    root_name = Path(args.root).expanduser().resolve().name
+    plot = check_output_file(args.plot or f"{root_name}_class_counts.png", "--plot", ".png")
+    pairs_png = plot.with_name(plot.stem.replace("_class_counts", "") + "_duplicates.png")
+    if not args.no_audit:
+        check_output_file(pairs_png, "--plot (its example pairs)", ".png")
     reporter = Reporter(verbose=not args.json)
     data = scan(args.root, progress=reporter.iter)
-    plot = Path(args.plot or f"{Path(data.root).name}_class_counts.png")
     plot_class_counts(data.counts, plot)
     findings: list[str] = []
     audit_summary = None
-    pairs_png = plot.with_name(plot.stem.replace("_class_counts", "") + "_duplicates.png")
     if not args.no_audit:
         from .audit import audit_dataset, draw_examples, explain
 
@@ -167,6 +174,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
     from .progress import Reporter
 
+    if args.out:
+        check_output_folder(args.out, "--out")
+
     result = evaluate_run(
         args.run,
         args.folder,
@@ -189,6 +199,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise UsageError("--top-k must be 1 or more.")
+    if args.grid:
+        check_output_file(args.grid, "--grid", ".png")
     paths = expand_inputs(args.paths)
     if not paths:
         raise UsageError("No images to predict: the folders given hold no image files.")
@@ -271,6 +283,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from .progress import Reporter
 
     config = config_from_args(args)
+    config.check_paths()
+    check_output_file(args.out, "--out", ".png")
     result = lr_find(args.root, config, args.out, reporter=Reporter(verbose=not args.json))
     if args.json:
         print(json.dumps(result, indent=2))
@@ -288,6 +302,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if not (run / "summary.json").is_file():
         raise RunFolderError(f"{run} has no summary.json: it is not a finished graft run.")
+    if args.out:
+        check_output_file(args.out, "--out", ".html")
     print(f"Report: {write_report(run, args.out)}", file=sys.stderr)
     return 0
 
@@ -339,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ._malloc import tune_malloc
 
     tune_malloc()  # where work starts, before torch allocates: see graft._malloc
+    _stop_cleanly_on_sigterm()
     try:
         if os.environ.get("GRAFT_ENGINE"):  # a bad value is refused before any work
             from .engines import wanted_engine
@@ -359,6 +376,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return SystemResourceError.exit_code
     except Exception as exc:  # a bug: say so in one line, keep the details
         return _bug(args.command, exc)
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """`kill` or `timeout` (SIGTERM) unwinds like Ctrl+C, so a run stopped before its first
+    epoch removes what it wrote (graft.train) instead of leaving a half-made folder."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _bug(command: str, exc: BaseException) -> int:

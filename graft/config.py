@@ -278,8 +278,9 @@ class TrainConfig:
             raise bad("backbone", self.backbone, f"choose auto or one of {', '.join(BACKBONES)}")
         if not (32 <= self.img_size <= 1024):
             raise bad("img_size", self.img_size, "use a size between 32 and 1024 pixels")
-        if not (self.head == "linear" or re.fullmatch(r"dense:[1-9]\d*", self.head)):
-            raise bad("head", self.head, "use 'linear' or 'dense:N' (e.g. dense:256)")
+        dense = re.fullmatch(r"dense:([1-9]\d{0,5})", self.head)
+        if not (self.head == "linear" or (dense and int(dense.group(1)) <= 65536)):
+            raise bad("head", self.head, "use 'linear' or 'dense:N' with N up to 65536")
         if not (0.0 <= self.dropout < 1.0):
             raise bad("dropout", self.dropout, "use a value in [0, 1)")
         for name in ("test_size", "val_size"):
@@ -317,8 +318,8 @@ class TrainConfig:
                 raise bad(name, getattr(self, name), f"use a whole number from 1 to {most}")
         if not 0 <= self.seed < 2**32:
             raise bad("seed", self.seed, "use a whole number from 0 to 4294967295")
-        if self.workers < -1:
-            raise bad("workers", self.workers, "use -1 (automatic), 0 (none) or a count")
+        if not -1 <= self.workers <= 64:
+            raise bad("workers", self.workers, "use -1 (automatic), 0 (none) or up to 64")
         for name in ("epochs", "fine_tune_epochs"):
             if getattr(self, name) > 100_000:
                 raise bad(name, getattr(self, name), "use at most 100000")
@@ -349,8 +350,10 @@ class TrainConfig:
         from pathlib import Path
 
         def missing(option: str, value: str, kind: str) -> UsageError:
+            other = "folder" if kind == "file" else "file"
+            found = f"a {other}, not a {kind}" if Path(value).exists() else f"no such {kind}"
             return UsageError(
-                f"--{option.replace('_', '-')} {value}: no such {kind}. Check the path "
+                f"--{option.replace('_', '-')} {value}: {found}. Check the path "
                 "(relative paths are taken from the current folder)."
             )
 
@@ -365,6 +368,14 @@ class TrainConfig:
             raise missing("groups_csv", self.groups_csv, "file")
         if self.unseen and not Path(self.unseen).is_dir():
             raise missing("unseen", self.unseen, "folder")
+        if self.weights and Path(self.weights).suffix.lower() not in (
+            ".pth",
+            ".pt",
+            ".safetensors",
+        ):
+            raise UsageError(
+                f"--weights {self.weights}: give a .pth, .pt or .safetensors weights file."
+            )
         if self.cache_dir and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
             raise UsageError(f"--cache-dir {self.cache_dir} is a file; give a folder.")
 

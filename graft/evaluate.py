@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError, RunFolderError, UsageError
-from .io import atomic_write_json
+from .io import atomic_write_json, check_output_folder
 from .metrics import Metrics, metrics_from_probs, open_set_stats
 from .model import GraftModel
 from .rundir import EVALUATION, RunDir
@@ -108,6 +108,7 @@ def evaluate_run(
     unchanged (graft.integrity)."""
     from .data import scan
     from .model import load_model, resolve_model_file
+    from .predict import fresh_onnx_path
 
     run = Path(run)
     if folder is not None and data_root is not None:
@@ -132,7 +133,9 @@ def evaluate_run(
     # an eval-* folder graft makes in the run is graft's: --force replaces it, the report
     # shows it; one that was there before (the user's) stays the user's
     claim = out.parent.resolve() == run.resolve() and out != run and not out.exists()
-    onnx = resolve_model_file(run).with_suffix(".onnx")
+    if out != run and out.exists() and out.name not in (RunDir(run).owned() or []):
+        check_output_folder(out, "the evaluation folder")  # the user's eval-* folder
+    onnx = fresh_onnx_path(resolve_model_file(run))
     plain = None
     if tta:  # the same images without TTA, to report what TTA changed
         plain = evaluate_files(model, paths, labels, classes, onnx_path=onnx)

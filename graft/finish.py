@@ -123,6 +123,7 @@ def finish(
     from .diagnose import diagnose
     from .evaluate import evaluate_files
     from .plots import plot_learning_curves
+    from .predict import fresh_onnx_path
 
     config, rundir = run.config, run.dir
     model.eval()
@@ -148,7 +149,7 @@ def finish(
         device=device,
         workers=run.workers,
         title="held-out test split",
-        onnx_path=rundir.onnx,
+        onnx_path=fresh_onnx_path(rundir.model),
     )
     unseen = evaluate_unseen(run, history, plan, test) if features.unseen is not None else None
     return Summary(

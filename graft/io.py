@@ -77,3 +77,66 @@ def display(path: object) -> str:
     the console."""
     text = str(path)
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def check_output_file(path: str | Path, option: str, suffix: str) -> Path:
+    """``path`` may be written by graft as ``option`` (``--plot``, ``--out``): a file name
+    ending in ``suffix`` that is new or was written by graft before. A folder, another kind
+    of file, or a file graft did not write is a usage error: graft never overwrites yours."""
+    from .errors import UsageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder: give a file name ending in {suffix}.")
+    if path.suffix.lower() != suffix:
+        raise UsageError(f"{option} {path}: give a file name ending in {suffix}.")
+    if path.exists() and not _written_by_graft(path, suffix):
+        raise UsageError(
+            f"{option} {path} exists and was not written by graft, so it is left as it is. "
+            "Choose another name, or delete the file first."
+        )
+    return path
+
+
+def check_output_folder(path: str | Path, option: str) -> Path:
+    """An output folder for ``graft evaluate``: new, empty, or an earlier evaluation."""
+    from .errors import UsageError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file: give a folder.")
+    if path.is_dir() and any(path.iterdir()):
+        try:
+            earlier = read_json(path / "evaluation.json")
+            ours = isinstance(earlier, dict) and {"accuracy", "per_class"} <= set(earlier)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise UsageError(
+                f"{option} {path} holds files that are not an earlier graft evaluation, so "
+                "graft does not write there. Choose a new or empty folder."
+            )
+    return path
+
+
+#: what marks a file as graft's: PNG text chunks matplotlib writes for graft's figures
+#: ("Software"), and the generator of graft's HTML report
+_PNG_SOFTWARE = ("graft", "Matplotlib")
+_HTML_MARKS = ('<meta name="generator" content="graft', "<title>graft run:")
+
+
+def _written_by_graft(path: Path, suffix: str) -> bool:
+    try:
+        if suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                software = str(im.info.get("Software", ""))
+            return im.format == "PNG" and software.startswith(_PNG_SOFTWARE)
+        if suffix == ".html":
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                head = fh.read(4096)
+            return any(mark in head for mark in _HTML_MARKS)
+    except Exception:  # unreadable or not an image: not graft's
+        return False
+    return False

@@ -23,7 +23,10 @@ STAGE_COLOURS = {"frozen": "#e8f0fe", "fine-tune": "#fef3e2"}
 
 def save_figure(fig: Any, path: Path) -> None:
     atomic_save(
-        Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        Path(path),
+        lambda tmp: fig.savefig(
+            tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": "graft"}
+        ),
     )
     plt.close(fig)
 

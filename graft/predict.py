@@ -156,11 +156,7 @@ class Predictor:
         from .model import resolve_model_file
 
         weights = resolve_model_file(run)
-        onnx_path = weights.with_suffix(".onnx")
-        if onnx_path.is_file() and onnx_path.stat().st_mtime < weights.stat().st_mtime:
-            onnx_path.unlink(missing_ok=True)  # stale: the weights changed since the export
-        if not os.access(weights.parent, os.W_OK):
-            onnx_path = None  # export to a temporary file instead
+        onnx_path = fresh_onnx_path(weights)
         return cls(
             load_model(weights),
             workers=workers,
@@ -242,6 +238,33 @@ class Predictor:
 
 
 # --------------------------------------------------------------------------- streaming
+
+
+def fresh_onnx_path(weights: Path) -> Path | None:
+    """Where the fast engines keep this model's ONNX graph (``model.onnx`` beside the
+    weights), after removing one made from other weights; None when the folder is read-only
+    (the graph then goes to a temporary file). The graph is tied to the weights by their
+    sha256 in ``model.onnx.json``: a date check would trust a graph copied from another run,
+    or weights restored with their old date."""
+    import json
+
+    from .data import file_sha256
+
+    onnx_path = weights.with_suffix(".onnx")
+    stamp = weights.with_suffix(".onnx.json")
+    if not os.access(weights.parent, os.W_OK):
+        return None
+    digest = file_sha256(weights)
+    try:
+        fresh = json.loads(stamp.read_text())["weights_sha256"] == digest
+    except (OSError, ValueError, KeyError, TypeError):
+        fresh = False
+    if not fresh:
+        onnx_path.unlink(missing_ok=True)  # made from other weights, or unknown ones
+        from .io import atomic_write_json
+
+        atomic_write_json(stamp, {"weights_sha256": digest})
+    return onnx_path
 
 
 @dataclass

@@ -57,6 +57,7 @@ RUN_FILES = (
     "confusion_matrix.png",
     EVALUATION,
     ONNX,
+    ONNX + ".json",  # the sha256 of the weights the ONNX graph was made from
     CHECKPOINT,
     AUDIT,
     "leakage_pairs.png",
@@ -126,6 +127,16 @@ class Summary(TypedDict, total=False):
 def _plain_name(name: str) -> bool:
     """An entry directly in the run folder (a manifest never points outside it)."""
     return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
+def _graft_name(name: str) -> bool:
+    """A name a training run writes: its files, the manifest, ``tensorboard/``, a
+    half-written ``.*.tmp`` (``eval-*/`` folders are claimed by ``graft evaluate`` itself)."""
+    return (
+        name in RUN_FILES
+        or name in (MANIFEST, "tensorboard")
+        or (name.startswith(".") and name.endswith(".tmp"))
+    )
 
 
 @dataclass(frozen=True)
@@ -248,16 +259,19 @@ class RunDir:
         atomic_write_json(self.path / MANIFEST, {"files": merged})
 
     def claim_new(self, before: list[str]) -> None:
-        """Record every entry that is here now and was not in ``before``."""
+        """Record the entries with graft's names that appeared since ``before`` (a file the
+        user adds while a run trains is the user's, whatever it is)."""
         keep = {*before, MANIFEST}
-        self.claim([p.name for p in self.path.iterdir() if p.name not in keep])
+        self.claim(
+            [p.name for p in self.path.iterdir() if p.name not in keep and _graft_name(p.name)]
+        )
 
     def discard_new(self, before: list[str], created: bool) -> None:
         """Undo a run that failed before training began: remove what it wrote (and the
         folder, when this run created it), so the corrected command needs no --force."""
         keep = set(before)
         for p in list(self.path.iterdir()) if self.path.is_dir() else []:
-            if p.name not in keep:
+            if p.name not in keep and _graft_name(p.name):
                 self._remove(p.name)
         if created and self.path.is_dir() and not any(self.path.iterdir()):
             self.path.rmdir()

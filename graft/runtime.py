@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import sys
 import warnings
 from collections.abc import Sequence
@@ -79,6 +81,10 @@ def load_image(source: str | Path | bytes, size_hint: int | None = None) -> Imag
     Raises ``OSError``/``ValueError`` (from Pillow) when the data is not a readable image, and
     ``Image.DecompressionBombWarning`` for images over Pillow's pixel limit (a "bomb").
     """
+    if not isinstance(source, bytes) and os.path.exists(source):
+        # A FIFO or device named like an image would block the read forever: never opened.
+        if not stat.S_ISREG(os.stat(source).st_mode) and not os.path.isdir(source):
+            raise ValueError("not a regular file (a pipe, socket or device)")
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
     with warnings.catch_warnings():
         # A DecompressionBombWarning becomes an error: such an image is refused, not decoded.

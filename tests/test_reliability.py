@@ -9,8 +9,10 @@ import errno
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +52,8 @@ def _train(data: Path, out: Path, *extra: str) -> int:
         ["--seed", "99999999999"],
         ["--workers", "-5"],
         ["--views", "100000"],
+        ["--workers", "10000"],
+        ["--head", "dense:99999999999"],
         ["--groups-csv", "/nonexistent.csv"],
         ["--unseen", "/nonexistent"],
     ],
@@ -469,3 +473,115 @@ def test_force_removes_what_a_killed_run_left_half_written(small: Path, tmp_path
     leftover.write_bytes(b"")
     assert _train(small, out, "--force") == 0
     assert not leftover.exists()
+
+
+# --------------------------------------------------------------- the hostile pass of 1871cf6
+
+
+@pytest.mark.parametrize("command", ["scan", "report", "lr-find", "grid"])
+def test_outputs_never_overwrite_your_files(
+    small: Path, trained_run: Path, tmp_path: Path, command: str, capsys
+) -> None:
+    mine = tmp_path / "mine.png" if command != "report" else tmp_path / "mine.html"
+    mine.write_text("my notes, not a picture")
+    argv = {
+        "scan": ["scan", str(small), "--no-audit", "--plot", str(mine)],
+        "report": ["report", str(trained_run), "--out", str(mine)],
+        "lr-find": ["lr-find", str(small), "--out", str(mine)],
+        "grid": ["predict", str(trained_run), str(small / "circle"), "--grid", str(mine)],
+    }[command]
+    assert main(argv) == 2
+    assert "not written by graft" in capsys.readouterr().err
+    assert mine.read_text() == "my notes, not a picture"
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    argv[argv.index(str(mine))] = str(folder)
+    assert main(argv) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_outputs_graft_wrote_are_replaced(small: Path, tmp_path: Path) -> None:
+    plot = tmp_path / "counts.png"
+    assert main(["scan", str(small), "--no-audit", "--plot", str(plot)]) == 0
+    assert main(["scan", str(small), "--no-audit", "--plot", str(plot)]) == 0
+
+
+def test_evaluate_never_writes_into_your_folder(trained_run: Path, tmp_path: Path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "evaluation.json").write_text("my own")
+    assert main(["evaluate", str(trained_run), "--out", str(mine)]) == 2
+    assert (mine / "evaluation.json").read_text() == "my own"
+    assert main(["evaluate", str(trained_run), "--out", str(mine / "evaluation.json")]) == 2
+    assert "bug" not in capsys.readouterr().err
+
+
+def test_a_model_onnx_from_other_weights_is_never_used(
+    small: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    """The ONNX graph is tied to the weights by hash, not by date."""
+    from graft.predict import Predictor
+
+    other = tmp_path / "other"
+    assert _train(small, other) == 0
+    images = sorted((small / "circle").iterdir())[:3]
+    want = Predictor.from_run(other).predict_proba(images)[0]
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    Predictor.from_run(run).predict_proba(images)  # makes run/model.onnx
+    onnx = run / "model.onnx"
+    assert onnx.is_file()
+    shutil.copy2(other / "model.safetensors", run / "model.safetensors")
+    old = onnx.stat().st_mtime - 1000
+    os.utime(run / "model.safetensors", (old, old))  # restored weights keep their old date
+    got = Predictor.from_run(run).predict_proba(images)[0]
+    assert abs(got - want).max() < 1e-4
+
+
+def test_predict_does_not_hang_on_a_fifo(trained_run: Path, small: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(sorted((small / "circle").iterdir())[0], folder / "a.png")
+    os.mkfifo(folder / "b.png")
+    done = subprocess.run(
+        [sys.executable, "-m", "graft", "predict", str(trained_run), str(folder), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 7, done.stderr
+    assert "not a regular file" in done.stdout
+
+
+def test_files_you_add_during_training_stay_yours(tmp_path: Path) -> None:
+    from graft.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    before = run.prepare(force=False)
+    for name in ("history.csv", "MYNOTES.txt", "model.safetensors"):
+        (run.path / name).write_text("x")
+    (run.path / "myphotos").mkdir()
+    run.claim_new(before)
+    owned = run.owned() or []
+    assert "history.csv" in owned and "model.safetensors" in owned
+    assert "MYNOTES.txt" not in owned and "myphotos" not in owned
+
+
+def test_sigterm_before_the_first_epoch_leaves_nothing(small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "graft", "train", str(small), "--out", str(out), *TINY],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / MANIFEST).exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    if (out / "checkpoint.safetensors").exists():
+        pytest.skip("the first epoch finished before the signal arrived")
+    assert code == 130
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
