@@ -94,9 +94,6 @@ def os_error_message(exc: OSError, action: str = "") -> str | None:
         errno.ENAMETOOLONG: "the file name is too long for this file system",
         errno.EMFILE: "too many open files: raise `ulimit -n`",
         errno.ENOENT: "no such file or folder: check the path",
-        errno.ENOTDIR: "a part of the path is a file, not a folder",
-        errno.EISDIR: "it is a folder, not a file",
-        errno.EEXIST: "it exists already: choose another name",
     }.get(exc.errno or -1)
     return f"{what}: {advice}." if advice else None
 
