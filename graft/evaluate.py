@@ -130,11 +130,11 @@ def evaluate_run(
         title = f"folder {Path(folder).name}"
         out = Path(out_dir) if out_dir else run / f"eval-{Path(folder).resolve().name}"
         result_skipped = [{"path": str(p), "reason": r} for p, r in data.skipped]
-    # an eval-* folder graft makes in the run is graft's: --force replaces it, the report
-    # shows it; one that was there before (the user's) stays the user's
-    claim = out.parent.resolve() == run.resolve() and out != run and not out.exists()
     if out != run and out.exists() and out.name not in (RunDir(run).owned() or []):
-        check_output_folder(out, "the evaluation folder")  # the user's eval-* folder
+        check_output_folder(out, "the evaluation folder")  # new, empty or an evaluation
+    # an eval-* folder graft writes in the run is graft's: --force replaces it, the report
+    # shows it (one holding the user's other files was refused just above)
+    claim = out.parent.resolve() == run.resolve() and out != run
     onnx = fresh_onnx_path(resolve_model_file(run))
     plain = None
     if tta:  # the same images without TTA, to report what TTA changed
