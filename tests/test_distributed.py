@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,7 +56,13 @@ def _max_weight_diff(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
+def _scratch_folders() -> set[Path]:
+    """Rank 1's scratch copies of a run folder (graft.train), in the system's temp folder."""
+    return set(Path(os.environ.get("TMPDIR", "/tmp")).glob("graft-rank1-*"))
+
+
 def test_two_processes_match_one(shapes_dir: Path, tmp_path: Path) -> None:
+    scratch_before = _scratch_folders()  # other jobs on the machine may have their own
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["train", str(shapes_dir), "--quiet", *cli_args(CFG)]
     subprocess.run(
@@ -88,7 +95,7 @@ def test_two_processes_match_one(shapes_dir: Path, tmp_path: Path) -> None:
     sb = json.loads((two / "summary.json").read_text())
     assert sa["test"]["accuracy"] == sb["test"]["accuracy"]
     assert sb["timings"]["cache_misses"] == sa["timings"]["cache_misses"] > 0
-    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("graft-rank1-*"))
+    assert not _scratch_folders() - scratch_before  # rank 1 removed its scratch copy
 
 
 def _kill_workers(marker: str) -> None:
@@ -106,6 +113,7 @@ def test_interrupted_torchrun_resumes_to_the_same_result(shapes_dir: Path, tmp_p
     args = ["train", str(shapes_dir), "--quiet", *cli_args(cfg)]
     env = _env(tmp_path / "cache")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
+    scratch_before = _scratch_folders()
     done = subprocess.run(
         _torchrun(*args, "--out", str(whole)), env=env, capture_output=True, text=True
     )
@@ -127,6 +135,8 @@ def test_interrupted_torchrun_resumes_to_the_same_result(shapes_dir: Path, tmp_p
         _kill_workers(str(cut))  # torchrun starts its ranks in sessions of their own
     finally:
         proc.wait()
+        for folder in _scratch_folders() - scratch_before:  # what a kill -9 cannot clean
+            shutil.rmtree(folder, ignore_errors=True)
     assert 4 <= len(_rows(cut)) < 6
 
     resumed = subprocess.run(
