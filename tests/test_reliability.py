@@ -568,10 +568,15 @@ def test_files_you_add_during_training_stay_yours(tmp_path: Path) -> None:
     assert "MYNOTES.txt" not in owned and "myphotos" not in owned
 
 
+#: no cache and many views: the frozen passes take seconds, so a signal sent when the run
+#: folder appears lands before the first epoch even on a fast machine
+SLOW = ["--no-cache", "--img-size", "224", "--views", "16"]
+
+
 def test_sigterm_before_the_first_epoch_leaves_nothing(small: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "graft", "train", str(small), "--out", str(out), *TINY],
+        [sys.executable, "-m", "graft", "train", str(small), "--out", str(out), *TINY, *SLOW],
         cwd=Path(__file__).resolve().parents[1],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
