@@ -147,18 +147,22 @@ class ImageClassifier:
             )
         return self._predictor
 
-    def _proba(self, paths: list[Path]) -> np.ndarray:
+    def _scores(self, paths: list[Path]) -> tuple[np.ndarray, np.ndarray | None]:
         predictor = self._check()
         if not paths:
-            return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        probs, failed = predictor.predict_proba(paths)
+            empty = np.zeros(0, dtype=np.float32) if predictor.has_familiarity else None
+            return np.zeros((0, len(self.classes_)), dtype=np.float32), empty
+        probs, familiarity, failed = predictor.predict_scores(paths)
         if failed:
             lines = "; ".join(f"{paths[i]}: {r}" for i, r in sorted(failed.items()))
             raise DataError(
                 f"Could not predict {len(failed)} of {len(paths)} image(s): {lines}. "
                 "Remove or replace them (graft predict reports the rest)."
             )
-        return probs
+        return probs, familiarity
+
+    def _proba(self, paths: list[Path]) -> np.ndarray:
+        return self._scores(paths)[0]
 
     @overload
     def predict_proba(self, paths: PathLike) -> np.ndarray: ...
@@ -173,15 +177,54 @@ class ImageClassifier:
         return probs[0] if single else probs
 
     @overload
-    def predict(self, paths: PathLike) -> str: ...
+    def predict(self, paths: PathLike, unknown: bool = True) -> str: ...
     @overload
-    def predict(self, paths: Iterable[PathLike]) -> list[str]: ...
-    def predict(self, paths: PathLike | Iterable[PathLike]) -> str | list[str]:
-        """The most probable class: a single path gives one class name, a list of paths a
-        list of them (empty for an empty list)."""
+    def predict(self, paths: Iterable[PathLike], unknown: bool = True) -> list[str]: ...
+    def predict(
+        self, paths: PathLike | Iterable[PathLike], unknown: bool = True
+    ) -> str | list[str]:
+        """The answer per image, as ``graft predict`` gives it: the most probable class, or
+        ``"unknown"`` for an image the model is unsure of or that looks unlike every
+        training image (graft.runtime.is_unknown; ``unknown=False`` always names a class).
+        A single path gives one answer, a list of paths a list (empty for an empty list)."""
+        from .runtime import is_unknown
+
         items, single = _as_paths(paths)
-        labels = [self.classes_[i] for i in self._proba(items).argmax(1)]
+        probs, familiarity = self._scores(items)
+        info = self._check().info
+        labels = []
+        for i, row in enumerate(probs):
+            fam = None if familiarity is None else float(familiarity[i])
+            flagged = unknown and is_unknown(
+                float(row.max()), info.unknown_threshold, fam, info.familiarity_threshold
+            )
+            labels.append("unknown" if flagged else self.classes_[int(row.argmax())])
         return labels[0] if single else labels
+
+    @overload
+    def familiarity(self, paths: PathLike) -> float: ...
+    @overload
+    def familiarity(self, paths: Iterable[PathLike]) -> np.ndarray: ...
+    def familiarity(self, paths: PathLike | Iterable[PathLike]) -> float | np.ndarray:
+        """How much each image looks like the training images (graft.familiarity: cosine
+        similarity to the k-th nearest training image, in [-1, 1]; below
+        ``familiarity_threshold_`` the answer is "unknown"). UsageError for a model trained
+        without the score (``unknown_keep=0`` or an older graft)."""
+        items, single = _as_paths(paths)
+        if not self._check().has_familiarity:
+            raise UsageError(
+                "This model has no familiarity score: it was trained with unknown_keep=0 or "
+                "by an older graft. Train it again to get one."
+            )
+        _, familiarity = self._scores(items)
+        assert familiarity is not None
+        return float(familiarity[0]) if single else familiarity
+
+    @property
+    def familiarity_threshold_(self) -> float | None:
+        """Below this familiarity ``predict`` answers "unknown" (None: no score)."""
+        predictor = self._check()
+        return predictor.info.familiarity_threshold if predictor.has_familiarity else None
 
     def score(self, folder: PathLike) -> float:
         """Accuracy on a labelled folder laid out like the training data."""

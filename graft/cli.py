@@ -184,6 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         Reporter(verbose=not args.json),
         tta=args.tta,
         data_root=args.data_root,
+        others=args.others,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -191,7 +192,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .console import print_evaluation
 
         print_evaluation(result)
-    return PARTIAL_FAILURE_EXIT if result["failed"] else 0
+    # unreadable files of --others are skipped like unreadable test images: exit 7
+    skipped = result["failed"] or result.get("others", {}).get("failed")
+    return PARTIAL_FAILURE_EXIT if skipped else 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -204,7 +207,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.paths)
     if not paths:
         raise UsageError("No images to predict: the folders given hold no image files.")
-    predictor = Predictor.from_run(args.run, tta=args.tta, workers=-1 if args.out else 0)
+    predictor = Predictor.from_run(
+        args.run, tta=args.tta, workers=-1 if args.out else 0, unknown=args.unknown == "on"
+    )
     if args.out:
         return _predict_to_file(args, predictor, paths)
     preds = predictor.predict(paths, args.top_k)
@@ -333,7 +338,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"(API docs at /docs; Ctrl+C stops)",
         file=sys.stderr,
     )
-    serve(args.source, args.host, args.port, settings)
+    serve(args.source, args.host, args.port, settings, unknown=args.unknown == "on")
     return 0
 
 

@@ -211,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="test-time augmentation (flip and crops); reports its effect",
     )
+    p.add_argument(
+        "--others",
+        default=None,
+        metavar="DIR",
+        help="images of none of the classes (any layout): how well 'unknown' rejects them "
+        "(AUROC, false positives at 95%% true positives, share rejected)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("lr-find", help="plot loss against learning rate and suggest one")
@@ -261,6 +268,12 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument(
         "--top-k", type=whole(1, 1000), default=3, help="classes returned per image (default: 3)"
     )
+    p.add_argument(
+        "--unknown",
+        choices=["on", "off"],
+        default="on",
+        help="'off' answers every image with its top class, never 'unknown' (default: on)",
+    )
 
 
 def _add_predict_parser(sub: Any) -> None:
@@ -277,6 +290,12 @@ def _add_predict_parser(sub: Any) -> None:
         "--tta",
         action="store_true",
         help="average over flipped and cropped views (slower, often steadier)",
+    )
+    p.add_argument(
+        "--unknown",
+        choices=["on", "off"],
+        default="on",
+        help="'off' answers every image with its top class, never 'unknown' (default: on)",
     )
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")

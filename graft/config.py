@@ -226,6 +226,21 @@ class TrainConfig:
         "the answered predictions are right this often (0 = always answer)",
         "after training",
     )
+    unknown_keep: float = option(
+        0.95,
+        "answer 'unknown' for images less familiar than this share of the reference images "
+        "(the --unseen images, else --unknown-reference); 0 = never 'unknown' for that reason",
+        "after training",
+    )
+    unknown_reference: str = option(
+        "augmented",
+        "without --unseen: 'augmented' sets the 'unknown' threshold on strongly augmented "
+        "validation images (new images may come from elsewhere: few false 'unknown's), "
+        "'validation' on the plain ones (new images come from the training source: more "
+        "images of new classes caught)",
+        "after training",
+        choices=["augmented", "validation"],
+    )
     # --- both stages
     patience: int = option(
         3,
@@ -304,6 +319,10 @@ class TrainConfig:
             )
         if not (0.0 <= self.unknown_precision < 1.0):
             raise bad("unknown_precision", self.unknown_precision, "use a fraction in [0, 1)")
+        if not (0.0 <= self.unknown_keep <= 1.0):
+            raise bad("unknown_keep", self.unknown_keep, "use a fraction in [0, 1], e.g. 0.95")
+        if self.unknown_reference not in ("augmented", "validation"):
+            raise bad("unknown_reference", self.unknown_reference, "choose augmented or validation")
         if self.augment not in AUGMENTS:
             raise bad("augment", self.augment, f"choose one of {', '.join(AUGMENTS)}")
         if self.optimizer not in OPTIMIZERS:

@@ -82,11 +82,15 @@ def print_evaluation(result: dict) -> None:
             f"loss {t['loss_without']:.3f} -> {t['loss_with']:.3f}"
         )
     o = result["open_set"]
-    if o["threshold"] > 0:
+    if o["threshold"] > 0 or "familiarity_threshold" in o:
+        rule = []
+        if o["threshold"] > 0:
+            rule.append(f"below {o['threshold']:.1%} confidence")
+        if "familiarity_threshold" in o:
+            rule.append(f"less familiar than {o['familiarity_threshold']:.3f}")
         console.print(
-            f"Open set: below {o['threshold']:.1%} confidence the answer is "
-            f"'unknown': {o['coverage']:.1%} answered, "
-            f"{o['answered_accuracy']:.1%} of those right."
+            f"Open set: {' or '.join(rule)} the answer is 'unknown': "
+            f"{o['coverage']:.1%} answered, {o['answered_accuracy']:.1%} of those right."
         )
     for c in result["most_confused"]:
         console.print(
@@ -94,7 +98,28 @@ def print_evaluation(result: dict) -> None:
         )
     for f in result["failed"]:
         console.print(f"[yellow]skipped[/] {display(f['path'])}: {display(f['reason'])}")
+    if "others" in result:
+        _print_others(console, result["others"], result.get("output_dir"))
     console.print(f"Confusion matrix: {Path(result['output_dir']) / 'confusion_matrix.png'}")
+
+
+def _print_others(console: Console, o: dict, out: str | None) -> None:
+    """What ``--others`` measured: one summary line, the files skipped, the histogram."""
+    auroc = "-" if o["auroc"] is None else f"{o['auroc']:.3f}"
+    fpr = "-" if o["fpr_at_95_tpr"] is None else f"{o['fpr_at_95_tpr']:.1%}"
+    console.print(
+        f"Others ({o['n_others']} images of none of the classes, {display(o['folder'])}): "
+        f"{o['others_rejected']:.1%} answered 'unknown'; {o['in_class_answered']:.1%} of the "
+        f"{o['n_in_class']} in-class images answered, {o['in_class_answered_accuracy']:.1%} "
+        f"of those right. Score {o['score']}: AUROC {auroc}, false positives at 95% true "
+        f"positives {fpr}."
+    )
+    if o["score"] != "familiarity":
+        console.print(f"[yellow]note:[/] the score is {display(o['score_meaning'])}.")
+    for f in o["failed"]:
+        console.print(f"[yellow]skipped[/] {display(f['path'])}: {display(f['reason'])}")
+    if out:
+        console.print(f"Histogram: {display(Path(out) / 'familiarity.png')}")
 
 
 def print_predictions(preds: Sequence[Any]) -> None:
@@ -103,13 +128,18 @@ def print_predictions(preds: Sequence[Any]) -> None:
     table.add_column("image", overflow="fold", ratio=3)
     table.add_column("prediction", no_wrap=True)
     table.add_column("next classes", ratio=2)
+    # how like the training images each one is (graft.familiarity), when the model says
+    familiar = any(getattr(p, "familiarity", None) is not None for p in preds)
+    if familiar:
+        table.add_column("familiarity", justify="right", no_wrap=True)
     for p in preds:
         if p.error:
-            table.add_row(display(p.path), "[red]error", display(p.error))
+            table.add_row(display(p.path), "[red]error", display(p.error), *[""] * familiar)
             continue
         best, prob = p.top[0]
         best = display(best)
         answer = f"unknown (best {best} {prob:.1%})" if p.unknown else f"{best} {prob:.1%}"
         rest = ", ".join(f"{display(c)} {q:.1%}" for c, q in p.top[1:])
-        table.add_row(display(p.path), answer, rest)
+        extra = [f"{p.familiarity:.2f}" if p.familiarity is not None else ""] * familiar
+        table.add_row(display(p.path), answer, rest, *extra)
     Console().print(table)

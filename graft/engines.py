@@ -250,14 +250,23 @@ def make_runner(
 
 
 class Probabilities(nn.Module):
-    """The whole classifier with its calibrated softmax: the graph prediction exports."""
+    """The whole classifier with its calibrated softmax: the graph prediction exports.
+
+    One output, ``[batch, classes]``, or ``[batch, classes + 1]`` when the model has a
+    familiarity score (graft.familiarity): the probabilities, then the familiarity in the
+    last column. One tensor rather than two outputs, so every engine and runner passes it
+    through unchanged; :func:`graft.runtime.split_output` takes it apart."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.model(x) / self.model.info.temperature).softmax(dim=1)
+        logits, familiarity = self.model.forward_with_familiarity(x)
+        probs = (logits / self.model.info.temperature).softmax(dim=1)
+        if familiarity is None:
+            return probs
+        return torch.cat([probs.float(), familiarity[:, None].float()], dim=1)
 
 
 __all__ = [

@@ -2,21 +2,28 @@
 default, or any folder laid out like the training data.
 
 Reports accuracy, loss, per-class precision/recall/F1 and the confusion matrix (as PNG).
+With ``--others DIR`` (images of none of the classes) it also measures how well "unknown"
+keeps them out: AUROC and the false-positive rate at 95% true positives of the score that
+decides (the familiarity, graft.familiarity, or the top probability for a model without it),
+the share of them answered "unknown", and a histogram of both sides (familiarity.png).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import DataError, RunFolderError, UsageError
-from .io import atomic_write_json, check_output_folder
+from .errors import DataError, RunFolderError, SystemResourceError, UsageError
+from .io import atomic_write_json, check_output_file, check_output_folder
 from .metrics import Metrics, metrics_from_probs, open_set_stats
 from .model import GraftModel
-from .rundir import EVALUATION, RunDir
+from .rundir import EVALUATION, MANIFEST, RunDir
+from .runtime import is_unknown
 
 
 class Evaluation(Metrics, total=False):
@@ -29,7 +36,52 @@ class Evaluation(Metrics, total=False):
     top_losses: list[dict[str, Any]]  # the most confidently wrong images
     tta: bool
     tta_effect: dict[str, float]
+    others: dict[str, Any]  # --others DIR: how well "unknown" keeps out images of no class
     output_dir: str
+
+
+#: the histogram of in-class and --others scores, beside evaluation.json
+FAMILIARITY_PNG = "familiarity.png"
+
+
+@dataclass
+class Others:
+    """``--others DIR``: images of none of the model's classes, in any layout."""
+
+    folder: Path
+    paths: list[Path]
+
+
+def find_others(folder: str | Path) -> Others:
+    """The images under ``folder`` (recursively), checked before anything is written: a
+    missing folder, a file, an unreadable folder or one without images is refused here."""
+    from .data import IMAGE_EXTENSIONS, iter_files
+    from .predict import expand_inputs
+
+    root = Path(folder).expanduser()
+    what = "images of none of the model's classes, in any layout"
+    if not root.exists():
+        raise DataError(f"--others {root} does not exist: give a folder of {what}.")
+    if not root.is_dir():
+        raise UsageError(
+            f"--others {root} is a file: give a folder of {what} (put the file in one)."
+        )
+    try:
+        next(os.scandir(root), None)  # os.walk would hide a refusal as an empty folder
+    except OSError as exc:
+        raise SystemResourceError(
+            f"--others {root} cannot be read ({exc.strerror or exc}): fix its permissions "
+            "(chmod +rx) or give another folder."
+        ) from exc
+    paths = expand_inputs([root])
+    if not paths:
+        others = [p for p in iter_files(root) if p.suffix.lower() not in IMAGE_EXTENSIONS]
+        found = f"only {len(others)} file(s) of other types" if others else "no files"
+        raise DataError(
+            f"--others {root} holds no images ({found}; graft reads "
+            f"{', '.join(IMAGE_EXTENSIONS)}): give a folder of {what}."
+        )
+    return Others(root, paths)
 
 
 def evaluate_files(
@@ -43,13 +95,15 @@ def evaluate_files(
     title: str = "",
     onnx_path: Path | None = None,
     tta: bool = False,
+    others: Others | None = None,
 ) -> Evaluation:
-    """Predict ``paths`` and score them against ``labels``; files that fail are listed."""
+    """Predict ``paths`` and score them against ``labels``; files that fail are listed.
+    ``others`` (images of no class) adds ``result["others"]`` and familiarity.png."""
     from .plots import plot_confusion_matrix
     from .predict import Predictor
 
     predictor = Predictor(model, device=device, workers=workers, onnx_path=onnx_path, tta=tta)
-    probs, failed = predictor.predict_proba(paths)
+    probs, familiarity, failed = predictor.predict_scores(paths)
     keep = [i for i in range(len(paths)) if i not in failed]
     result: Evaluation = metrics_from_probs(  # type: ignore[assignment]
         probs[keep], [labels[i] for i in keep], classes
@@ -57,7 +111,11 @@ def evaluate_files(
     result["data"] = title
     result["temperature"] = model.info.temperature
     result["open_set"] = open_set_stats(
-        probs[keep], [labels[i] for i in keep], model.info.unknown_threshold
+        probs[keep],
+        [labels[i] for i in keep],
+        model.info.unknown_threshold,
+        None if familiarity is None else familiarity[keep],
+        model.info.familiarity_threshold,
     )
     result["failed"] = [{"path": str(paths[i]), "reason": r} for i, r in sorted(failed.items())]
     # The most confidently wrong images: where to look for label errors and hard cases.
@@ -73,8 +131,19 @@ def evaluate_files(
         }
         for i in wrong[:12]
     ]
+    scores: tuple[np.ndarray, np.ndarray] | None = None
+    if others is not None:
+        fam_in = None if familiarity is None else familiarity[keep]
+        result["others"], scores = _others_result(
+            model, predictor, others, probs[keep], fam_in, [labels[i] for i in keep]
+        )
     if out_dir is not None:
-        from .plots import plot_reliability, plot_top_losses
+        from .plots import plot_familiarity, plot_reliability, plot_top_losses
+
+        if scores is not None:
+            plot_familiarity(
+                scores[0], scores[1], result["others"], Path(out_dir) / FAMILIARITY_PNG
+            )
 
         plot_reliability(
             result["calibration"],
@@ -93,6 +162,102 @@ def evaluate_files(
     return result
 
 
+def _others_result(
+    model: GraftModel,
+    predictor: Any,
+    others: Others,
+    probs: np.ndarray,
+    familiarity: np.ndarray | None,
+    labels: Sequence[int],
+) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """``result["others"]`` and the scores of both sides (in-class, others) for the plot.
+
+    The score is what decides "unknown" beside the confidence: the familiarity when the
+    model has one, else the top probability. Files of ``others`` that cannot be read are
+    listed; when none can, there is nothing to measure and nothing is written."""
+    o_probs, o_fam, o_failed = predictor.predict_scores(others.paths)
+    ok = [i for i in range(len(others.paths)) if i not in o_failed]
+    failed = [{"path": str(others.paths[i]), "reason": r} for i, r in sorted(o_failed.items())]
+    if not ok:
+        first = "; ".join(f"{f['path']}: {f['reason']}" for f in failed[:3])
+        raise DataError(
+            f"--others {others.folder}: none of its {len(failed)} image file(s) could be read "
+            f"({first}). Give a folder of readable images."
+        )
+    o_probs = o_probs[ok]
+    o_fam = None if o_fam is None else o_fam[ok]
+    info = model.info
+    thresholds = (info.unknown_threshold, info.familiarity_threshold)
+
+    def unknown(p: np.ndarray, f: np.ndarray | None) -> np.ndarray:
+        return np.array(
+            [
+                is_unknown(
+                    float(row.max()),
+                    thresholds[0],
+                    None if f is None else float(f[i]),
+                    thresholds[1],
+                )
+                for i, row in enumerate(p)
+            ],
+            dtype=bool,
+        )
+
+    if familiarity is not None and o_fam is not None:
+        inside, outside = np.asarray(familiarity, float), np.asarray(o_fam, float)
+        score, threshold = "familiarity", info.familiarity_threshold
+        nearest = (
+            "the most similar"
+            if info.familiarity_k == 1
+            else f"the {info.familiarity_k}th most similar"
+        )
+        meaning = f"cosine similarity of the image's features to those of {nearest} training image"
+    else:
+        inside, outside = probs.max(1).astype(float), o_probs.max(1).astype(float)
+        score, threshold = "top probability", info.unknown_threshold
+        meaning = (
+            "the top class probability: this model has no familiarity score (trained with "
+            "--unknown-keep 0 or by an older graft); retrain to get one"
+        )
+    answered = ~unknown(probs, familiarity)
+    right = probs.argmax(1) == np.asarray(labels)
+    result = {
+        "folder": str(others.folder),
+        "score": score,
+        "score_meaning": meaning,
+        "threshold": float(threshold),
+        "confidence_threshold": float(info.unknown_threshold),
+        "familiarity_threshold": float(info.familiarity_threshold)
+        if score == "familiarity"
+        else None,
+        "n_in_class": len(inside),
+        "n_others": len(outside),
+        **separation(inside, outside),
+        "others_rejected": float(unknown(o_probs, o_fam).mean()),
+        "in_class_answered": float(answered.mean()) if len(answered) else 0.0,
+        "in_class_answered_accuracy": float(right[answered].mean()) if answered.any() else 0.0,
+        "failed": failed,
+    }
+    return result, (inside, outside)
+
+
+def separation(inside: np.ndarray, outside: np.ndarray) -> dict[str, float | None]:
+    """How well a score (higher = more in-class) tells ``inside`` from ``outside``: AUROC
+    (in-class positive; 0.5 is chance, 1 perfect) and the false-positive rate at 95% true
+    positives (the share of ``outside`` at or above the score 95% of ``inside`` reach).
+    None where a side is empty."""
+    from sklearn.metrics import roc_auc_score
+
+    if not len(inside) or not len(outside):
+        return {"auroc": None, "fpr_at_95_tpr": None}
+    y = np.r_[np.ones(len(inside)), np.zeros(len(outside))]
+    cut = np.quantile(inside, 0.05)
+    return {
+        "auroc": float(roc_auc_score(y, np.r_[inside, outside])),
+        "fpr_at_95_tpr": float((outside >= cut).mean()),
+    }
+
+
 def evaluate_run(
     run: str | Path,
     folder: str | Path | None = None,
@@ -100,12 +265,14 @@ def evaluate_run(
     reporter: Any = None,
     tta: bool = False,
     data_root: str | Path | None = None,
+    others: str | Path | None = None,
 ) -> Evaluation:
     """Evaluate a run on its held-out test split, or on a labelled ``folder``.
 
     The test split is read from split.csv and checked before anything is written: the file
     whole, its images present (under ``data_root`` when the data folder moved) and
-    unchanged (graft.integrity)."""
+    unchanged (graft.integrity). So is ``others`` (a folder of images of none of the
+    classes, :func:`find_others`), which adds ``result["others"]`` and familiarity.png."""
     from .data import scan
     from .model import load_model, resolve_model_file
     from .predict import fresh_onnx_path
@@ -116,6 +283,7 @@ def evaluate_run(
             "--data-root says where the run's held-out split is now; with a FOLDER to "
             "evaluate on it has no use. Give one or the other."
         )
+    other_images = find_others(others) if others is not None else None
     model = load_model(run)
     classes = list(model.info.classes)
     if folder is None:
@@ -135,31 +303,70 @@ def evaluate_run(
     # an eval-* folder graft writes in the run is graft's: --force replaces it, the report
     # shows it (one holding the user's other files was refused just above)
     claim = out.parent.resolve() == run.resolve() and out != run
+    histogram = _histogram_target(out, other_images is not None)
     onnx = fresh_onnx_path(resolve_model_file(run))
     plain = None
     if tta:  # the same images without TTA, to report what TTA changed
         plain = evaluate_files(model, paths, labels, classes, onnx_path=onnx)
     result = evaluate_files(
-        model, paths, labels, classes, out_dir=out, title=title, onnx_path=onnx, tta=tta
+        model,
+        paths,
+        labels,
+        classes,
+        out_dir=out,
+        title=title,
+        onnx_path=onnx,
+        tta=tta,
+        others=other_images,
     )
+    if histogram is not None:
+        histogram.unlink()  # graft's, from an earlier --others: not this evaluation's
     result["tta"] = tta
     if plain is not None:
-        result["tta_effect"] = {
-            "accuracy_without": plain["accuracy"],
-            "accuracy_with": result["accuracy"],
-            "loss_without": plain["loss"],
-            "loss_with": result["loss"],
-            "ece_without": plain["calibration"]["ece"],
-            "ece_with": result["calibration"]["ece"],
-        }
+        result["tta_effect"] = _tta_effect(plain, result)
         atomic_write_json(out / EVALUATION, result)
     if folder is not None:
         result["failed"] = result_skipped + result["failed"]
         atomic_write_json(out / EVALUATION, result)
     if claim:
         RunDir(run).claim([out.name])
+    elif out == run and other_images is not None and (run / MANIFEST).is_file():
+        RunDir(run).claim([FAMILIARITY_PNG])
     result["output_dir"] = str(out)
     return result
+
+
+def _tta_effect(plain: Evaluation, result: Evaluation) -> dict[str, float]:
+    """Accuracy, loss and calibration error without TTA and with it."""
+    return {
+        "accuracy_without": plain["accuracy"],
+        "accuracy_with": result["accuracy"],
+        "loss_without": plain["loss"],
+        "loss_with": result["loss"],
+        "ece_without": plain["calibration"]["ece"],
+        "ece_with": result["calibration"]["ece"],
+    }
+
+
+def _histogram_target(out: Path, others: bool) -> Path | None:
+    """With ``others``: check that familiarity.png may be written in ``out`` (a file of that
+    name there that graft did not write is refused before anything is written: never
+    overwritten). Without: graft's familiarity.png from an earlier --others evaluation, to
+    remove (it is not this evaluation's), or None."""
+    target = out / FAMILIARITY_PNG
+    try:
+        check_output_file(target, "the histogram", ".png")  # new, or graft's own
+        ours = True
+    except UsageError:
+        ours = False
+    if not others:
+        return target if ours and target.is_file() else None
+    if not ours:
+        raise UsageError(
+            f"{target} exists and was not written by graft, so graft evaluate does not "
+            "replace it: move it away, or write the evaluation elsewhere with --out."
+        )
+    return None
 
 
 def _test_split(

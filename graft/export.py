@@ -114,12 +114,7 @@ def export_metadata(model: GraftModel, fmt: str, run: Path, model_file: Path) ->
             "dtype": "float32",
             "layout": "NCHW, RGB",
         },
-        "output": {
-            "name": "probabilities",
-            "shape": ["batch", len(info.classes)],
-            "meaning": "calibrated class probabilities: softmax(logits / temperature); the "
-            "temperature is already inside the model",
-        },
+        "output": _output_description(model),
         "preprocessing": {
             "decode": "8-bit RGB; EXIF orientation applied; first frame of animations; "
             "transparency composited on white; JPEG decoded at reduced scale (Pillow draft) "
@@ -138,10 +133,39 @@ def export_metadata(model: GraftModel, fmt: str, run: Path, model_file: Path) ->
         "classes": list(info.classes),
         "temperature": info.temperature,
         "unknown_threshold": info.unknown_threshold,
+        "familiarity": (
+            {
+                "k": info.familiarity_k,
+                "threshold": info.familiarity_threshold,
+                "meaning": "cosine similarity of the image's pooled backbone features to the "
+                "k-th most similar training image (the last output column); below the "
+                "threshold the answer is 'unknown'",
+            }
+            if model.familiarity is not None
+            else None
+        ),
+        "unknown_rule": "unknown when the top probability < unknown_threshold, or the "
+        "familiarity < familiarity.threshold (graft_runtime.is_unknown)",
         "tolerance": {"max_abs_prob_diff_vs_graft": EXPORT_ATOL[fmt]},
         "metrics": {k: summary[k] for k in ("test", "open_set", "calibration") if k in summary},
         "source_run": str(run.resolve()),
     }
+
+
+def _output_description(model: GraftModel) -> dict[str, Any]:
+    n = len(model.info.classes)
+    out: dict[str, Any] = {
+        "name": "probabilities",
+        "shape": ["batch", n],
+        "meaning": "calibrated class probabilities: softmax(logits / temperature); the "
+        "temperature is already inside the model",
+    }
+    if model.familiarity is not None:
+        out["shape"] = ["batch", n + 1]
+        out["meaning"] += (
+            f"; then, in column {n} (the last), the image's familiarity (see 'familiarity')"
+        )
+    return out
 
 
 def _card_context(model: GraftModel, run: Path, meta: dict[str, Any]) -> dict[str, Any]:

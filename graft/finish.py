@@ -15,6 +15,7 @@ import torch
 from .checkpoint import Best
 from .data import ImageFiles, ScanResult, build_transform
 from .device import Device
+from .familiarity import FamiliarityFit
 from .features import logits_cached
 from .model import GraftModel
 from .plan import Features, Plan, Run
@@ -29,13 +30,15 @@ class Calibration:
     temperature: float
     fitted: bool
     unknown_threshold: float
+    familiarity: dict[str, Any] | None = None  # FamiliarityFit.to_dict(); None when off
 
 
 def calibrate(
     run: Run, model: GraftModel, device: Device, plan: Plan, features: Features
 ) -> Calibration:
-    """Temperature scaling and the 'unknown' threshold, both on validation data; the
-    calibrated model is saved."""
+    """Temperature scaling, the 'unknown' confidence threshold and the familiarity score
+    (graft.familiarity), all on training and validation data; the calibrated model is
+    saved."""
     from .metrics import choose_unknown_threshold, fit_temperature
 
     config, reporter = run.config, run.reporter
@@ -74,22 +77,157 @@ def calibrate(
         else:
             reporter.info(message)
     model.info = replace(model.info, temperature=temperature, unknown_threshold=unknown)
+    familiarity = None
+    if config.unknown_keep > 0:
+        fit = _fit_familiarity(run, model, device, plan, features, stale_cache)
+        model.familiarity = fit.module
+        model.info = replace(
+            model.info, familiarity_k=fit.module.k, familiarity_threshold=fit.threshold
+        )
+        familiarity = fit.to_dict()
     model.save(run.dir.model)
-    return Calibration(temperature, not val_right, unknown)
+    return Calibration(temperature, not val_right, unknown, familiarity)
 
 
-@torch.no_grad()
+def _fit_familiarity(
+    run: Run, model: GraftModel, device: Device, plan: Plan, features: Features, stale: bool
+) -> FamiliarityFit:
+    """The familiarity bank from the training images' pooled features, its threshold from
+    the --unseen images, else validation images under strong augmentation, else (asked)
+    plain validation images (graft.familiarity says why)."""
+    from .familiarity import BANK_CAP, balanced_sample, fit_familiarity
+    from .features import pool_cached
+
+    config, info = run.config, model.info
+    clean = build_transform(info.img_size, info.mean, info.std, "none", info.trim)
+    train_y = features.labels["train"].tolist()
+    rows = balanced_sample(train_y, BANK_CAP, config.seed)
+
+    def pooled(maps: torch.Tensor | None, paths: list[Path]) -> torch.Tensor:
+        if stale or maps is None:  # the backbone changed since the cache was filled
+            return _from_images(model, model.backbone, paths, clean, device, run.workers)
+        return pool_cached(model, maps, plan.extract_at, device)
+
+    train_paths = [features.paths["train"][i] for i in rows]
+    train_f = pooled(features.train[0][torch.as_tensor(rows)], train_paths)
+    val_f = pooled(features.val, features.paths["val"])
+    val_y = features.labels["val"].tolist()
+    unseen_f = None
+    if features.unseen is not None:
+        unseen_f = pooled(features.unseen_maps, list(features.unseen.paths))
+    if unseen_f is not None and len(unseen_f):
+        reference, ref_f = f"the {len(unseen_f)} --unseen images", unseen_f
+    elif config.unknown_reference == "validation":
+        reference, ref_f = "validation images", val_f
+    else:
+        reference = "validation images under strong augmentation"
+        ref_f = _shifted_features(run, model, device, features)
+    fit = fit_familiarity(
+        train_f,
+        [train_y[i] for i in rows],
+        ref_f,
+        config.unknown_keep,
+        val_f,
+        val_y,
+        reference=reference,
+        unseen_features=unseen_f,
+        seed=config.seed,
+    )
+    _say_familiarity(run, fit)
+    return fit
+
+
+def _shifted_features(
+    run: Run, model: GraftModel, device: Device, features: Features
+) -> torch.Tensor:
+    """Pooled features of validation images under strong augmentation (several seeded views
+    each, at most SHIFT_MAX_IMAGES images): pictures of the classes as if from elsewhere."""
+    from .cache import item_seed
+    from .familiarity import SHIFT_AUGMENT, SHIFT_MAX_IMAGES, SHIFT_VIEWS, balanced_sample
+
+    info, seed = model.info, run.config.seed
+    chosen = balanced_sample(features.labels["val"].tolist(), SHIFT_MAX_IMAGES, seed)
+    paths = [features.paths["val"][i] for i in chosen]
+    shift = build_transform(info.img_size, info.mean, info.std, SHIFT_AUGMENT, info.trim)
+    views = [
+        _from_images(
+            model,
+            model.backbone,
+            paths,
+            shift,
+            device,
+            run.workers,
+            [item_seed(str(p), v, seed) for p in paths],
+        )
+        for v in range(1, SHIFT_VIEWS + 1)
+    ]
+    return torch.cat(views)
+
+
+def _say_familiarity(run: Run, fit: FamiliarityFit) -> None:
+    message = (
+        f"Open set: images less familiar than {fit.threshold:.3f} (cosine similarity to the "
+        f"nearest of {fit.bank_rows} training images) will answer 'unknown', a threshold "
+        f"that keeps {fit.reference_kept:.0%} of {fit.reference} answered; "
+        f"{fit.val_kept:.0%} of validation images keep an answer"
+    )
+    if fit.unseen_kept is not None:
+        message += f", {fit.unseen_kept:.0%} of the --unseen images"
+    if fit.new_class_rejected is not None:
+        message += (
+            f". A picture of a new class from the training source would be answered "
+            f"'unknown' about {fit.new_class_rejected:.0%} of the time (validation images "
+            "scored without their own class)"
+        )
+    run.reporter.info(message + ".")
+    if (
+        run.config.unknown_reference == "augmented"
+        and "augmentation" in fit.reference
+        and fit.new_class_rejected is not None
+        and fit.new_class_rejected < 0.5
+    ):
+        run.reporter.info(
+            "If new images will come from the same source as the training images, "
+            "--unknown-reference validation catches more images of new classes (at about 5% "
+            "of in-class images); --unseen DIR with a few pictures from where they will come "
+            "sets the threshold on them."
+        )
+
+
 def _logits_from_images(
     model: GraftModel, paths: list[Path], transform: Any, device: Device, workers: int
 ) -> torch.Tensor:
-    from .data import make_loader
+    return _from_images(model, model.forward, paths, transform, device, workers)
 
-    files = ImageFiles(paths, None, transform, model.info.img_size)
-    out = torch.empty(len(paths), len(model.info.classes))
+
+@torch.no_grad()
+def _from_images(
+    model: GraftModel,
+    fn: Any,
+    paths: list[Path],
+    transform: Any,
+    device: Device,
+    workers: int,
+    seeds: list[int] | None = None,
+) -> torch.Tensor:
+    """``fn`` (images -> rows) over image files with ``transform`` (seeded per file when
+    ``seeds`` are given), in order. A file that no longer reads is fatal: these are the
+    run's own images, checked when training began."""
+    from .data import make_loader
+    from .errors import DataError
+
+    files = ImageFiles(paths, None, transform, model.info.img_size, seeds)
+    out: torch.Tensor | None = None
     for batch in make_loader(files, 64, shuffle=False, seed=0, workers=workers):
+        if batch["failed"]:
+            index, reason = batch["failed"][0]
+            raise DataError(f"{paths[index]} could not be read any more: {reason}")
         with device.context():
-            out[batch["index"]] = model(device.prepare(batch["images"])).float().cpu()
-    return out
+            rows = fn(device.prepare(batch["images"])).float().cpu()
+        if out is None:
+            out = torch.empty(len(paths), *rows.shape[1:])
+        out[batch["index"]] = rows
+    return out if out is not None else torch.empty(0)
 
 
 def describe_kept(run: Run, plan: Plan, best: Best) -> str:
@@ -181,6 +319,7 @@ def finish(
             "temperature": calibration.temperature,
             "fitted": calibration.fitted,
             "test_ece": test["calibration"]["ece"],
+            "familiarity": calibration.familiarity,
         },
         timings=run.timings,
         epoch_seconds=_epoch_seconds(history),

@@ -112,14 +112,27 @@ def choose_unknown_threshold(
     return float(conf[order[ok.max()]])
 
 
-def open_set_stats(probs: np.ndarray, labels: Sequence[int], threshold: float) -> dict:
+def open_set_stats(
+    probs: np.ndarray,
+    labels: Sequence[int],
+    threshold: float,
+    familiarity: np.ndarray | None = None,
+    familiarity_threshold: float = -1.0,
+) -> dict:
+    """How many images are answered (not "unknown", by graft.runtime.is_unknown's rule)
+    and how often the answered ones are right."""
     y = np.asarray(labels)
+    out: dict[str, Any] = {"threshold": threshold}
+    if familiarity is not None:
+        out["familiarity_threshold"] = familiarity_threshold
     if not len(y):
-        return {"threshold": threshold, "coverage": 0.0, "answered_accuracy": 0.0}
+        return {**out, "coverage": 0.0, "answered_accuracy": 0.0, "unknown": 0}
     answered = probs.max(1) >= threshold
+    if familiarity is not None:
+        answered &= np.asarray(familiarity) >= familiarity_threshold
     acc = float((probs.argmax(1) == y)[answered].mean()) if answered.any() else 0.0
     return {
-        "threshold": threshold,
+        **out,
         "coverage": float(answered.mean()),
         "answered_accuracy": acc,
         "unknown": int((~answered).sum()),

@@ -20,13 +20,16 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .backbones import BackboneSpec, create_imagenet_model, get_spec
 from .errors import RunFolderError, WeightsError
+
+if TYPE_CHECKING:
+    from .familiarity import Familiarity
 
 FORMAT_VERSION = "1"
 
@@ -49,6 +52,10 @@ class ModelInfo:
     unknown_threshold: float = 0.0
     #: crop a uniform background around the object before resizing (graft.runtime)
     trim: bool = False
+    #: neighbours of the familiarity score (graft.familiarity); 0 = the model has none
+    familiarity_k: int = 0
+    #: below this familiarity an image is answered "unknown" (-1: never)
+    familiarity_threshold: float = -1.0
 
     def to_metadata(self) -> dict[str, str]:
         data = asdict(self)
@@ -93,7 +100,7 @@ class ModelInfo:
         data["mean"] = tuple(float(v) for v in data["mean"])
         data["std"] = tuple(float(v) for v in data["std"])
         data["classes"] = tuple(data["classes"])
-        for name in ("dropout", "temperature", "unknown_threshold"):
+        for name in ("dropout", "temperature", "unknown_threshold", "familiarity_threshold"):
             data[name] = float(data[name])
         return cls(**data)
 
@@ -169,6 +176,8 @@ _FIELDS: dict[str, tuple[bool, Any, Callable[[Any], str]]] = {
     "temperature": (False, 1.0, _in_range(1e-3, 1e3, "a number between 0.001 and 1000")),
     "unknown_threshold": (False, 0.0, _in_range(0.0, 1.0, "a number in [0, 1]")),
     "trim": (False, False, _check_bool),
+    "familiarity_k": (False, 0, _in_range(0, 1000, "a whole number in 0..1000", True)),
+    "familiarity_threshold": (False, -1.0, _in_range(-1.0, 1.0, "a number in [-1, 1]")),
 }
 
 
@@ -237,9 +246,20 @@ class GraftModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self.info = info
+        # fitted after training (graft.familiarity); saved as ``familiarity.bank``
+        self.familiarity: Familiarity | None
+        self.register_module("familiarity", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+    def forward_with_familiarity(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and the images' familiarity (None when the model has no score)."""
+        features = self.backbone(x)
+        logits = self.head(features)
+        if self.familiarity is None:
+            return logits, None
+        return logits, self.familiarity(features)
 
     # ------------------------------------------------------------------ partial passes
     @property
@@ -251,7 +271,9 @@ class GraftModel(nn.Module):
         return FrozenPart(self.backbone, cut)
 
     def pooled_from(self, maps: torch.Tensor, cut: int) -> torch.Tensor:
-        """Pooled features from activations at block ``cut``."""
+        """Pooled features from activations at block ``cut`` (already pooled at the end)."""
+        if cut == self.n_blocks:
+            return maps
         return self.backbone.forward_maps(maps, start=cut).mean(dim=(2, 3))
 
     def forward_from(self, maps: torch.Tensor, cut: int) -> torch.Tensor:
@@ -356,6 +378,16 @@ def load_model(path: str | Path) -> GraftModel:
             "training; retrain the run or restore the file."
         )
     model, _ = build_model(info, pretrained=False)
+    problem = familiarity_problem(info, state, model.backbone.num_features)
+    if problem:
+        raise WeightsError(
+            f"{path.name} in {path.parent} is damaged: {problem}. The file was changed after "
+            "training; retrain the run or restore the file."
+        )
+    if "familiarity.bank" in state:
+        from .familiarity import Familiarity
+
+        model.familiarity = Familiarity(state["familiarity.bank"], info.familiarity_k)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -379,6 +411,21 @@ def head_problem(info: ModelInfo, state: dict[str, torch.Tensor]) -> str:
         first = state.get("head.0.weight")
         if first is None or first.ndim != 2 or first.shape[0] != hidden:
             return f"its head's hidden layer does not have the {hidden} units {info.head!r} says"
+    return ""
+
+
+def familiarity_problem(info: ModelInfo, state: dict[str, torch.Tensor], features: int) -> str:
+    """Whether the stored familiarity bank agrees with the metadata and the backbone."""
+    bank = state.get("familiarity.bank")
+    if bank is None:
+        return "its metadata has a familiarity score but no bank" if info.familiarity_k else ""
+    if not info.familiarity_k:
+        return "it holds a familiarity bank but its metadata has no familiarity_k"
+    if bank.ndim != 2 or not len(bank) or bank.shape[1] != features:
+        return (
+            f"its familiarity bank has shape {tuple(bank.shape)}, not [rows, {features}] for "
+            "its backbone"
+        )
     return ""
 
 

@@ -1,4 +1,5 @@
-"""Figures of a run: class counts, learning curves, confusion matrix, prediction grid.
+"""Figures of a run: class counts, learning curves, confusion matrix, prediction grid,
+reliability, top losses and the open-set histogram (in-class vs --others scores).
 
 Plotting reads plain records and arrays; it never needs torch. Every figure is written
 atomically as PNG.
@@ -247,4 +248,62 @@ def plot_top_losses(items: Sequence[dict], path: Path, cols: int = 4) -> None:
         )
     fig.suptitle("Most confidently wrong", fontsize=11)
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_familiarity(inside: np.ndarray, outside: np.ndarray, stats: dict, path: Path) -> None:
+    """The score of in-class images against that of ``--others`` images (images of none of
+    the classes), each side normalised to its own count so that a few hundred others and a
+    dozen test images are both readable, with the threshold that answers "unknown"."""
+    inside, outside = np.asarray(inside, float), np.asarray(outside, float)
+    both = np.r_[inside, outside]
+    threshold = float(stats["threshold"])
+    lo, hi = float(min(both.min(), threshold)), float(max(both.max(), threshold))
+    pad = 0.02 * (hi - lo or 1.0)
+    edges = np.linspace(lo - pad, hi + pad, 31)
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    for values, colour, label in (
+        (inside, "#4c72b0", f"in-class ({len(inside)} images)"),
+        (outside, "#dd8452", f"others ({len(outside)} images)"),
+    ):
+        # weights: each side sums to 1, so the bars are shares of that side's images
+        ax.hist(
+            values,
+            bins=edges,
+            weights=np.full(len(values), 1 / max(1, len(values))),
+            color=colour,
+            alpha=0.55,
+            edgecolor=colour,
+            label=label,
+        )
+    ax.axvline(threshold, color="#cf222e", lw=1.6, ls="--")
+    ax.text(
+        threshold,
+        0.98,
+        f" threshold {threshold:.3f}\n below: 'unknown'"
+        if threshold > (-1.0 if stats["score"] == "familiarity" else 0.0)
+        else f" threshold {threshold:.3f}:\n never 'unknown'",
+        transform=ax.get_xaxis_transform(),
+        ha="left" if threshold < (lo + hi) / 2 else "right",
+        va="top",
+        fontsize=8,
+        color="#cf222e",
+    )
+    ax.set_xlabel(
+        "familiarity (similarity to the nearest training images)"
+        if stats["score"] == "familiarity"
+        else "top class probability (the model has no familiarity score)"
+    )
+    ax.set_ylabel("share of each side's images")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+    auroc = stats.get("auroc")
+    ax.set_title(
+        (f"AUROC {auroc:.3f} · " if auroc is not None else "")
+        + f"others answered 'unknown' {stats['others_rejected']:.0%} · "
+        f"in-class answered {stats['in_class_answered']:.0%}",
+        fontsize=10,
+    )
+    fig.suptitle("'Unknown': in-class images vs images of none of the classes", fontsize=11)
+    ax.legend(loc="best", fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
     save_figure(fig, path)

@@ -26,7 +26,7 @@ from ._malloc import tune_malloc
 from .data import IMAGE_EXTENSIONS, ImageFiles, build_transform, iter_files, make_loader
 from .errors import GraftError, SystemResourceError, UsageError, WeightsError, os_error_message
 from .model import GraftModel, load_model
-from .runtime import rank_classes
+from .runtime import rank_classes, split_output
 
 if TYPE_CHECKING:
     from .device import Device
@@ -37,7 +37,8 @@ class Prediction:
     path: str
     top: list[tuple[str, float]]  # (class, probability), best first
     error: str | None = None
-    unknown: bool = False  # the top probability is below the run's "unknown" threshold
+    unknown: bool = False  # below the run's confidence or familiarity threshold
+    familiarity: float | None = None  # graft.familiarity; None when the model has none
 
     @property
     def label(self) -> str | None:
@@ -52,6 +53,8 @@ class Prediction:
         else:
             out["label"] = self.label
             out["top"] = [{"class": c, "probability": round(p, 6)} for c, p in self.top]
+            if self.familiarity is not None:
+                out["familiarity"] = round(self.familiarity, 6)
         return out
 
 
@@ -122,6 +125,7 @@ class Predictor:
         backend: str = "auto",
         tta: bool = False,
         source: str | Path = "The model",
+        unknown: bool = True,
     ):
         from .device import choose_device
         from .engines import Probabilities, TorchRunner, make_runner
@@ -137,6 +141,10 @@ class Predictor:
         self.classes = list(model.info.classes)
         self.workers = workers
         self.tta = tta
+        # --unknown off: every image gets its top class
+        self.unknown_threshold = self.info.unknown_threshold if unknown else 0.0
+        self.familiarity_threshold = self.info.familiarity_threshold if unknown else -1.0
+        self.has_familiarity = model.familiarity is not None
         self.transform = build_transform(
             self.info.img_size, self.info.mean, self.info.std, "none", self.info.trim
         )
@@ -151,7 +159,12 @@ class Predictor:
 
     @classmethod
     def from_run(
-        cls, run: str | Path, workers: int = 0, backend: str = "auto", tta: bool = False
+        cls,
+        run: str | Path,
+        workers: int = 0,
+        backend: str = "auto",
+        tta: bool = False,
+        unknown: bool = True,
     ) -> Predictor:
         from .model import resolve_model_file
 
@@ -164,15 +177,26 @@ class Predictor:
             backend=backend,
             tta=tta,
             source=weights,
+            unknown=unknown,
         )
 
+    def _forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and familiarity of a batch (TTA: both averaged over the views)."""
+        if self.tta:
+            views = tta_views(x)
+            out = self.runner(torch.cat(views)).reshape(len(views), len(x), -1).mean(0)
+        else:
+            out = self.runner(x)
+        return split_output(out.numpy(), len(self.classes), self.has_familiarity)
+
     @torch.no_grad()
-    def iter_proba(
+    def iter_scores(
         self, paths: Sequence[str | Path], batch_size: int = 32
-    ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[int, str]]]:
-        """Batch by batch, in order: (indices into ``paths``, their probabilities,
-        ``{index: reason}`` for files of the batch that could not be read or got non-finite
-        scores). Memory stays that of one batch, however many paths there are."""
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[int, str]]]:
+        """Batch by batch, in order: (indices into ``paths``, their probabilities, their
+        familiarity or None, ``{index: reason}`` for files of the batch that could not be
+        read or got non-finite scores). Memory stays that of one batch, however many paths
+        there are."""
         batch_size = check_count("batch_size", batch_size)
         dataset = ImageFiles([Path(p) for p in paths], None, self.transform, self.info.img_size)
         if not len(paths):
@@ -180,56 +204,91 @@ class Predictor:
         for batch in make_loader(dataset, batch_size, shuffle=False, seed=0, workers=self.workers):
             failed = dict(batch["failed"])
             if len(batch["index"]) == 0:
-                yield np.zeros(0, dtype=np.int64), np.zeros((0, len(self.classes))), failed
+                empty = np.zeros(0) if self.has_familiarity else None
+                yield np.zeros(0, dtype=np.int64), np.zeros((0, len(self.classes))), empty, failed
                 continue
-            x = batch["images"]
-            if self.tta:
-                views = tta_views(x)
-                p = self.runner(torch.cat(views)).reshape(len(views), len(x), -1).mean(0)
-            else:
-                p = self.runner(x)
-            index, probs = batch["index"].numpy(), p.numpy()
+            index = batch["index"].numpy()
+            probs, familiarity = self._forward(batch["images"])
             finite = np.isfinite(probs).all(axis=1)
+            if familiarity is not None:
+                finite &= np.isfinite(familiarity)
             if not finite.all():  # never report NaN as a probability
                 failed.update({int(i): NON_FINITE for i in index[~finite]})
                 index, probs = index[finite], probs[finite]
+                familiarity = None if familiarity is None else familiarity[finite]
+            yield index, probs, familiarity, failed
+
+    def iter_proba(
+        self, paths: Sequence[str | Path], batch_size: int = 32
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[int, str]]]:
+        """:meth:`iter_scores` without the familiarity."""
+        for index, probs, _, failed in self.iter_scores(paths, batch_size):
             yield index, probs, failed
+
+    def predict_scores(
+        self, paths: Sequence[str | Path], batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray | None, dict[int, str]]:
+        """Probabilities ``[len(paths), n_classes]`` and familiarity ``[len(paths)]`` (or
+        None) with NaN rows for failures, and ``{index: reason}`` for files that could not
+        be read or predicted."""
+        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
+        fam = np.full(len(paths), np.nan, dtype=np.float32) if self.has_familiarity else None
+        failed: dict[int, str] = {}
+        for index, p, f, bad in self.iter_scores(paths, batch_size):
+            probs[index] = p
+            if fam is not None and f is not None:
+                fam[index] = f
+            failed.update(bad)
+        return probs, fam, failed
 
     def predict_proba(
         self, paths: Sequence[str | Path], batch_size: int = 32
     ) -> tuple[np.ndarray, dict[int, str]]:
         """Probabilities ``[len(paths), n_classes]`` (NaN rows for failures) and
         ``{index: reason}`` for files that could not be read or predicted."""
-        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
-        failed: dict[int, str] = {}
-        for index, p, bad in self.iter_proba(paths, batch_size):
-            probs[index] = p
-            failed.update(bad)
+        probs, _, failed = self.predict_scores(paths, batch_size)
         return probs, failed
 
-    def _prediction(self, path: str | Path, p: np.ndarray, top_k: int) -> Prediction:
-        top, unknown = rank_classes(p, self.classes, top_k, self.info.unknown_threshold)
-        return Prediction(str(path), top, unknown=unknown)
+    def _prediction(
+        self, path: str | Path, p: np.ndarray, familiarity: float | None, top_k: int
+    ) -> Prediction:
+        top, unknown = rank_classes(
+            p,
+            self.classes,
+            top_k,
+            self.unknown_threshold,
+            familiarity,
+            self.familiarity_threshold,
+        )
+        fam = None if familiarity is None else float(familiarity)
+        return Prediction(str(path), top, unknown=unknown, familiarity=fam)
 
     def iter_predict(
         self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32
     ) -> Iterator[list[Prediction]]:
         """Predictions batch by batch, each batch in the order of ``paths``."""
-        for index, p, failed in self.iter_proba(paths, batch_size):
-            rows = {int(i): self._prediction(paths[i], p[r], top_k) for r, i in enumerate(index)}
+        for index, p, fam, failed in self.iter_scores(paths, batch_size):
+            rows = {
+                int(i): self._prediction(paths[i], p[r], None if fam is None else fam[r], top_k)
+                for r, i in enumerate(index)
+            }
             rows.update({i: Prediction(str(paths[i]), [], why) for i, why in failed.items()})
             yield [rows[i] for i in sorted(rows)]
 
     @torch.no_grad()
+    def predict_scores_images(
+        self, images: Sequence[Image.Image]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and familiarity (or None) for images already decoded (by
+        :func:`graft.data.load_image`)."""
+        if not images:
+            empty = np.zeros(0, dtype=np.float32) if self.has_familiarity else None
+            return np.zeros((0, len(self.classes)), dtype=np.float32), empty
+        return self._forward(torch.stack([self.transform(im) for im in images]))
+
     def predict_proba_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Probabilities for images already decoded (by :func:`graft.data.load_image`)."""
-        if not images:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        x = torch.stack([self.transform(im) for im in images])
-        if self.tta:
-            views = tta_views(x)
-            return self.runner(torch.cat(views)).reshape(len(views), len(x), -1).mean(0).numpy()
-        return self.runner(x).numpy()
+        return self.predict_scores_images(images)[0]
 
     def predict(
         self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32
@@ -280,8 +339,9 @@ class StreamStats:
 
 
 def csv_header(k: int) -> list[str]:
-    """The columns of predictions as CSV (``graft predict --csv`` and ``--out FILE.csv``)."""
-    header = ["path", "label", "error"]
+    """The columns of predictions as CSV (``graft predict --csv`` and ``--out FILE.csv``):
+    ``familiarity`` is empty for a model without the score (graft.familiarity)."""
+    header = ["path", "label", "error", "familiarity"]
     for i in range(1, k + 1):
         header += [f"class_{i}", f"probability_{i}"]
     return header
@@ -292,7 +352,8 @@ def csv_row(prediction: Prediction, k: int) -> list[str]:
     ``unknown`` (empty when the file could not be read); rows with fewer than ``k``
     classes are padded with empty cells."""
     p = prediction
-    row = [p.path, p.label or "", p.error or ""]
+    familiarity = "" if p.familiarity is None else f"{p.familiarity:.6f}"
+    row = [p.path, p.label or "", p.error or "", familiarity]
     for c, prob in p.top[:k]:
         row += [c, f"{prob:.6f}"]
     return row + [""] * (len(csv_header(k)) - len(row))

@@ -30,6 +30,7 @@ FIGURES = (
     "reliability",
     "top_losses",
     "unseen_predictions",
+    "familiarity",  # graft evaluate RUN --others DIR: in-class vs others scores
 )
 
 #: the settings listed under Configuration, in this order
@@ -90,13 +91,14 @@ def template_environment(html: bool = True) -> Environment:
     return env
 
 
+def _png(path: Path) -> str | None:
+    """A plot as base64 PNG data, or None where there is no such file."""
+    return base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
+
+
 def _figures(run: Path) -> dict[str, str | None]:
     """Each plot as base64 PNG data, or None where the run has no such plot."""
-    found: dict[str, str | None] = {}
-    for name in FIGURES:
-        path = run / f"{name}.png"
-        found[name] = base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
-    return found
+    return {name: _png(run / f"{name}.png") for name in FIGURES}
 
 
 def _report_context(run: Path) -> dict[str, Any]:
@@ -118,8 +120,14 @@ def _report_context(run: Path) -> dict[str, Any]:
         "diag": summary.get("diagnosis"),
         "audit": _read_optional(rundir.audit),
         "ev": _read_optional(rundir.evaluation),
-        # `graft evaluate RUN FOLDER` results on images from elsewhere
-        "extra": [_read_optional(p) for p in RunDir(run).evaluations()],
+        # `graft evaluate RUN FOLDER` results on images from elsewhere, each with its
+        # --others histogram when it has one
+        "extra": [
+            (_read_optional(p), _png(p.parent / "familiarity.png"))
+            for p in RunDir(run).evaluations()
+        ],
+        # what the model's "unknown" rule is made of (graft.familiarity), for the Open set text
+        "familiarity": (summary.get("calibration") or {}).get("familiarity"),
         "figures": _figures(run),
         "settings": [(key, config.get(key)) for key in CONFIG_KEYS],
     }

@@ -63,6 +63,7 @@ RUN_FILES = (
     "leakage_pairs.png",
     "reliability.png",
     "top_losses.png",
+    "familiarity.png",  # graft evaluate --others: in-class vs others histogram
     REPORT,
 )
 

