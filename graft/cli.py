@@ -328,17 +328,24 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import ServeSettings, serve
+    from .serve import ServeSettings, build_server
 
     if args.max_mb <= 0 or args.max_files < 1 or args.top_k < 1:
         raise UsageError("--max-mb, --max-files and --top-k must be positive.")
     settings = ServeSettings(max_mb=args.max_mb, max_files=args.max_files, top_k=args.top_k)
+    print(f"Loading {_display(Path(args.source))}...", file=sys.stderr)
+    # the model loads (and its engine compiles) here: "Serving" is printed once it answers
+    server, sock = build_server(
+        args.source, args.host, args.port, settings, unknown=args.unknown == "on"
+    )
     print(
         f"Serving {_display(Path(args.source))} on http://{args.host}:{args.port}/ "
-        f"(API docs at /docs; Ctrl+C stops)",
+        f"(API docs at /docs{'; never answers unknown' if args.unknown == 'off' else ''}; "
+        "Ctrl+C stops)",
         file=sys.stderr,
     )
-    serve(args.source, args.host, args.port, settings, unknown=args.unknown == "on")
+    with sock:
+        server.run(sockets=[sock])
     return 0
 
 

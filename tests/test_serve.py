@@ -466,6 +466,7 @@ def test_a_port_in_use_is_a_system_error_and_a_bad_port_a_usage_error(
         assert main(["serve", str(trained_run), "--port", str(port)]) == 8
         err = capsys.readouterr().err
         assert f"port {port} on 127.0.0.1 is in use: choose another --port" in err
+        assert "Serving" not in err
         with pytest.raises(SystemResourceError):
             build_server(trained_run, "127.0.0.1", port)
     for bad in (99999, 0, -1, "80", 80.0, True):  # library callers: serve() checks too
@@ -516,6 +517,7 @@ def test_a_damaged_export_is_a_run_folder_error(
     assert main(["serve", str(out), "--port", str(_free_port())]) == 6
     err = capsys.readouterr().err
     assert "graft.json" in err and "graft export" in err and "bug" not in err
+    assert "Serving" not in err  # only said once the model has loaded and answers
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
