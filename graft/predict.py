@@ -413,10 +413,13 @@ def _csv_paths(out: Path, text: str, header: list[str]) -> set[str]:
             raise _not_ours(
                 out, "was not written by `graft predict` (its first line is not graft's header)"
             )
+        why = (
+            "by a graft from before the familiarity column; it cannot be continued"
+            if "familiarity" not in first
+            else "use the same --top-k as that call"
+        )
         raise _not_ours(
-            out,
-            f"was written with other columns ({len(first)}, not {len(header)}): "
-            "use the same --top-k as that call",
+            out, f"was written with other columns ({len(first)}, not {len(header)}): {why}"
         )
     done: set[str] = set()
     for row in reader:

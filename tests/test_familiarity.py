@@ -300,3 +300,15 @@ def test_bad_unknown_options_are_refused_before_anything_is_written(
         code = exc.code
     assert code == 2
     assert words in capsys.readouterr().err and not out.exists()
+
+
+def test_a_csv_from_before_the_familiarity_column_is_refused_not_mixed(
+    trained_run: Path, novel_dir: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "old.csv"
+    old = "path,label,error,class_1,probability_1\n/x.png,circle,,circle,0.9\n"
+    out.write_text(old)
+    paths = [str(p) for p in sorted(novel_dir.iterdir())[:2]]
+    assert main(["predict", str(trained_run), *paths, "--out", str(out), "--top-k", "1"]) == 2
+    assert "before the familiarity column" in capsys.readouterr().err
+    assert out.read_text() == old  # left as it was
