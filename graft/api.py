@@ -189,6 +189,8 @@ class ImageClassifier:
         A single path gives one answer, a list of paths a list (empty for an empty list)."""
         from .runtime import is_unknown
 
+        if not isinstance(unknown, bool):  # "off" would be true
+            raise UsageError(f"unknown must be True or False, not {unknown!r}.")
         items, single = _as_paths(paths)
         probs, familiarity = self._scores(items)
         info = self._check().info
@@ -227,7 +229,8 @@ class ImageClassifier:
         return predictor.info.familiarity_threshold if predictor.has_familiarity else None
 
     def score(self, folder: PathLike) -> float:
-        """Accuracy on a labelled folder laid out like the training data."""
+        """Accuracy of the top class on a labelled folder laid out like the training data
+        (as ``predict(paths, unknown=False)``: "unknown" answers are not counted apart)."""
         from .data import scan
 
         self._check()

@@ -246,7 +246,8 @@ def _draw_grid(preds: Sequence[Any], classes: Sequence[str], path: Path) -> None
             # A file in a folder named like a class is taken to be of that class.
             truth = Path(p.path).parent.name
             correct = (p.label == truth) if truth in classes else None
-            caption = f"{p.label} {p.top[0][1]:.1%}"
+            best = f"{p.top[0][0]} {p.top[0][1]:.1%}"
+            caption = f"unknown ({best})" if p.unknown else best
             items.append((load_image(p.path, 256), _short_name(p.path), caption, correct))
     if items:
         plot_prediction_grid(items, path)

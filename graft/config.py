@@ -263,8 +263,8 @@ class TrainConfig:
     unseen: str | None = option(
         None,
         "labelled folder from another source (like the seed's internet images): evaluated "
-        "after every epoch and at the end, reported apart from the in-domain figures, never "
-        "used to choose anything",
+        "after every epoch and at the end, reported apart from the in-domain figures; used "
+        "for no choice but the 'unknown' threshold (--unknown-keep of them stay answered)",
         "tracking",
         metavar="DIR",
     )

@@ -116,6 +116,11 @@ def _print_others(console: Console, o: dict, out: str | None) -> None:
     )
     if o["score"] != "familiarity":
         console.print(f"[yellow]note:[/] the score is {display(o['score_meaning'])}.")
+    if o["auroc"] is not None and o["auroc"] < 0.5:
+        console.print(
+            "[yellow]warning:[/] the others score as MORE like the training images than the "
+            "in-class images (AUROC below 0.5): are they images of the model's classes?"
+        )
     for f in o["failed"]:
         console.print(f"[yellow]skipped[/] {display(f['path'])}: {display(f['reason'])}")
     if out:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError, RunFolderError, SystemResourceError, UsageError
-from .io import atomic_write_json, check_output_file, check_output_folder
+from .io import atomic_write_json, check_output_file, check_output_folder, png_by_graft
 from .metrics import Metrics, metrics_from_probs, open_set_stats
 from .model import GraftModel
 from .rundir import EVALUATION, MANIFEST, RunDir
@@ -58,8 +58,10 @@ def find_others(folder: str | Path) -> Others:
     from .data import IMAGE_EXTENSIONS, iter_files
     from .predict import expand_inputs
 
-    root = Path(folder).expanduser()
     what = "images of none of the model's classes, in any layout"
+    if not str(folder).strip():
+        raise UsageError(f"--others is empty: give a folder of {what}.")
+    root = Path(folder).expanduser()
     if not root.exists():
         raise DataError(f"--others {root} does not exist: give a folder of {what}.")
     if not root.is_dir():
@@ -251,7 +253,9 @@ def separation(inside: np.ndarray, outside: np.ndarray) -> dict[str, float | Non
     if not len(inside) or not len(outside):
         return {"auroc": None, "fpr_at_95_tpr": None}
     y = np.r_[np.ones(len(inside)), np.zeros(len(outside))]
-    cut = np.quantile(inside, 0.05)
+    # the highest cut that still keeps at least 95% of ``inside`` (an interpolated quantile
+    # would keep fewer on a small split and flatter the rate)
+    cut = np.sort(inside)[int(np.floor(0.05 * len(inside)))]
     return {
         "auroc": float(roc_auc_score(y, np.r_[inside, outside])),
         "fpr_at_95_tpr": float((outside >= cut).mean()),
@@ -284,6 +288,11 @@ def evaluate_run(
             "evaluate on it has no use. Give one or the other."
         )
     other_images = find_others(others) if others is not None else None
+    if other_images is not None and other_images.folder.resolve().is_relative_to(run.resolve()):
+        raise UsageError(
+            f"--others {others} is inside the run folder {run}: it holds graft's own plots, "
+            "not images of other things. Give a folder of images of none of the classes."
+        )
     model = load_model(run)
     classes = list(model.info.classes)
     if folder is None:
@@ -360,7 +369,9 @@ def _histogram_target(out: Path, others: bool) -> Path | None:
     except UsageError:
         ours = False
     if not others:
-        return target if ours and target.is_file() else None
+        # removed only when graft's own mark is in it: a Matplotlib PNG of that name may be
+        # the user's (check_output_file lets graft overwrite those, never delete them)
+        return target if ours and target.is_file() and png_by_graft(target) else None
     if not ours:
         raise UsageError(
             f"{target} exists and was not written by graft, so graft evaluate does not "

@@ -63,12 +63,18 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def output_name(model: GraftModel) -> str:
+    """The graph's output name: it says what the columns are, so a consumer that expects
+    only probabilities (and takes an argmax) is not silently handed the familiarity too."""
+    return "probabilities" if model.familiarity is None else "probabilities_and_familiarity"
+
+
 def _write_network(model: GraftModel, fmt: str, folder: Path) -> Path:
     graph = Probabilities(model).eval().to("cpu", memory_format=torch.contiguous_format)
     size = model.info.img_size
     target = folder / MODEL_FILES[fmt]
     if fmt == "onnx":
-        export_onnx(graph, size, target, output_name="probabilities")
+        export_onnx(graph, size, target, output_name=output_name(model))
     elif fmt == "openvino":
         try:
             import openvino as ov
@@ -77,7 +83,7 @@ def _write_network(model: GraftModel, fmt: str, folder: Path) -> Path:
                 "The openvino format needs the OpenVINO package: pip install 'graft[openvino]'."
             ) from exc
         with tempfile.TemporaryDirectory() as tmp:
-            onnx_path = export_onnx(graph, size, Path(tmp) / "model.onnx", "probabilities")
+            onnx_path = export_onnx(graph, size, Path(tmp) / "model.onnx", output_name(model))
             ov.save_model(ov.convert_model(str(onnx_path)), str(target), compress_to_fp16=False)
     elif fmt == "torchscript":
         with warnings.catch_warnings(), torch.no_grad():
@@ -101,7 +107,8 @@ def export_metadata(model: GraftModel, fmt: str, run: Path, model_file: Path) ->
     info = model.info
     summary = _read_json(RunDir(run).summary)
     return {
-        "graft_export": 1,
+        # 2: with a familiarity score the output has one more column (and another name)
+        "graft_export": 2,
         "graft_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "format": fmt,
@@ -155,7 +162,7 @@ def export_metadata(model: GraftModel, fmt: str, run: Path, model_file: Path) ->
 def _output_description(model: GraftModel) -> dict[str, Any]:
     n = len(model.info.classes)
     out: dict[str, Any] = {
-        "name": "probabilities",
+        "name": output_name(model),
         "shape": ["batch", n],
         "meaning": "calibrated class probabilities: softmax(logits / temperature); the "
         "temperature is already inside the model",

@@ -62,10 +62,11 @@ SHIFT_AUGMENT = "strong"
 #: --unknown-reference: what the threshold keeps answered when there are no --unseen images
 REFERENCES = ("augmented", "validation")
 SHIFT_VIEWS = 4
-#: the threshold sits this far below the reference score it keeps: that image's familiarity
-#: differs by up to ~3e-3 between training (bf16 autocast, cached activations) and an fp32
-#: export, and must not fall on the other side of its own threshold
-THRESHOLD_SLACK = 0.005
+#: the threshold sits this far below the reference score it keeps: an image's familiarity
+#: differs between engines by up to 8e-3 (measured: PyTorch under bf16 autocast against the
+#: fp32 export, 64 px; 3e-3 at 128 px), and the images that set the threshold must not fall
+#: on the other side of it in another engine
+THRESHOLD_SLACK = 0.01
 #: validation images used for the threshold at most (a class-stratified sample beyond it)
 SHIFT_MAX_IMAGES = 1000
 

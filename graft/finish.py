@@ -180,6 +180,12 @@ def _say_familiarity(run: Run, fit: FamiliarityFit) -> None:
             "scored without their own class)"
         )
     run.reporter.info(message + ".")
+    if "--unseen" in fit.reference and fit.val_kept < 0.9:
+        run.reporter.warn(
+            f"The threshold set on {fit.reference} answers only {fit.val_kept:.0%} of the "
+            "validation images: a few pictures, or pictures of few classes, set it high. Give "
+            "--unseen more pictures of every class, or lower --unknown-keep."
+        )
     if (
         run.config.unknown_reference == "augmented"
         and "augmentation" in fit.reference

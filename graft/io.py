@@ -125,6 +125,18 @@ _PNG_SOFTWARE = ("graft", "Matplotlib")
 _HTML_MARKS = ('<meta name="generator" content="graft', "<title>graft run:")
 
 
+def png_by_graft(path: Path) -> bool:
+    """Whether ``path`` is a PNG carrying graft's own mark (Software="graft"), not merely one
+    made with Matplotlib: the test before graft deletes a figure rather than replaces it."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.format == "PNG" and str(im.info.get("Software", "")).startswith("graft")
+    except Exception:  # unreadable or not an image: not graft's
+        return False
+
+
 def _written_by_graft(path: Path, suffix: str) -> bool:
     try:
         if suffix == ".png":

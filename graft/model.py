@@ -378,7 +378,7 @@ def load_model(path: str | Path) -> GraftModel:
             "training; retrain the run or restore the file."
         )
     model, _ = build_model(info, pretrained=False)
-    problem = familiarity_problem(info, state, model.backbone.num_features)
+    problem = familiarity_problem(info, state, model.backbone.num_features, meta)
     if problem:
         raise WeightsError(
             f"{path.name} in {path.parent} is damaged: {problem}. The file was changed after "
@@ -414,8 +414,11 @@ def head_problem(info: ModelInfo, state: dict[str, torch.Tensor]) -> str:
     return ""
 
 
-def familiarity_problem(info: ModelInfo, state: dict[str, torch.Tensor], features: int) -> str:
-    """Whether the stored familiarity bank agrees with the metadata and the backbone."""
+def familiarity_problem(
+    info: ModelInfo, state: dict[str, torch.Tensor], features: int, meta: dict[str, str]
+) -> str:
+    """Whether the stored familiarity bank agrees with the metadata (``meta``, as stored)
+    and the backbone."""
     bank = state.get("familiarity.bank")
     if bank is None:
         return "its metadata has a familiarity score but no bank" if info.familiarity_k else ""
@@ -426,6 +429,15 @@ def familiarity_problem(info: ModelInfo, state: dict[str, torch.Tensor], feature
             f"its familiarity bank has shape {tuple(bank.shape)}, not [rows, {features}] for "
             "its backbone"
         )
+    if not bank.is_floating_point():
+        return f"its familiarity bank holds {bank.dtype} values, not floating-point features"
+    norms = bank.float().norm(dim=1)
+    if not bool(torch.isfinite(norms).all()) or float((norms - 1).abs().max()) > 1e-2:
+        return "its familiarity bank's rows are not unit vectors (graft stores them normalised)"
+    if info.familiarity_k > len(bank):
+        return f"familiarity_k={info.familiarity_k} but its bank holds only {len(bank)} rows"
+    if "familiarity_threshold" not in meta:
+        return "its metadata has a familiarity bank but no familiarity_threshold"
     return ""
 
 

@@ -26,7 +26,7 @@ from ._malloc import tune_malloc
 from .data import IMAGE_EXTENSIONS, ImageFiles, build_transform, iter_files, make_loader
 from .errors import GraftError, SystemResourceError, UsageError, WeightsError, os_error_message
 from .model import GraftModel, load_model
-from .runtime import rank_classes, split_output
+from .runtime import rank_classes, split_output, unknown_reason
 
 if TYPE_CHECKING:
     from .device import Device
@@ -39,6 +39,7 @@ class Prediction:
     error: str | None = None
     unknown: bool = False  # below the run's confidence or familiarity threshold
     familiarity: float | None = None  # graft.familiarity; None when the model has none
+    unknown_reason: str = ""  # "unfamiliar" or "unsure" when unknown (runtime.unknown_reason)
 
     @property
     def label(self) -> str | None:
@@ -55,6 +56,8 @@ class Prediction:
             out["top"] = [{"class": c, "probability": round(p, 6)} for c, p in self.top]
             if self.familiarity is not None:
                 out["familiarity"] = round(self.familiarity, 6)
+            if self.unknown:
+                out["unknown_reason"] = self.unknown_reason
         return out
 
 
@@ -181,13 +184,16 @@ class Predictor:
         )
 
     def _forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities and familiarity of a batch (TTA: both averaged over the views)."""
-        if self.tta:
-            views = tta_views(x)
-            out = self.runner(torch.cat(views)).reshape(len(views), len(x), -1).mean(0)
-        else:
-            out = self.runner(x)
-        return split_output(out.numpy(), len(self.classes), self.has_familiarity)
+        """Probabilities and familiarity of a batch. TTA averages the probabilities over the
+        views; the familiarity stays that of the image itself (view 0): the threshold was set
+        on single images, and flipped or cropped views are always a little less familiar."""
+        if not self.tta:
+            return split_output(self.runner(x).numpy(), len(self.classes), self.has_familiarity)
+        views = tta_views(x)
+        out = self.runner(torch.cat(views)).reshape(len(views), len(x), -1)
+        probs, _ = split_output(out.mean(0).numpy(), len(self.classes), self.has_familiarity)
+        _, familiarity = split_output(out[0].numpy(), len(self.classes), self.has_familiarity)
+        return probs, familiarity
 
     @torch.no_grad()
     def iter_scores(
@@ -261,7 +267,12 @@ class Predictor:
             self.familiarity_threshold,
         )
         fam = None if familiarity is None else float(familiarity)
-        return Prediction(str(path), top, unknown=unknown, familiarity=fam)
+        reason = ""
+        if unknown:
+            reason = unknown_reason(
+                top[0][1], self.unknown_threshold, fam, self.familiarity_threshold
+            )
+        return Prediction(str(path), top, unknown=unknown, familiarity=fam, unknown_reason=reason)
 
     def iter_predict(
         self, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 32

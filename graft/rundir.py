@@ -81,7 +81,7 @@ class EpochRecord:
     val_acc: float
     lr: float
     seconds: float
-    # on the --unseen folder (images from elsewhere); never used to choose anything
+    # on the --unseen folder (images from elsewhere); used for no choice but 'unknown'
     unseen_loss: float = math.nan
     unseen_acc: float = math.nan
 

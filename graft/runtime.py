@@ -262,9 +262,14 @@ class ExportedModel:
             self.trim = bool(pre.get("trim", False))
             self.classes: list[str] = [str(c) for c in self.meta["classes"]]
             self.unknown_threshold: float = float(self.meta.get("unknown_threshold", 0.0))
-            familiarity = self.meta.get("familiarity") or {}
-            self.has_familiarity = bool(familiarity)
-            self.familiarity_threshold = float(familiarity.get("threshold", -1.0))
+            familiarity = self.meta.get("familiarity")
+            threshold = familiarity.get("threshold") if isinstance(familiarity, dict) else None
+            if familiarity is not None and (
+                isinstance(threshold, bool) or not isinstance(threshold, int | float)
+            ):
+                raise ValueError("familiarity must be null or an object with a threshold")
+            self.has_familiarity = familiarity is not None
+            self.familiarity_threshold = -1.0 if threshold is None else float(threshold)
             model_path = self.folder / MODEL_FILES[self.format]
             if not (
                 self.classes
@@ -289,6 +294,13 @@ class ExportedModel:
             ) from exc
         except Exception as exc:  # each engine has its own errors for a damaged model file
             raise ExportError(f"Could not load {model_path} ({exc}): {again}.") from exc
+        # One blank image: the model's output must have the columns graft.json describes
+        # (a column per class, then the familiarity), or every prediction would fail later.
+        blank = np.zeros((1, 3, self.img_size, self.img_size), dtype=np.float32)
+        try:
+            split_output(self._run(blank), len(self.classes), self.has_familiarity)
+        except Exception as exc:
+            raise ExportError(f"{model_path} does not match {meta_path} ({exc}): {again}.") from exc
 
     def _load(self, path: Path, threads: int | None) -> Any:
         if self.format == "onnx":
@@ -409,12 +421,18 @@ def _shown(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    unknown = True
-    if args[:1] == ["--unknown"]:  # --unknown on|off: answer every image with its top class
-        if len(args) < 2 or args[1] not in ("on", "off"):
-            print("graft_runtime: error: --unknown takes on or off", file=sys.stderr)
-            return EXIT_USAGE
-        unknown, args = args[1] == "on", args[2:]
+    unknown, rest = True, []
+    while args:  # --unknown on|off (or --unknown=off) anywhere: off answers every image
+        arg = args.pop(0)
+        if arg == "--unknown" or arg.startswith("--unknown="):
+            value = arg.partition("=")[2] if "=" in arg else (args.pop(0) if args else "")
+            if value not in ("on", "off"):
+                print("graft_runtime: error: --unknown takes on or off", file=sys.stderr)
+                return EXIT_USAGE
+            unknown = value == "on"
+        else:
+            rest.append(arg)
+    args = rest
     if len(args) < 2 or args[0] in ("-h", "--help"):
         print(
             "usage: python graft_runtime.py [--unknown on|off] EXPORT_DIR IMAGE...",

@@ -137,6 +137,7 @@ class ServedModel:
             "backbone": self.backbone,
             "input_size": self.img_size,
             "classes": self.classes,
+            "unknown": "on" if self.unknown else "off (every image gets its top class)",
             "unknown_threshold": self.unknown_threshold,
             "familiarity_threshold": self.familiarity_threshold if self.has_familiarity else None,
             "metrics": self.metrics,

@@ -389,8 +389,8 @@ def audit_and_split(
 
 
 def watch_unseen(run: Run, data: ScanResult, frozen: FrozenFeatures, features: Features) -> None:
-    """Images from elsewhere (--unseen): cached and watched after every epoch, never used to
-    choose anything."""
+    """Images from elsewhere (--unseen): cached and watched after every epoch; used for no
+    choice but the 'unknown' threshold (graft.familiarity)."""
     unseen = scan(run.config.unseen, classes=data.classes)  # type: ignore[arg-type]
     for path, reason in unseen.skipped:
         run.reporter.warn(f"--unseen: skipped {path}: {reason}")

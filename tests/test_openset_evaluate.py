@@ -297,3 +297,34 @@ def test_report_and_model_card_state_the_unknown_rule(run: Path) -> None:
     model.info = replace(info, familiarity_k=0, familiarity_threshold=-1.0)
     line = next(x for x in model_card(model, run, meta).splitlines() if "- Unknown:" in x)
     assert "familiarity" in line and "most similar training image" not in line
+
+
+def test_fpr_at_95_keeps_at_least_95_percent_of_the_in_class_images() -> None:
+    """On 9 in-class images a 95% cut must keep all 9 (an interpolated quantile kept 8)."""
+    from graft.evaluate import separation
+
+    inside = np.linspace(0.5, 0.9, 9)
+    outside = np.array([0.45, 0.55, 0.6])
+    assert separation(inside, outside)["fpr_at_95_tpr"] == pytest.approx(2 / 3)
+
+
+def test_others_that_are_empty_or_inside_the_run_are_refused(run: Path, capsys) -> None:
+    for others in ("", str(run)):
+        assert main(["evaluate", str(run), "--others", others]) == 2
+        assert "--others" in capsys.readouterr().err
+
+
+def test_a_matplotlib_png_of_the_users_is_never_deleted(run: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mine = run / "familiarity.png"
+    mine.unlink(missing_ok=True)
+    plt.plot([1, 2])
+    plt.savefig(mine)  # Software: Matplotlib, not graft's mark
+    plt.close()
+    before = mine.read_bytes()
+    assert main(["evaluate", str(run)]) == 0
+    assert mine.read_bytes() == before
