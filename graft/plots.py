@@ -304,6 +304,7 @@ def plot_familiarity(inside: np.ndarray, outside: np.ndarray, stats: dict, path:
         fontsize=10,
     )
     fig.suptitle("'Unknown': in-class images vs images of none of the classes", fontsize=11)
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.2)  # headroom: the legend never covers a bar
     ax.legend(loc="best", fontsize=8)
     ax.spines[["top", "right"]].set_visible(False)
     save_figure(fig, path)

@@ -122,7 +122,9 @@ class ServedModel:
         report = self.folder / REPORT
         self.report: Path | None = report if report.is_file() else None
         self.name = self.folder.name
-        if not unknown:  # --unknown off
+        # the model's own thresholds, for /model; --unknown off answers as if they were 0/-1
+        self.thresholds = (self.unknown_threshold, self.familiarity_threshold)
+        if not unknown:
             self.unknown_threshold, self.familiarity_threshold = 0.0, -1.0
 
     def split(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -138,8 +140,8 @@ class ServedModel:
             "input_size": self.img_size,
             "classes": self.classes,
             "unknown": "on" if self.unknown else "off (every image gets its top class)",
-            "unknown_threshold": self.unknown_threshold,
-            "familiarity_threshold": self.familiarity_threshold if self.has_familiarity else None,
+            "unknown_threshold": self.thresholds[0],
+            "familiarity_threshold": self.thresholds[1] if self.has_familiarity else None,
             "metrics": self.metrics,
             "report": "/report" if self.report else None,
             "limits": asdict(settings),

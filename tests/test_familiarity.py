@@ -198,13 +198,14 @@ def test_serve_answers_unknown_the_same_way_and_can_turn_it_off(
     for unknown in (True, False):
         with TestClient(create_app(trained_run, unknown=unknown)) as client:
             answers = client.post("/predict", files=files).json()["predictions"]
-            info = client.get("/model").json() if unknown else None
+            info = client.get("/model").json()
         labels = [a["label"] for a in answers]
+        # /model states the model's own threshold either way, and whether it is applied
+        assert info["familiarity_threshold"] == load_model(trained_run).info.familiarity_threshold
         if unknown:
-            assert labels == [p.label for p in expected]
-            assert info is not None and info["familiarity_threshold"] is not None
+            assert labels == [p.label for p in expected] and info["unknown"] == "on"
         else:
-            assert "unknown" not in labels
+            assert "unknown" not in labels and info["unknown"].startswith("off")
         assert np.allclose(
             [a["familiarity"] for a in answers], [p.familiarity for p in expected], atol=1e-4
         )
