@@ -99,6 +99,12 @@ def _fit_familiarity(
     from .features import pool_cached
 
     config, info = run.config, model.info
+    if config.unknown_keep < 0.5:
+        run.reporter.warn(
+            f"--unknown-keep {config.unknown_keep}: the threshold keeps only "
+            f"{config.unknown_keep:.0%} of the reference images answered, so most images of "
+            "the classes will be 'unknown' too (0.95 is the default; 0 turns the score off)."
+        )
     clean = build_transform(info.img_size, info.mean, info.std, "none", info.trim)
     train_y = features.labels["train"].tolist()
     rows = balanced_sample(train_y, BANK_CAP, config.seed)
@@ -373,6 +379,12 @@ def report_result(run: Run, summary: Summary) -> None:
         f"{test['n']} images, loss {test['loss']:.3f}, calibration error "
         f"{summary['calibration']['test_ece']:.3f}."
     )
+    o = summary.get("open_set") or {}
+    if o.get("unknown"):  # the accuracy above is of the top class; say what 'unknown' takes
+        run.reporter.info(
+            f"With 'unknown': {o['coverage']:.1%} of the held-out images answered, "
+            f"{o['answered_accuracy']:.1%} of those right ({o['unknown']} answered 'unknown')."
+        )
 
 
 def _epoch_seconds(history: list[EpochRecord]) -> dict[str, float]:

@@ -214,6 +214,16 @@ def test_serve_answers_unknown_the_same_way_and_can_turn_it_off(
 # ---------------------------------------------------------------------------- off / tampered
 
 
+def test_a_low_unknown_keep_is_warned_about_and_coverage_reported(tmp_path: Path, capsys):
+    data = make_dataset(tmp_path / "data", per_class=8, seed=8)
+    args = ["train", str(data), "--out", str(tmp_path / "run"), "--unknown-keep", "0.3"]
+    args += ["--img-size", "64", "--epochs", "1", "--fine-tune-epochs", "0", "--workers", "0"]
+    assert main(args) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--unknown-keep 0.3: the threshold keeps only 30%" in err
+    assert "With 'unknown':" in err and "of the held-out images answered" in err
+
+
 def test_unknown_keep_zero_trains_without_the_score(tmp_path: Path, novel_dir: Path) -> None:
     from graft import TrainConfig, fit
 
