@@ -249,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_unknown_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--unknown",
+        choices=["on", "off"],
+        default="on",
+        help="'off' answers every image with its top class, never 'unknown' (default: on)",
+    )
+
+
 def _add_serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="HTTP API and web page for a run or an export folder")
     p.add_argument("source", help="run folder (graft train) or export folder (graft export)")
@@ -268,12 +277,7 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument(
         "--top-k", type=whole(1, 1000), default=3, help="classes returned per image (default: 3)"
     )
-    p.add_argument(
-        "--unknown",
-        choices=["on", "off"],
-        default="on",
-        help="'off' answers every image with its top class, never 'unknown' (default: on)",
-    )
+    _add_unknown_option(p)
 
 
 def _add_predict_parser(sub: Any) -> None:
@@ -291,12 +295,7 @@ def _add_predict_parser(sub: Any) -> None:
         action="store_true",
         help="average over flipped and cropped views (slower, often steadier)",
     )
-    p.add_argument(
-        "--unknown",
-        choices=["on", "off"],
-        default="on",
-        help="'off' answers every image with its top class, never 'unknown' (default: on)",
-    )
+    _add_unknown_option(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--csv", action="store_true", help="print CSV (the columns of --out FILE.csv)")
