@@ -21,6 +21,8 @@ from .errors import UsageError
 
 AUGMENTS = ("none", "light", "strong", "domain")
 OPTIMIZERS = ("adam", "adamw")
+#: --unknown-reference: what sets the "unknown" threshold when there are no --unseen images
+UNKNOWN_REFERENCES = ("augmented", "validation")
 CLASS_WEIGHTS = ("auto", "none")
 #: the option groups of ``graft train --help``, in the order they are listed
 GROUPS = (
@@ -239,7 +241,7 @@ class TrainConfig:
         "'validation' on the plain ones (new images come from the training source: more "
         "images of new classes caught)",
         "after training",
-        choices=["augmented", "validation"],
+        choices=list(UNKNOWN_REFERENCES),
     )
     # --- both stages
     patience: int = option(
@@ -321,7 +323,7 @@ class TrainConfig:
             raise bad("unknown_precision", self.unknown_precision, "use a fraction in [0, 1)")
         if not (0.0 <= self.unknown_keep <= 1.0):
             raise bad("unknown_keep", self.unknown_keep, "use a fraction in [0, 1], e.g. 0.95")
-        if self.unknown_reference not in ("augmented", "validation"):
+        if self.unknown_reference not in UNKNOWN_REFERENCES:
             raise bad("unknown_reference", self.unknown_reference, "choose augmented or validation")
         if self.augment not in AUGMENTS:
             raise bad("augment", self.augment, f"choose one of {', '.join(AUGMENTS)}")

@@ -42,7 +42,6 @@ from torch.nn import functional as F
 __all__ = [
     "BANK_CAP",
     "KNN_K",
-    "REFERENCES",
     "SHIFT_AUGMENT",
     "SHIFT_VIEWS",
     "Familiarity",
@@ -59,8 +58,6 @@ KNN_K = 1
 BANK_CAP = 2048
 #: the augmentation that simulates pictures of the classes from another source
 SHIFT_AUGMENT = "strong"
-#: --unknown-reference: what the threshold keeps answered when there are no --unseen images
-REFERENCES = ("augmented", "validation")
 SHIFT_VIEWS = 4
 #: the threshold sits this far below the reference score it keeps: an image's familiarity
 #: differs between engines by up to 8e-3 (measured: PyTorch under bf16 autocast against the
