@@ -290,7 +290,7 @@ def weights_identity(source: str) -> str:
             return source
     path = Path(source)
     if path.is_file():
-        from .data import file_sha256
+        from .files import file_sha256
 
         return f"sha256:{file_sha256(path)}"
     return source

@@ -198,7 +198,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import Predictor, csv_header, csv_row, expand_inputs
+    from .files import expand_inputs
+    from .predict import Predictor, csv_header, csv_row
 
     if args.top_k < 1:
         raise UsageError("--top-k must be 1 or more.")

@@ -31,9 +31,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import DataError
+from .files import IMAGE_EXTENSIONS, is_run_folder, iter_files
 from .runtime import load_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 #: A class needs one image in each of train, validation and test.
 MIN_PER_CLASS = 3
 #: Below this many images a class is "small": the split works but the numbers are noisy.
@@ -73,14 +73,6 @@ def describe_decode_error(exc: BaseException) -> str:
     return text
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------- scanning
 
 
@@ -104,28 +96,6 @@ class ScanResult:
 
     def relpath(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
-
-
-def is_run_folder(folder: Path) -> bool:
-    """A folder graft wrote (a run or an export): its plots are not training images."""
-    names = ("graft-files.json", "graft_metadata.json", "graft_runtime.py")
-    if any((folder / n).is_file() for n in names):
-        return True
-    return (folder / "config.json").is_file() and (
-        (folder / "split.csv").is_file() or (folder / "model.safetensors").is_file()
-    )
-
-
-def iter_files(folder: Path) -> Iterable[Path]:
-    # followlinks=False: a symlink loop cannot send the walk round forever.
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and not is_run_folder(here / d)
-        )
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield here / name
 
 
 def _only_runs(folder: Path) -> bool:

@@ -55,8 +55,7 @@ class Others:
 def find_others(folder: str | Path) -> Others:
     """The images under ``folder`` (recursively), checked before anything is written: a
     missing folder, a file, an unreadable folder or one without images is refused here."""
-    from .data import IMAGE_EXTENSIONS, iter_files
-    from .predict import expand_inputs
+    from .files import IMAGE_EXTENSIONS, expand_inputs, iter_files
 
     what = "images of none of the model's classes, in any layout"
     if not str(folder).strip():

@@ -277,7 +277,7 @@ def check_split_images(
 def _hash_files(paths: Sequence[Path]) -> list[str]:
     """Each file's SHA-256, or ``"!reason"`` when it cannot be read; hashed on a few
     threads (hashlib releases the GIL on large buffers), like a scan reads them."""
-    from .data import file_sha256
+    from .files import file_sha256
 
     def one(path: Path) -> str:
         try:

@@ -13,7 +13,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ._malloc import tune_malloc
-from .data import IMAGE_EXTENSIONS, ImageFiles, build_transform, iter_files, make_loader
+from .data import ImageFiles, build_transform, make_loader
 from .errors import GraftError, SystemResourceError, UsageError, WeightsError, os_error_message
 from .model import GraftModel, load_model
 from .runtime import rank_classes, split_output, unknown_reason
@@ -100,18 +100,6 @@ def check_finite_weights(model: torch.nn.Module, source: str | Path) -> None:
             f"e.g. {bad[0]}: the training diverged and this model cannot predict; "
             "retrain the run (graft train ... --force)."
         )
-
-
-def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given; folders expanded (recursively) to the images inside them."""
-    out: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            out.extend(f for f in iter_files(p) if f.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            out.append(p)  # missing or unreadable files become per-file errors
-    return out
 
 
 class Predictor:
@@ -318,7 +306,7 @@ def fresh_onnx_path(weights: Path) -> Path | None:
     or weights restored with their old date."""
     import json
 
-    from .data import file_sha256
+    from .files import file_sha256
 
     onnx_path = weights.with_suffix(".onnx")
     stamp = weights.with_suffix(".onnx.json")
