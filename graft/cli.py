@@ -198,8 +198,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .fast import open_predictor
     from .files import expand_inputs
-    from .predict import Predictor, csv_header, csv_row
+    from .predictions import csv_header, csv_row
 
     if args.top_k < 1:
         raise UsageError("--top-k must be 1 or more.")
@@ -208,8 +209,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.paths)
     if not paths:
         raise UsageError("No images to predict: the folders given hold no image files.")
-    predictor = Predictor.from_run(
-        args.run, tta=args.tta, workers=-1 if args.out else 0, unknown=args.unknown == "on"
+    predictor = open_predictor(
+        args.run,
+        tta=args.tta,
+        workers=-1 if args.out else 0,
+        unknown=args.unknown == "on",
+        n_images=len(paths),
     )
     if args.out:
         return _predict_to_file(args, predictor, paths)
@@ -238,8 +243,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _draw_grid(preds: Sequence[Any], classes: Sequence[str], path: Path) -> None:
-    from .data import load_image
     from .plots import plot_prediction_grid
+    from .runtime import load_image
 
     items = []
     for p in preds:
@@ -256,7 +261,7 @@ def _draw_grid(preds: Sequence[Any], classes: Sequence[str], path: Path) -> None
 
 
 def _predict_to_file(args: argparse.Namespace, predictor: Any, paths: list[Path]) -> int:
-    from .predict import OUT_FORMATS, stream_predictions
+    from .predictions import OUT_FORMATS, stream_predictions
     from .progress import Reporter
 
     out = Path(args.out)

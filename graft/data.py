@@ -31,7 +31,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import DataError
-from .files import IMAGE_EXTENSIONS, is_run_folder, iter_files
+from .files import (  # the decoding reasons are re-exported for graft.serve_requests
+    IMAGE_EXTENSIONS,
+    decode_error_kind,  # noqa: F401
+    describe_decode_error,
+    is_run_folder,
+    iter_files,
+)
 from .runtime import load_image
 
 #: A class needs one image in each of train, validation and test.
@@ -45,32 +51,6 @@ _LAYOUT_HINT = (
     "graft expects one sub-folder per class, e.g. ROOT/cat/*.jpg and ROOT/dog/*.jpg "
     f"(extensions: {' '.join(IMAGE_EXTENSIONS)})."
 )
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def decode_error_kind(exc: BaseException) -> str:
-    """What went wrong decoding an image: ``"too_large"`` (a decompression bomb),
-    ``"not_image"`` (no decoder recognises it) or ``"corrupt"`` (anything else)."""
-    if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
-        return "too_large"
-    if isinstance(exc, Image.UnidentifiedImageError) or "cannot identify image file" in str(exc):
-        return "not_image"
-    return "corrupt"
-
-
-def describe_decode_error(exc: BaseException) -> str:
-    """A short reason for the skipped-files list."""
-    text = str(exc) or type(exc).__name__
-    kind = decode_error_kind(exc)
-    if kind == "too_large":
-        return f"refused: image too large ({text})"
-    if kind == "not_image":
-        return "not an image (or an unsupported format)"
-    if "truncated" in text.lower() or "broken" in text.lower():
-        return f"truncated or corrupt image ({text})"
-    return text
 
 
 # --------------------------------------------------------------------------- scanning

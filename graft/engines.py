@@ -12,9 +12,7 @@ When an engine is missing or fails, graft falls back to the next and says why;
 
 from __future__ import annotations
 
-import os
 import tempfile
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,49 +21,18 @@ import torch
 from torch import nn
 
 from .device import Device
-from .errors import UsageError
+from .inference import (  # the engine choice is torch-free; re-exported here
+    ENGINES,
+    OnnxEngine,
+    OpenVinoEngine,
+    onnx_available,
+    openvino_available,
+    wanted_engine,
+)
 
 #: Absolute tolerance of ONNX Runtime / OpenVINO outputs against PyTorch (fp32), checked by
 #: the tests.
 ONNX_ATOL = 1e-4
-#: ONNX files above this size (VGG16: 528 MB) get one dynamic-shape OpenVINO model instead of
-#: one compiled model per batch shape, each of which would hold its own copy of the weights.
-STATIC_SHAPES_MAX_BYTES = 64 << 20
-
-
-#: the values GRAFT_ENGINE takes ("" or unset: the fastest installed; "onnx" = onnxruntime)
-ENGINES = ("openvino", "onnxruntime", "onnx", "torch")
-
-
-def wanted_engine() -> str:
-    """``GRAFT_ENGINE``, checked: "" (the fastest installed), openvino, onnxruntime (onnx)
-    or torch; anything else is a :class:`UsageError` listing them."""
-    wanted = os.environ.get("GRAFT_ENGINE", "").strip().lower()
-    if wanted and wanted not in ENGINES:
-        # A misspelt name would otherwise quietly run whichever engine is installed.
-        raise UsageError(
-            f"GRAFT_ENGINE={os.environ['GRAFT_ENGINE']!r} is not an engine graft knows: use "
-            "openvino, onnxruntime or torch, or unset it to use the fastest one installed."
-        )
-    return wanted
-
-
-def _importable(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
-def onnx_available() -> bool:
-    """Whether ONNX Runtime may run frozen passes (installed, and not switched off)."""
-    return wanted_engine() in ("", "onnxruntime", "onnx") and _importable("onnxruntime")
-
-
-def openvino_available() -> bool:
-    """Whether OpenVINO may run frozen passes (installed, and not switched off)."""
-    return wanted_engine() in ("", "openvino") and _importable("openvino")
 
 
 class Runner:
@@ -92,86 +59,33 @@ class TorchRunner(Runner):
 
 
 class OnnxRunner(Runner):
-    def __init__(self, path: Path, threads: int | None = None):
-        import onnxruntime as ort
+    """ONNX Runtime (graft.fast.OnnxEngine) behind torch tensors."""
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle ORT threads spin by default, stealing the core that decodes the next batch.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-        self.name = "ONNX Runtime (CPU, fp32)"
+    def __init__(self, path: Path, threads: int | None = None):
+        self.engine = OnnxEngine(path, threads or torch.get_num_threads())
+        self.name = self.engine.name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input: x.contiguous().numpy()})[0]
-        return torch.from_numpy(out)
+        return torch.from_numpy(self.engine.run(x.float().contiguous().numpy()))
 
 
 class OpenVinoRunner(Runner):
-    """OpenVINO on CPU, fp32, compiled per batch shape.
-
-    A static input shape lets OpenVINO pick its kernels and memory plan up front: measured
-    here, single images 2.3 ms instead of 5 ms with a dynamic batch axis, and batch 32 about
-    15% faster. Batches are padded up to the next power of two (at most 2x the work, and
-    the padding rows are dropped), so a stream of ragged batches compiles a handful of
-    shapes, each once, on first use.
-    """
+    """OpenVINO with static batch shapes (graft.fast.OpenVinoEngine) behind torch tensors."""
 
     def __init__(self, path: Path, threads: int | None = None, max_batch: int = 64):
-        import openvino as ov
+        self.engine = OpenVinoEngine(path, threads or torch.get_num_threads(), max_batch)
+        self.name = self.engine.name
 
-        self.core = ov.Core()
-        self.model = self.core.read_model(str(path))  # held in memory: the file may go
-        self.threads = threads or torch.get_num_threads()
-        self.max_batch = max_batch
-        self.static = path.stat().st_size <= STATIC_SHAPES_MAX_BYTES
-        self.requests: dict[int, Any] = {}
-        self.lock = threading.Lock()
-        self.name = "OpenVINO (CPU, fp32" + (", static batch shapes)" if self.static else ")")
-
-    def _request(self, n: int) -> Any:
-        with self.lock:
-            if n not in self.requests:
-                model = self.model
-                if self.static:
-                    model = self.model.clone()
-                    dims = self.model.input(0).get_partial_shape()
-                    model.reshape([n, *(d.get_length() for d in list(dims)[1:])])
-                config = {
-                    "INFERENCE_NUM_THREADS": self.threads,
-                    # f32 even where the CPU has bf16, so outputs stay within ONNX_ATOL
-                    "INFERENCE_PRECISION_HINT": "f32",
-                    "PERFORMANCE_HINT": "LATENCY",
-                }
-                compiled = self.core.compile_model(model, "CPU", config)
-                self.requests[n] = compiled.create_infer_request()
-            return self.requests[n]
+    @property
+    def requests(self) -> dict[int, Any]:
+        """The compiled batch shapes so far."""
+        return self.engine.requests
 
     def warm_up(self, max_batch: int) -> None:
-        """Compile every padded shape up to ``max_batch`` now: a server's first requests
-        would otherwise each wait for a compile."""
-        if not self.static:
-            self._request(0)
-            return
-        top = min(1 << (max(1, max_batch) - 1).bit_length(), self.max_batch)
-        n = 1
-        while n <= top:
-            self._request(n)
-            n *= 2
+        self.engine.warm_up(max_batch)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().contiguous()
-        if len(x) > self.max_batch:
-            return torch.cat([self(part) for part in x.split(self.max_batch)])
-        n = len(x)
-        size = 1 << (n - 1).bit_length() if self.static else 0
-        if size > n:
-            x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
-        request = self._request(size)
-        out = request.infer({0: x.numpy()})[0]
-        return torch.from_numpy(out[:n].copy())
+        return torch.from_numpy(self.engine.run(x.float().contiguous().numpy()))
 
 
 def export_onnx(module: nn.Module, img_size: int, path: Path, output_name: str = "output") -> Path:

@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from PIL import Image
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -54,3 +56,26 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         else:
             out.append(p)  # missing or unreadable files become per-file errors
     return out
+
+
+def decode_error_kind(exc: BaseException) -> str:
+    """What went wrong decoding an image: ``"too_large"`` (a decompression bomb),
+    ``"not_image"`` (no decoder recognises it) or ``"corrupt"`` (anything else)."""
+    if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return "too_large"
+    if isinstance(exc, Image.UnidentifiedImageError) or "cannot identify image file" in str(exc):
+        return "not_image"
+    return "corrupt"
+
+
+def describe_decode_error(exc: BaseException) -> str:
+    """A short reason for the skipped-files list."""
+    text = str(exc) or type(exc).__name__
+    kind = decode_error_kind(exc)
+    if kind == "too_large":
+        return f"refused: image too large ({text})"
+    if kind == "not_image":
+        return "not an image (or an unsupported format)"
+    if "truncated" in text.lower() or "broken" in text.lower():
+        return f"truncated or corrupt image ({text})"
+    return text

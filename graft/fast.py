@@ -1,0 +1,188 @@
+"""Predicting from a run without torch: its current ONNX export on OpenVINO or ONNX Runtime.
+
+``graft train`` leaves ``model.onnx`` beside ``model.safetensors``, tied to those weights by
+their sha256 in ``model.onnx.json``. When that stamp matches, the export *is* the model
+(made from these very weights, after they were checked), so ``graft predict``, ``graft
+serve`` and :func:`open_predictor` run it directly: no torch, timm or torchvision import,
+which is most of a cold start (measured here: 7 s -> about 1 s for one image; BENCHMARKS.md).
+When the export is missing or stale, or torch is asked for (``GRAFT_ENGINE=torch``, TTA),
+the PyTorch :class:`graft.predict.Predictor` rebuilds it as before.
+
+The engines (graft.inference) take and return numpy arrays; graft.engines wraps them for
+torch tensors.
+Preprocessing is :func:`graft.runtime.preprocess`, the exported runtime's own, equal to the
+torchvision transform of training within float rounding (tests/test_fast.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .files import describe_decode_error
+from .inference import (
+    OnnxEngine,
+    OpenVinoEngine,
+    cpu_threads,
+    onnx_available,
+    openvino_available,
+    wanted_engine,
+)
+from .modelinfo import ModelInfo, current_onnx, read_info
+from .predictions import NON_FINITE, ScorePredictor, check_count
+from .runtime import load_image, preprocess, split_output
+
+#: Below this many images a job starts on ONNX Runtime, above it on OpenVINO. ONNX Runtime
+#: is ready about 0.4 s sooner (import and session 0.17 s against OpenVINO's import, read and
+#: compile 0.7 s); OpenVINO's static shapes then run about 8% faster per image
+#: (BENCHMARKS.md), which pays for the slower start only past about a thousand images.
+OPENVINO_FROM_IMAGES = 1000
+
+
+def load_engine(onnx_path: Path, n_images: int | None = None) -> OnnxEngine | OpenVinoEngine:
+    """The engine for a job of ``n_images`` (None: a long-lived one, e.g. a server):
+    ``GRAFT_ENGINE`` decides when set; otherwise ONNX Runtime for small jobs (it starts
+    sooner) and OpenVINO for large ones and servers (it runs faster); the other one when the
+    first fails to load. Raises the last failure (ImportError when neither may run)."""
+    kinds: list[type[OnnxEngine] | type[OpenVinoEngine]] = []
+    if openvino_available():
+        kinds.append(OpenVinoEngine)
+    if onnx_available():
+        small = n_images is not None and n_images < OPENVINO_FROM_IMAGES
+        kinds.insert(0 if small else len(kinds), OnnxEngine)
+    error: Exception = ImportError("neither OpenVINO nor ONNX Runtime may run here")
+    for kind in kinds:
+        try:
+            return kind(onnx_path)
+        except Exception as exc:  # a broken install or a graph it cannot read
+            error = exc
+    raise error
+
+
+class ExportPredictor(ScorePredictor):
+    """A run's current ONNX export as a predictor, the same answers as the PyTorch
+    :class:`graft.predict.Predictor` without importing torch. ``workers`` threads decode
+    and preprocess images while the engine runs the previous batch (Pillow releases the
+    GIL while it decodes)."""
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        engine: OnnxEngine | OpenVinoEngine,
+        workers: int = 0,
+        unknown: bool = True,
+    ):
+        self.info = info
+        self.engine = engine
+        self.runner = engine  # ``runner.name`` / ``runner.warm_up``, as Predictor has
+        self.classes = list(info.classes)
+        # -1: as many decoding threads as graft.data.default_workers gives processes
+        self.workers = workers if workers >= 0 else min(4, max(1, cpu_threads() // 2))
+        self.tta = False
+        self.notes: list[str] = []
+        self.has_familiarity = info.familiarity_k > 0
+        # --unknown off: every image gets its top class
+        self.unknown_threshold = info.unknown_threshold if unknown else 0.0
+        self.familiarity_threshold = info.familiarity_threshold if unknown else -1.0
+
+    def prepare(self, source: str | Path | bytes) -> np.ndarray:
+        """One image (a path or its bytes) -> the network's input ``[3, size, size]``."""
+        info = self.info
+        image = load_image(source, info.img_size)
+        return preprocess([image], info.img_size, info.mean, info.std, info.trim)[0]
+
+    def _decode(self, path: str | Path) -> np.ndarray | str:
+        try:
+            return self.prepare(path)
+        except Exception as exc:  # reported per file, never a crash of the whole job
+            return describe_decode_error(exc)
+
+    def fits(self) -> bool:
+        """Whether the graph answers one blank image with the columns the weights' metadata
+        describes (a probability per class, then the familiarity when there is one)."""
+        size = self.info.img_size
+        try:
+            self.scores(np.zeros((1, 3, size, size), dtype=np.float32))
+        except Exception:
+            return False
+        return True
+
+    def scores(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """A preprocessed batch -> probabilities and familiarity (or None)."""
+        return split_output(self.engine.run(x), len(self.classes), self.has_familiarity)
+
+    def _batches(
+        self, paths: Sequence[str | Path], batch_size: int
+    ) -> Iterator[tuple[range, list[np.ndarray | str]]]:
+        chunks = [
+            range(i, min(i + batch_size, len(paths))) for i in range(0, len(paths), batch_size)
+        ]
+        if not self.workers:
+            for chunk in chunks:
+                yield chunk, [self._decode(paths[i]) for i in chunk]
+            return
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="graft-decode") as pool:
+            # one batch decoded ahead of the one the engine runs; memory stays two batches
+            pending = [pool.map(self._decode, [paths[i] for i in c]) for c in chunks[:2]]
+            for n, chunk in enumerate(chunks):
+                decoded = list(pending[n])
+                if n + 2 < len(chunks):
+                    pending.append(pool.map(self._decode, [paths[i] for i in chunks[n + 2]]))
+                yield chunk, decoded
+
+    def iter_scores(
+        self, paths: Sequence[str | Path], batch_size: int = 32
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[int, str]]]:
+        batch_size = check_count("batch_size", batch_size)
+        for chunk, decoded in self._batches(paths, batch_size):
+            failed = {i: d for i, d in zip(chunk, decoded, strict=True) if isinstance(d, str)}
+            good = [(i, d) for i, d in zip(chunk, decoded, strict=True) if not isinstance(d, str)]
+            if not good:
+                empty = np.zeros(0) if self.has_familiarity else None
+                yield np.zeros(0, dtype=np.int64), np.zeros((0, len(self.classes))), empty, failed
+                continue
+            index = np.array([i for i, _ in good], dtype=np.int64)
+            probs, familiarity = self.scores(np.stack([d for _, d in good]))
+            finite = np.isfinite(probs).all(axis=1)
+            if familiarity is not None:
+                finite &= np.isfinite(familiarity)
+            if not finite.all():  # never report NaN as a probability
+                failed.update({int(i): NON_FINITE for i in index[~finite]})
+                index, probs = index[finite], probs[finite]
+                familiarity = None if familiarity is None else familiarity[finite]
+            yield index, probs, familiarity, failed
+
+
+def open_predictor(
+    run: str | Path,
+    workers: int = 0,
+    tta: bool = False,
+    unknown: bool = True,
+    n_images: int | None = None,
+) -> ScorePredictor:
+    """The quickest correct predictor for a run: :class:`ExportPredictor` on the run's
+    current export when it has one and nothing asks for torch, else the PyTorch
+    :class:`graft.predict.Predictor` (which rebuilds the export). ``n_images`` (the size of
+    the job; None for a server) picks the engine (:func:`load_engine`)."""
+    weights, info = read_info(run)
+    onnx_path = None if tta or wanted_engine() == "torch" else current_onnx(weights)
+    if onnx_path is not None:
+        try:
+            engine = load_engine(onnx_path, n_images)
+        except Exception:  # an engine that cannot load it: PyTorch says why, or rebuilds
+            engine = None
+        if engine is not None:
+            predictor = ExportPredictor(info, engine, workers, unknown)
+            if predictor.fits():
+                return predictor
+            # A graph that does not match its weights' description (one column too few):
+            # the PyTorch path makes it again from the weights.
+            with contextlib.suppress(OSError):  # a read-only run: PyTorch uses a temporary one
+                onnx_path.unlink(missing_ok=True)
+    from .predict import Predictor
+
+    return Predictor.from_run(run, workers=workers, tta=tta, unknown=unknown)
