@@ -2,7 +2,7 @@
 
     python benchmarks/bench_serve.py runs/demo --requests 2000 --concurrency 16
 
-Starts `python -m graft serve RUN` on a free port, waits for /health, then sends the requests
+Starts `python -m graft serve RUN` on a free port, waits for /readyz, then sends the requests
 (one image each, multipart) from an asyncio httpx client: first at concurrency 1 (a
 baseline), then at the asked concurrency. Prints requests/s, p50/p99 latency, errors and how
 many images the server batched per model call. The client shares the machine's cores with
@@ -97,10 +97,11 @@ def main() -> int:
     try:
         for _ in range(600):
             try:
-                if httpx.get(url + "/health").status_code == 200:
+                if httpx.get(url + "/readyz").status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)  # not listening yet, or warming up (503)
         else:
             raise SystemExit(
                 f"server did not start: {server.stderr.read() if server.stderr else ''}"

@@ -159,10 +159,11 @@ def main() -> int:
         try:
             for _ in range(600):
                 try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                         break
                 except httpx.HTTPError:
-                    time.sleep(0.2)
+                    pass
+                time.sleep(0.2)  # not listening yet, or warming up (503)
             idle = status_kb(server.pid, "VmRSS")
             png = budget_png(s.max_megapixels * 1e6)
             blob = os.urandom(s.max_bytes)

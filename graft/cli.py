@@ -335,21 +335,43 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import ServeSettings, build_server
+    import logging
+
+    from .serve import ServeSettings, build_server, configure_logging, load_api_keys
 
     if args.max_mb <= 0 or args.max_files < 1 or args.top_k < 1:
         raise UsageError("--max-mb, --max-files and --top-k must be positive.")
-    settings = ServeSettings(max_mb=args.max_mb, max_files=args.max_files, top_k=args.top_k)
-    print(f"Loading {_display(Path(args.source))}...", file=sys.stderr)
-    # the model loads (and its engine compiles) here: "Serving" is printed once it answers
-    server, sock = build_server(
-        args.source, args.host, args.port, settings, unknown=args.unknown == "on"
+    settings = ServeSettings(
+        max_mb=args.max_mb,
+        max_files=args.max_files,
+        top_k=args.top_k,
+        max_queue=args.max_queue,
+        timeout_ms=args.timeout_ms,
+        max_connections=args.max_connections,
     )
-    print(
-        f"Serving {_display(Path(args.source))} on http://{args.host}:{args.port}/ "
-        f"(API docs at /docs{'; never answers unknown' if args.unknown == 'off' else ''}; "
-        "Ctrl+C stops)",
-        file=sys.stderr,
+    configure_logging(args.log_format)  # every line on stderr in one format, from here on
+    say = logging.getLogger("graft.serve").info
+    keys = load_api_keys(args.api_key, args.api_key_file, os.environ.get("GRAFT_API_KEY"))
+    say("Loading %s...", _display(Path(args.source)))
+    # the model loads here; it warms up once the server listens (/readyz says when)
+    server, sock = build_server(
+        args.source,
+        args.host,
+        args.port,
+        settings,
+        unknown=args.unknown == "on",
+        api_keys=keys,
+        no_auth=args.no_auth,
+        grace_s=args.grace_s,
+        log_format=args.log_format,
+    )
+    say(
+        "Serving %s on http://%s:%d/ (%s; API docs at /docs%s; SIGTERM or Ctrl+C stops)",
+        _display(Path(args.source)),
+        args.host,
+        args.port,
+        f"API key required, {len(keys)} accepted" if keys else "no API key",
+        "; never answers unknown" if args.unknown == "off" else "",
     )
     with sock:
         server.run(sockets=[sock])

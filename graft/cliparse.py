@@ -278,6 +278,60 @@ def _add_serve_parser(sub: Any) -> None:
         "--top-k", type=whole(1, 1000), default=3, help="classes returned per image (default: 3)"
     )
     _add_unknown_option(p)
+    auth = p.add_argument_group("authentication (required to listen beyond this machine)")
+    auth.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept requests carrying 'Authorization: Bearer KEY' (repeat for several; "
+        "other users of this machine can see it in the process list: prefer the file or "
+        "GRAFT_API_KEY, comma-separated keys)",
+    )
+    auth.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="FILE",
+        help="accept the keys in FILE, one per line (# comments)",
+    )
+    auth.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="listen on a non-loopback --host without a key, accepting the risk (e.g. behind "
+        "a proxy that authenticates)",
+    )
+    load = p.add_argument_group("load and shutdown")
+    load.add_argument(
+        "--max-queue",
+        type=whole(1, 100_000),
+        default=128,
+        help="images waiting for the model; beyond, 503 with Retry-After (default: 128)",
+    )
+    load.add_argument(
+        "--timeout-ms",
+        type=positive(3_600_000),
+        default=10_000.0,
+        help="deadline of a request once its body is in; past it, 503 with Retry-After "
+        "(default: 10000)",
+    )
+    load.add_argument(
+        "--grace-s",
+        type=positive(3600),
+        default=20.0,
+        help="on SIGTERM, seconds requests in progress get to finish (default: 20)",
+    )
+    load.add_argument(
+        "--max-connections",
+        type=whole(1, 100_000),
+        default=256,
+        help="open connections; a request beyond gets 503 with Retry-After (default: 256)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="one line per request and message on stderr, as text or JSON (default: text)",
+    )
 
 
 def _add_predict_parser(sub: Any) -> None:

@@ -2,51 +2,57 @@
 
     POST /predict   images as multipart field ``file`` (repeat it for several) or JSON
                     ``{"images": ["<base64>", ...]}`` -> top-k classes, "unknown", timings
-    GET  /health    liveness
+    GET  /livez     liveness: the process answers
+    GET  /readyz    readiness: 200 once the model is loaded and warmed up, 503 before and
+                    while shutting down (``/health``: the older name, always 200, says which)
+    GET  /metrics   Prometheus metrics (requests, latency, batch sizes, queue, load times)
     GET  /model     classes, backbone, input size, metrics, limits
     GET  /          a page to drop images on and see probability bars
     GET  /report    the run's HTML report, when it has one (local paths redacted)
     GET  /docs      OpenAPI documentation (Swagger UI served from graft/static: works offline)
 
-The model loads once. Each image is decoded and turned into the model's input on one
-decoding thread (so one big picture, not sixteen, is ever held at full size), and the
-inputs waiting for the model are batched (never delayed for it: whatever queued during the
-previous batch goes next).
+With API keys (``api_keys``; ``graft serve --api-key``), every route needs ``Authorization:
+Bearer KEY`` but /livez, /readyz, /health, the page at / with /static, and /docs with
+/openapi.json (a probe has no key; a browser must load the page to ask for one). /predict,
+/model, /report and /metrics need it (graft.serve_ops). Without a key the server listens
+only on a loopback address unless told ``no_auth``.
 
-This module owns the model behind the API (:class:`ServedModel`), the batching, the routes and
-the uvicorn server; reading and admitting requests, and the limits (:class:`ServeSettings`),
-live in graft.serve_requests. What a client can make the server hold is bounded there; here,
-the request line and headers must arrive within ``header_timeout_s`` (else the connection is
-closed). No route takes a path: nothing a client sends reads or writes a file.
+The model loads once, before the server listens; it then warms up (each batch shape
+compiled, a first image run) while /livez already answers. Each image is decoded and turned
+into the model's input on one decoding thread (so one big picture, not sixteen, is ever held
+at full size), and the inputs waiting for the model are batched (never delayed for it:
+whatever queued during the previous batch goes next). Images waiting are bounded and each
+request has a deadline: past either, 503 with Retry-After (graft.serve_queue).
+
+This module owns the model behind the API (:class:`ServedModel`), the routes and the app;
+reading and admitting requests, and the limits (:class:`ServeSettings`), live in
+graft.serve_requests; the socket, protocol and graceful stop in graft.serve_http. What a
+client can make the server hold is bounded there. No route takes a path: nothing a client
+sends reads or writes a file.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import html
-import json
+import io
 import math
-import os
-import re
-import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import asdict
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from . import __version__
-from .errors import RunFolderError, SystemResourceError, UsageError, os_error_message
+from .errors import RunFolderError, UsageError
 from .rundir import REPORT, SUMMARY, RunDir
 from .runtime import (
     METADATA_FILE,
@@ -56,6 +62,19 @@ from .runtime import (
     split_output,
     unknown_reason,
 )
+from .serve_docs import redact_report, request_body_docs, secure_docs
+from .serve_http import graft_server, h11_protocol, is_loopback, listening_socket
+from .serve_ops import (
+    ApiKeys,
+    Gate,
+    Health,
+    ServeMetrics,
+    configure_logging,
+    early_refusal,
+    load_api_keys,
+    log,
+)
+from .serve_queue import Batcher, Shedder, Ticket
 from .serve_requests import MB, Admission, ServeSettings, Upload, prepare_upload, read_uploads
 
 STATIC = Path(__file__).parent / "static"
@@ -99,15 +118,14 @@ class ServedModel:
             self.infer = lambda xs: np.asarray(exported._run(np.stack(xs)), dtype=np.float32)
             self.folder = self.source
         else:
-            import torch
+            from .fast import ExportPredictor, open_predictor
+            from .modelinfo import resolve_model_file
 
-            from .model import resolve_model_file
-            from .predict import Predictor
-            from .runtime import load_image
-
-            predictor = Predictor.from_run(self.source)  # tta=False: one view per image
-            info = predictor.info
-            self.kind, self.engine = "run", predictor.runner.name
+            # the run's current ONNX export without torch when it has one (graft.fast);
+            # n_images=None: a server, so the engine that runs fastest (OpenVINO)
+            predictor = open_predictor(self.source)  # tta=False: one view per image
+            info = predictor.info  # type: ignore[attr-defined]
+            self.kind, self.engine = "run", predictor.runner.name  # type: ignore[attr-defined]
             self.classes, self.img_size = list(info.classes), info.img_size
             self.unknown_threshold = info.unknown_threshold
             self.has_familiarity = predictor.has_familiarity
@@ -116,9 +134,22 @@ class ServedModel:
             self.folder = resolve_model_file(self.source).parent
             data = RunDir(self.folder).read_optional(SUMMARY) or {}
             self.metrics = {k: data[k] for k in ("test", "open_set", "calibration") if k in data}
-            self.prepare = lambda raw: predictor.transform(load_image(raw, info.img_size))
-            self.infer = lambda xs: predictor.runner(torch.stack(xs)).numpy()
-            self.warm_up = predictor.runner.warm_up
+            if isinstance(predictor, ExportPredictor):
+                engine = predictor.engine
+                self.prepare = predictor.prepare
+                self.infer = lambda xs: engine.run(np.stack(xs))
+                self.warm_up = engine.warm_up
+            else:  # a stale export (rebuilt now) or GRAFT_ENGINE=torch: the PyTorch path
+                import torch
+
+                from .runtime import load_image
+
+                torch_predictor = predictor
+                self.prepare = lambda raw: torch_predictor.transform(  # type: ignore[attr-defined]
+                    load_image(raw, info.img_size)
+                )
+                self.infer = lambda xs: torch_predictor.runner(torch.stack(xs)).numpy()  # type: ignore[attr-defined]
+                self.warm_up = torch_predictor.runner.warm_up  # type: ignore[attr-defined]
         report = self.folder / REPORT
         self.report: Path | None = report if report.is_file() else None
         self.name = self.folder.name
@@ -149,91 +180,7 @@ class ServedModel:
         }
 
 
-class Batcher:
-    """Runs ``fn`` on the images of all requests waiting at that moment, one batch at a time,
-    in a worker thread (OpenVINO, ONNX Runtime and PyTorch release the GIL while they
-    compute)."""
-
-    def __init__(self, fn: Callable[[list[Image.Image]], np.ndarray], max_batch: int):
-        self.fn, self.max_batch = fn, max_batch
-        self.queue: asyncio.Queue[tuple[list[Image.Image], asyncio.Future]] = asyncio.Queue()
-        self.task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
-
-    async def submit(self, images: list[Image.Image]) -> np.ndarray:
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self.queue.put((images, future))
-        return await future
-
-    async def _run(self) -> None:
-        while True:
-            jobs = [await self.queue.get()]
-            size = len(jobs[0][0])
-            while size < self.max_batch and not self.queue.empty():
-                jobs.append(self.queue.get_nowait())
-                size += len(jobs[-1][0])
-            images = [im for job in jobs for im in job[0]]
-            try:
-                probs = await asyncio.to_thread(self.fn, images)
-            except Exception as exc:  # the requests in this batch fail; the server goes on
-                for _, future in jobs:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            start = 0
-            for batch, future in jobs:
-                if not future.done():
-                    future.set_result(probs[start : start + len(batch)])
-                start += len(batch)
-
-
 # ----------------------------------------------------------------------------- the app
-
-
-def _request_body_docs() -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "file": {
-                                "type": "array",
-                                "items": {"type": "string", "format": "binary"},
-                                "description": "one or more images (repeat the field)",
-                            }
-                        },
-                        "required": ["file"],
-                    }
-                },
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "images": {
-                                "type": "array",
-                                "items": {"type": "string", "format": "byte"},
-                                "description": "base64 images (or data URLs)",
-                            }
-                        },
-                        "required": ["images"],
-                    }
-                },
-            },
-        }
-    }
 
 
 def _answers(
@@ -282,43 +229,66 @@ def _answers(
     return results
 
 
-def _add_predict_route(
-    app: FastAPI, model: ServedModel, settings: ServeSettings, batcher: Batcher
-) -> None:
-    """POST /predict: admit, read, prepare each image in a thread, run the model (batched)."""
-    admission = app.state.admission = Admission(settings)
+def _add_predict_route(app: FastAPI, model: ServedModel, settings: ServeSettings) -> None:
+    """POST /predict: admit, read, prepare each image in a thread, run the model (batched),
+    each step within the request's deadline."""
+    shedder: Shedder = app.state.shedder
+    admission: Admission = app.state.admission
+    batcher: Batcher = app.state.batcher
     max_pixels = settings.max_megapixels * 1e6
     # One decoding thread, server-wide: one picture at full size at a time, and one malloc
     # arena holding its peak (glibc gives each thread its own, each kept at its high-water
     # mark). The model runs in another thread, so both cores stay busy.
     decoder = ThreadPoolExecutor(1, thread_name_prefix="graft-decode")
 
-    async def prepare(up: Upload) -> tuple[Any, int, str, int]:
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(
+    async def prepare(up: Upload, deadline: float, ticket: Ticket) -> tuple[Any, int, str, int]:
+        work = asyncio.get_running_loop().run_in_executor(
             decoder, prepare_upload, model.prepare, model.img_size, up, max_pixels
         )
+        # past the deadline the image is dropped, never decoded, if it has not started
+        result = await shedder.within(deadline, work, "waiting to decode its images")
         admission.since_trim += len(up.data) + 4 * result[3]  # decoded RGBA, roughly
         up.data = b""  # the bytes are no longer needed: free them before the next image
+        if result[0] is None:
+            ticket.release(1)  # this one never reaches the model
         return result
 
-    @app.post("/predict", openapi_extra=_request_body_docs())
+    async def ready(deadline: float) -> None:
+        """Wait for the warm-up (a request may come before /readyz says ready)."""
+        health: Health = app.state.health
+        if not health.warm.is_set() and health.failure is None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await app.state.warmed.wait()
+            except TimeoutError:
+                raise shedder.refuse("warming_up", "The model is still warming up", 2) from None
+        if health.failure is not None:
+            reason = "The model failed its warm-up (see the server's log)"
+            raise shedder.refuse("warm_up_failed", reason, 60)
+
+    @app.post("/predict", openapi_extra=request_body_docs())
     async def predict(
         request: Request,
         top_k: int = Query(settings.top_k, ge=1, le=1000, description="classes per image"),
     ) -> dict[str, Any]:
-        started = time.perf_counter()
-        with admission.request() as take:
-            uploads = await read_uploads(request, settings, take)
-            decoded = [await prepare(up) for up in uploads]
-        inputs = [x for x, *_ in decoded if x is not None]
-        if not inputs:
-            status, reason = decoded[0][1], decoded[0][2]
-            raise HTTPException(
-                status, reason if len(decoded) == 1 else f"No usable image: {reason}"
-            )
-        t_decoded = time.perf_counter()
-        probs = await batcher.submit(inputs)
+        started = time.perf_counter()  # (a full queue was refused by serve_ops.Gate)
+        with ExitStack() as stack:
+            with admission.request() as take:
+                uploads = await read_uploads(request, settings, take)
+                request.scope["graft.images"] = len(uploads)  # for the access log
+                deadline = shedder.deadline()
+                await ready(deadline)  # before the queue: its drain time is the model's
+                ticket = stack.enter_context(shedder.admit(len(uploads)))
+                decoded = [await prepare(up, deadline, ticket) for up in uploads]
+            inputs = [x for x, *_ in decoded if x is not None]
+            if not inputs:
+                status, reason = decoded[0][1], decoded[0][2]
+                raise HTTPException(
+                    status, reason if len(decoded) == 1 else f"No usable image: {reason}"
+                )
+            t_decoded = time.perf_counter()
+            work = batcher.submit(inputs, ticket)
+            probs = await shedder.within(deadline, work, "waiting for the model")
         t_done = time.perf_counter()
         return {
             "predictions": _answers(model, uploads, decoded, probs, top_k),
@@ -330,50 +300,14 @@ def _add_predict_route(
         }
 
 
-def _recorded_paths(folder: Path) -> set[str]:
-    """Every absolute path the run's JSON files record (data root, unseen and evaluation
-    folders...), and the run folder's own."""
-    found = {str(folder.resolve()), str(folder.absolute()), str(Path.home())}
-
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
-        elif isinstance(value, str) and len(value) < 4096:
-            if PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute():
-                found.add(value)
-
-    for path in [*folder.glob("*.json"), *folder.glob("eval-*/*.json")]:
-        try:
-            walk(json.loads(path.read_text(errors="replace")))
-        except (OSError, ValueError, RecursionError):
-            continue
-    return {p for p in found if len(p) > 1}
-
-
-#: an absolute path left in text (after a space, '>' or '('), as a safety net: its folders
-_ABSOLUTE = re.compile(r"(?<=[\s>(])(?:/[^\s<>\"'/]+)+/(?=[^\s<>\"'/])")
-
-
-def redact_report(text: str, folder: Path) -> str:
-    """The report as served: each absolute local path shown by its last folder name only,
-    so a client learns nothing of this machine's layout (the file itself is unchanged)."""
-    for path in sorted(_recorded_paths(folder), key=len, reverse=True):
-        pure = PureWindowsPath(path) if "\\" in path else PurePosixPath(path)
-        short = "~" if path == str(Path.home()) else pure.name or "/"
-        for form in {path, html.escape(path), html.escape(path, quote=False)}:
-            text = text.replace(form, short)
-    return _ABSOLUTE.sub("", text)
-
-
 def _add_static_routes(app: FastAPI, model: ServedModel, settings: ServeSettings) -> None:
-    """GET /, /health, /model, /report and /docs: the page, liveness, the model, its report
-    and the API documentation, all from this server (nothing loads from the internet)."""
+    """GET /, /livez, /readyz, /health, /metrics, /model, /report and /docs: the page, the
+    probes, the metrics, the model, its report and the API documentation, all from this
+    server (nothing loads from the internet)."""
     page = (Path(__file__).parent / "web" / "index.html").read_text()
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    health: Health = app.state.health
+    metrics: ServeMetrics = app.state.metrics
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
@@ -390,9 +324,24 @@ def _add_static_routes(app: FastAPI, model: ServedModel, settings: ServeSettings
             swagger_ui_parameters={"validatorUrl": None},  # it would call validator.swagger.io
         )
 
+    @app.get("/livez")
+    async def livez() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        state = health.state
+        return JSONResponse({"status": state}, 200 if state == "ready" else 503)
+
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model.name, "classes": len(model.classes)}
+    async def health_() -> dict[str, Any]:
+        return {"status": "ok", "ready": health.ready, "state": health.state}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/model")
     async def describe() -> dict[str, Any]:
@@ -407,116 +356,101 @@ def _add_static_routes(app: FastAPI, model: ServedModel, settings: ServeSettings
         return HTMLResponse(await asyncio.to_thread(redact_report, text, model.folder))
 
 
+def _warm(model: ServedModel, max_batch: int) -> None:
+    """Compile each batch shape, then run one blank image through the model: the first
+    call's allocations are made here, not in a client's request."""
+    model.warm_up(max_batch)
+    buf = io.BytesIO()
+    Image.new("RGB", (model.img_size, model.img_size), "white").save(buf, "PNG")
+    model.infer([model.prepare(buf.getvalue())])
+
+
+async def _warm_up(app: FastAPI) -> None:
+    model, health, metrics = app.state.model, app.state.health, app.state.metrics
+    started = time.perf_counter()
+    try:
+        await asyncio.to_thread(_warm, model, app.state.settings.max_batch)
+    except Exception as exc:  # the server stays up, not ready, and says why
+        health.failure = f"{type(exc).__name__}: {exc}"
+        log.error("The model failed its warm-up (%s): /readyz stays 503.", health.failure)
+    else:
+        metrics.warmup_seconds.set(time.perf_counter() - started)
+        health.warm.set()
+        log.info("Ready: warmed up in %.1f s; /readyz answers 200.", time.perf_counter() - started)
+    app.state.warmed.set()
+
+
 def create_app(
-    source: str | Path, settings: ServeSettings | None = None, unknown: bool = True
+    source: str | Path,
+    settings: ServeSettings | None = None,
+    unknown: bool = True,
+    api_keys: Sequence[str] = (),
 ) -> FastAPI:
     """The FastAPI application serving ``source`` (a run folder or an export folder);
-    ``unknown=False`` answers every image with its top class."""
+    ``unknown=False`` answers every image with its top class; with ``api_keys``, requests
+    need one of them (see the module docstring). The model loads here; it warms up once
+    the app starts (/readyz says when it is done; /predict waits for it)."""
     settings = settings or ServeSettings()
+    keys = load_api_keys(api_keys)
     source = Path(source)
     if not source.exists():
         raise RunFolderError(f"{source} does not exist: give a run folder or an export folder.")
+    metrics = ServeMetrics(settings.max_batch)
+    started = time.perf_counter()
     model = ServedModel(source, unknown)
-    model.warm_up(settings.max_batch)
-    batcher = Batcher(model.infer, settings.max_batch)
+    metrics.load_seconds.set(time.perf_counter() - started)
+    metrics.engine.info(
+        {"engine": model.engine, "kind": model.kind, "model": model.name, "graft": __version__}
+    )
+    health = Health()
+    metrics.ready.set_function(lambda: float(health.ready))
+    shedder = Shedder(settings.queue_images, settings.timeout_ms / 1000, metrics)
+    metrics.queue.set_function(lambda: shedder.images)
+    # through model.infer at each call, so a test can slow the model down
+    batcher = Batcher(lambda xs: model.infer(xs), settings.max_batch, shedder, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.warmed = asyncio.Event()  # the warm-up ran (or failed)
         batcher.start()
+        warming = asyncio.get_running_loop().create_task(_warm_up(app))
         yield
+        warming.cancel()
         await batcher.stop()
 
     app = FastAPI(
-        title=f"graft: {model.name}",
+        title="graft" if keys else f"graft: {model.name}",  # with a key, /docs is public
         version=__version__,
-        description=f"Image classifier ({model.backbone}, {len(model.classes)} classes).",
+        description="Image classifier."
+        if keys
+        else f"Image classifier ({model.backbone}, {len(model.classes)} classes).",
         lifespan=lifespan,
         docs_url=None,  # served below from graft/static instead of a CDN
         redoc_url=None,  # ReDoc only exists on a CDN
     )
-    app.state.model, app.state.settings = model, settings
+    app.state.model, app.state.settings, app.state.health = model, settings, health
+    app.state.metrics, app.state.shedder, app.state.batcher = metrics, shedder, batcher
+    admission = app.state.admission = Admission(settings, metrics.shed.labels("busy").inc)
+
+    def full() -> bool:  # a /predict arriving now would be refused
+        return shedder.is_full() or admission.full()
+
+    def refusal() -> HTTPException:
+        return shedder.full_refusal() if shedder.is_full() else admission.busy()
+
+    checker = ApiKeys(keys)
+    app.add_middleware(
+        Gate, keys=checker, metrics=metrics, full=lambda: refusal() if full() else None
+    )
+    app.state.early_refusal = early_refusal(checker, metrics, full, refusal)
     _add_static_routes(app, model, settings)
-    _add_predict_route(app, model, settings, batcher)
+    _add_predict_route(app, model, settings)
+    if keys:
+        secure_docs(app)
     return app
 
 
 # ----------------------------------------------------------------------------- the server
-
-
-def _listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port``, or a GraftError saying why not. Bound here, not by
-    uvicorn, which logs a bind failure and calls sys.exit(1)."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise UsageError(f"--port must be a whole number from 1 to 65535, got {port!r}.")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except (socket.gaierror, UnicodeError) as exc:
-        raise UsageError(
-            f"--host {host!r} is not an address of this machine ({exc}): use 127.0.0.1, "
-            "0.0.0.0 or a name that resolves."
-        ) from exc
-    sock = socket.socket(family, kind, proto)
-    try:
-        if os.name != "nt":
-            # as uvicorn does: a restart may reuse a port in TIME_WAIT, never a listening one
-            # (on Windows the same option would let it take a port another server listens on)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        where = f"port {port} on {host}"
-        if exc.errno == errno.EADDRINUSE:
-            message = f"{where} is in use: choose another --port or stop the other server."
-        elif exc.errno in (errno.EACCES, errno.EPERM):
-            message = f"{where} needs privileges: choose a --port above 1023."
-        else:
-            message = os_error_message(exc, f"listen on {where}") or f"{where}: {exc}."
-        raise SystemResourceError(message) from exc
-    return sock
-
-
-def _h11_with_header_deadline(seconds: float) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol, closing a connection whose request line and headers are not
-    all in ``seconds`` after it opened or after its last response, or that still sends a
-    body ``seconds`` after it was answered. uvicorn (0.54) has no such timeout: a client
-    sending a header byte now and then held a connection forever."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class HeaderDeadline(H11Protocol):
-        _deadline: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-            super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-            self._deadline = self.loop.call_later(seconds, self._expire)
-
-        def _expire(self) -> None:
-            waiting = self.conn.their_state is h11.IDLE  # still no complete request
-            # or still sending a body the server already answered (413, 503): drop it
-            draining = self.conn.their_state is h11.SEND_BODY and self.conn.our_state in (
-                h11.DONE,
-                h11.MUST_CLOSE,
-            )
-            if (waiting or draining) and not self.transport.is_closing():
-                self.transport.close()
-
-    return HeaderDeadline
 
 
 def build_server(
@@ -526,26 +460,59 @@ def build_server(
     settings: ServeSettings | None = None,
     log_level: str = "info",
     unknown: bool = True,
-) -> tuple[Any, socket.socket]:
+    *,
+    api_keys: Sequence[str] = (),
+    no_auth: bool = False,
+    grace_s: float = 20.0,
+    log_format: str = "text",
+) -> tuple[Any, Any]:
     """A uvicorn server for ``source`` and the socket it will listen on (bound here first,
-    before the model loads, so a taken port fails fast): ``server.run(sockets=[sock])``."""
+    before the model loads, so a taken port fails fast): ``server.run(sockets=[sock])``.
+    A socket reachable from other machines needs ``api_keys``, or ``no_auth=True`` to accept
+    the risk. SIGTERM stops it gracefully: requests in progress get ``grace_s`` seconds."""
     import uvicorn
 
     settings = settings or ServeSettings()
-    sock = _listening_socket(host, port)
+    keys = load_api_keys(api_keys)
+    if keys and no_auth:
+        raise UsageError("--no-auth and an API key contradict each other: give one of them.")
+    if (
+        isinstance(grace_s, bool)
+        or not isinstance(grace_s, int | float)
+        or not 0 <= grace_s <= 3600
+    ):
+        raise UsageError(f"--grace-s must be a number of seconds from 0 to 3600, got {grace_s!r}.")
+    configure_logging(log_format, log_level)
+    sock = listening_socket(host, port)
     try:
+        if not keys and not no_auth and not is_loopback(sock):
+            raise UsageError(
+                f"--host {host} lets other machines reach the API, and no API key is set: "
+                "anyone who can connect could use it. Give a key (--api-key-file FILE, the "
+                "GRAFT_API_KEY variable or --api-key KEY; clients send 'Authorization: Bearer "
+                "KEY'), or pass --no-auth to accept the risk (e.g. behind a proxy that "
+                "authenticates)."
+            )
+        app = create_app(source, settings, unknown, keys)
         config = uvicorn.Config(
-            create_app(source, settings, unknown),
+            app,
+            log_config=None,  # configure_logging did it: one format for every line
             log_level=log_level,
-            http=_h11_with_header_deadline(settings.header_timeout_s),
-            limit_concurrency=settings.max_connections,
+            access_log=False,  # graft.serve_ops.Gate logs each request instead
+            http=h11_protocol(
+                settings.header_timeout_s,
+                settings.max_connections,
+                app.state.early_refusal,
+                app.state.metrics.record,
+            ),
             timeout_keep_alive=max(1, math.ceil(settings.keep_alive_s)),
+            timeout_graceful_shutdown=grace_s,
             h11_max_incomplete_event_size=16 * 1024,  # request line and headers
         )
     except BaseException:
         sock.close()
         raise
-    return uvicorn.Server(config), sock
+    return graft_server(config, app.state.health, grace_s), sock
 
 
 def serve(
@@ -555,9 +522,11 @@ def serve(
     settings: ServeSettings | None = None,
     log_level: str = "info",
     unknown: bool = True,
+    **options: Any,
 ) -> None:
-    """Serve until interrupted (uvicorn, one process: the model loads once)."""
-    server, sock = build_server(source, host, port, settings, log_level, unknown)
+    """Serve until stopped (uvicorn, one process: the model loads once); ``options`` are
+    build_server's (api_keys, no_auth, grace_s, log_format)."""
+    server, sock = build_server(source, host, port, settings, log_level, unknown, **options)
     with sock:
         server.run(sockets=[sock])
 
@@ -569,7 +538,9 @@ __all__ = [
     "ServeSettings",
     "ServedModel",
     "build_server",
+    "configure_logging",
     "create_app",
+    "load_api_keys",
     "redact_report",
     "serve",
 ]

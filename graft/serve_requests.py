@@ -31,6 +31,7 @@ from fastapi import HTTPException, Request
 from PIL import Image
 
 from .errors import UsageError
+from .files import decode_error_kind, describe_decode_error  # torch-free, unlike graft.data
 
 MB = 1024 * 1024
 
@@ -49,8 +50,17 @@ _MAXIMA: dict[str, float] = {
     "read_timeout_s": 3600,
     "header_timeout_s": 3600,
     "keep_alive_s": 3600,
+    "max_queue": 100_000,
+    "timeout_ms": 3_600_000,
 }
-_CLI_OPTIONS = {"max_mb": "--max-mb", "max_files": "--max-files", "top_k": "--top-k"}
+_CLI_OPTIONS = {
+    "max_mb": "--max-mb",
+    "max_files": "--max-files",
+    "top_k": "--top-k",
+    "max_queue": "--max-queue",
+    "timeout_ms": "--timeout-ms",
+    "max_connections": "--max-connections",
+}
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,16 @@ class ServeSettings:
     read_timeout_s: float = 60.0  #: for a request body to arrive (else 408)
     header_timeout_s: float = 10.0  #: for a request line and headers (else the socket closes)
     keep_alive_s: float = 5.0  #: an idle keep-alive connection stays open this long
+    #: images waiting for decoding or the model; a request that would go over gets 503 with
+    #: Retry-After. 128 is about a second of work for a small CNN on 2 CPU cores (100-250
+    #: images/s), a fraction of one on a bigger machine: the queue absorbs bursts, and a
+    #: client told to retry soon beats one answered after ten seconds
+    max_queue: int = 128
+    #: from a request's body arriving to its answer; past it 503 with Retry-After and the
+    #: work not yet started is dropped. Well above a full batch on CPU (a few seconds for the
+    #: largest backbones) and below the 60 s a reverse proxy waits by default, so a client
+    #: gets graft's 503 rather than the proxy's 504
+    timeout_ms: float = 10_000.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -105,6 +125,11 @@ class ServeSettings:
         return (self.request_bytes * 4 // 3 if is_json else self.request_bytes) + 64 * 1024
 
     @property
+    def queue_images(self) -> int:
+        # never below one largest request, or that request could never be served
+        return max(self.max_queue, self.max_files)
+
+    @property
     def inflight_bytes(self) -> int:
         # never below one largest request, or that request could never be served
         return max(int(self.max_inflight_mb * MB), 2 * self.body_limit(True))
@@ -135,22 +160,29 @@ class Admission:
     """How many /predict requests, and how many body bytes, the server holds at once. A
     request that would go over either is answered 503 at once rather than queued."""
 
-    def __init__(self, settings: ServeSettings):
-        self.settings = settings
+    def __init__(self, settings: ServeSettings, on_busy: Callable[[], None] = lambda: None):
+        self.settings, self.on_busy = settings, on_busy  # on_busy: each 503, for the metrics
         self.requests = self.bytes = self.since_trim = 0
+
+    def full(self) -> bool:
+        return self.requests >= self.settings.max_requests
+
+    def busy(self) -> HTTPException:
+        """The 503 for a request that finds every slot taken (counted by ``on_busy``)."""
+        self.on_busy()
+        return _refuse(503, f"The server is busy ({self.requests} requests in progress): retry.", 1)
 
     @contextmanager
     def request(self) -> Iterator[Callable[[int], None]]:
         """Hold one request slot; yields ``take(n)``, which holds n more body bytes."""
-        if self.requests >= self.settings.max_requests:
-            raise _refuse(
-                503, f"The server is busy ({self.requests} requests in progress): retry.", 1
-            )
+        if self.full():
+            raise self.busy()
         held = 0
 
         def take(n: int) -> None:
             nonlocal held
             if self.bytes + n > self.settings.inflight_bytes:
+                self.on_busy()
                 raise _refuse(
                     503,
                     f"The server is busy ({self.bytes / MB:.0f} MB of uploads in progress, "
@@ -390,8 +422,6 @@ def prepare_upload(
 ) -> tuple[Any, int, str, int]:
     """``prepare(upload.data)`` (the model's input for an image of ``img_size``) once the
     pixel budget allows: (input, 0, "", pixels decoded) or (None, HTTP status, reason, 0)."""
-    from .data import decode_error_kind, describe_decode_error
-
     try:
         pixels = _check_pixels(upload.data, img_size, max_pixels)
         return prepare(upload.data), 0, "", pixels

@@ -1,5 +1,6 @@
 """The web page of `graft serve`, driven in Debian's headless Chromium through Playwright:
-upload images, see a card per image with its top class and probability bars.
+upload images, see a card per image with its top class and probability bars; on a server
+with an API key, the page asks for the key and keeps it in the tab's session storage only.
 
 Set GRAFT_SCREENSHOT_DIR to keep the screenshots (they go to the test's temp folder
 otherwise)."""
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -20,6 +22,8 @@ import pytest
 from PIL import Image
 
 from graft.serve import ServeSettings, create_app
+
+KEY = "graft-browser-key-0123456789"
 
 
 def _chromium() -> str | None:
@@ -32,27 +36,43 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def server(trained_run: Path) -> Iterator[str]:
+def _start(app: Any) -> Iterator[str]:
     import uvicorn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(trained_run, ServeSettings(max_files=4))
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
+    for _ in range(600):
         try:
-            if httpx.get(url + "/health").status_code == 200:
+            if httpx.get(url + "/readyz").status_code == 200:
                 break
         except httpx.TransportError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     yield url
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(trained_run: Path) -> Iterator[str]:
+    yield from _start(create_app(trained_run, ServeSettings(max_files=4)))
+
+
+@pytest.fixture(scope="module")
+def locked_server(trained_run: Path) -> Iterator[str]:
+    yield from _start(create_app(trained_run, ServeSettings(max_files=4), api_keys=[KEY]))
+
+
+def _browser(p: Any) -> Any:
+    return p.chromium.launch(
+        executable_path=_chromium(),
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+    )
 
 
 def _shot_dir(tmp_path: Path) -> Path:
@@ -73,10 +93,7 @@ def test_upload_shows_bars_and_top_class(server: str, unseen_dir: Path, tmp_path
     ).json()["predictions"]
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=_chromium(),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
+        browser = _browser(p)
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         page.goto(server + "/")
         page.wait_for_selector("#report-link")  # the model description loaded
@@ -105,3 +122,39 @@ def test_upload_shows_bars_and_top_class(server: str, unseen_dir: Path, tmp_path
 
     image = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert image.shape[1] == 1100 and image.std() > 20  # a rendered page, not a blank one
+
+
+def test_locked_server_asks_for_the_key_and_keeps_it_in_the_session(
+    locked_server: str, unseen_dir: Path, tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    image = sorted((unseen_dir / "circle").iterdir())[0]
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1100, "height": 700})
+        page.goto(locked_server + "/")
+        page.wait_for_selector("#key-form:not([hidden])")  # /model said 401: the key is asked
+        page.fill("#key", "graft-browser-key-wrong-00000")
+        page.click("#key-form button")
+        page.wait_for_function("document.querySelector('#key-error').textContent.length > 0")
+        assert "not valid" in page.inner_text("#key-error")
+        assert page.evaluate("sessionStorage.length") == 0  # a refused key is not kept
+        page.fill("#key", KEY)
+        page.click("#key-form button")
+        page.wait_for_selector("#report-link")  # the model description loaded with the key
+        assert page.is_hidden("#key-form")
+        assert page.evaluate("sessionStorage.getItem('graft-api-key')") == KEY
+        assert page.evaluate("localStorage.length") == 0
+        assert page.context.cookies() == []
+        page.set_input_files("#file", [str(image)])
+        page.wait_for_function("document.querySelectorAll('.card').length === 1")
+        assert page.locator(".card .label").get_attribute("data-label")
+        assert "1 image classified" in page.inner_text("#status")
+        page.screenshot(path=str(_shot_dir(tmp_path) / "serve-page-key.png"), full_page=True)
+        with page.expect_popup() as opened:  # a plain link cannot carry the key
+            page.click("#report-link")
+        report = opened.value
+        report.wait_for_load_state()
+        assert report.url.startswith("blob:") and "shapes" in report.content()
+        browser.close()

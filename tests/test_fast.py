@@ -153,3 +153,23 @@ def test_a_graph_that_does_not_fit_its_weights_is_replaced(
     assert isinstance(predictor, Predictor)
     assert len(predictor.predict(images[:1])[0].top) == 3
     assert isinstance(open_predictor(run_copy, n_images=1), ExportPredictor)
+
+
+def test_serving_a_run_with_a_current_export_never_imports_torch(
+    trained_run: Path, images: list[Path]
+) -> None:
+    code = (
+        "import sys, json\n"
+        "from graft.serve import ServedModel\n"
+        f"m = ServedModel({str(trained_run)!r})\n"
+        "m.warm_up(2)\n"
+        f"raw = open({str(images[0])!r}, 'rb').read()\n"
+        "probs, fam = m.split(m.infer([m.prepare(raw), m.prepare(raw)]))\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'engine': m.engine,\n"
+        "    'p': probs[0].tolist()}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout)
+    assert got["torch"] is False and "OpenVINO" in got["engine"]
+    want, _, _ = Predictor.from_run(trained_run, backend="torch").predict_scores(images[:1])
+    assert np.abs(np.array(got["p"]) - want[0]).max() < 1e-4
