@@ -102,14 +102,9 @@ def lr_find(
 
 
 def _plot(lrs: list[float], losses: list[float], suggested: float, path: Path) -> None:
-    import matplotlib
+    from .plots import save_figure, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .plots import save_figure
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = subplots(figsize=(6.4, 4.0))
     ax.plot(lrs, losses, color="#4c72b0")
     ax.set_xscale("log")
     ax.axvline(suggested, color="#2a9d4b", ls="--", label=f"suggested lr {suggested:.1e}")

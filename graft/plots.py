@@ -12,14 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
+from matplotlib.figure import Figure
 
 from .io import atomic_save
 
 STAGE_COLOURS = {"frozen": "#e8f0fe", "fine-tune": "#fef3e2"}
+
+
+def subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
+    """``pyplot.subplots`` without pyplot: a Figure of its own, drawn by Agg when saved.
+    pyplot would choose, or switch, the process's backend (in a notebook, the user's own
+    plots would stop showing) and keep every figure until closed."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kwargs)
 
 
 def save_figure(fig: Any, path: Path) -> None:
@@ -29,13 +36,12 @@ def save_figure(fig: Any, path: Path) -> None:
             tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": "graft"}
         ),
     )
-    plt.close(fig)
 
 
 def plot_class_counts(counts: dict[str, int], path: Path) -> None:
     """Horizontal bars: class names stay readable however many or long they are."""
     names, values = list(counts)[::-1], list(counts.values())[::-1]
-    fig, ax = plt.subplots(figsize=(7.0, max(2.4, 0.38 * len(names) + 1.2)))
+    fig, ax = subplots(figsize=(7.0, max(2.4, 0.38 * len(names) + 1.2)))
     bars = ax.barh(names, values, color="#4c72b0")
     ax.bar_label(bars, padding=3, fontsize=9)
     ax.set_xlabel("images")
@@ -50,7 +56,7 @@ def plot_learning_curves(
 ) -> None:
     """Accuracy and loss, train vs validation, both stages on one epoch axis."""
     steps = [r.step for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "acc", "accuracy"), (axes[1], "loss", "loss")):
         # shade each stage and mark the boundary
         for stage, colour in STAGE_COLOURS.items():
@@ -131,7 +137,7 @@ def plot_confusion_matrix(
 ) -> None:
     n = len(classes)
     size = max(4.5, 0.6 * n + 2.5)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    fig, ax = subplots(figsize=(size, size * 0.9))
     totals = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, totals, out=np.zeros_like(matrix, dtype=float), where=totals > 0)
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
@@ -165,7 +171,7 @@ def plot_prediction_grid(
     n = len(items)
     cols = min(cols, max(1, n))
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     colours = {True: "#1a7f37", False: "#cf222e", None: "black"}
@@ -178,7 +184,7 @@ def plot_prediction_grid(
 
 def plot_reliability(calib: dict, path: Path, title: str = "Calibration") -> None:
     """Reliability diagram: how often predictions of each confidence were right."""
-    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    fig, ax = subplots(figsize=(4.8, 4.4))
     ax.plot([0, 1], [0, 1], "--", color="#888", lw=1, label="perfectly calibrated")
     bins = calib.get("bins", [])
     if bins:
@@ -224,7 +230,7 @@ def plot_top_losses(items: Sequence[dict], path: Path, cols: int = 4) -> None:
     from .io import display
 
     if not items:
-        fig, ax = plt.subplots(figsize=(5, 1.2))
+        fig, ax = subplots(figsize=(5, 1.2))
         ax.axis("off")
         ax.text(0.5, 0.5, "No wrong predictions.", ha="center", va="center")
         save_figure(fig, path)
@@ -232,7 +238,7 @@ def plot_top_losses(items: Sequence[dict], path: Path, cols: int = 4) -> None:
     n = len(items)
     cols = min(cols, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.7 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(2.7 * cols, 3.0 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, items, strict=False):
@@ -261,7 +267,7 @@ def plot_familiarity(inside: np.ndarray, outside: np.ndarray, stats: dict, path:
     lo, hi = float(min(both.min(), threshold)), float(max(both.max(), threshold))
     pad = 0.02 * (hi - lo or 1.0)
     edges = np.linspace(lo - pad, hi + pad, 31)
-    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    fig, ax = subplots(figsize=(7.0, 4.2))
     for values, colour, label in (
         (inside, "#4c72b0", f"in-class ({len(inside)} images)"),
         (outside, "#dd8452", f"others ({len(outside)} images)"),

@@ -1,7 +1,8 @@
 """What a run tells the person watching it: progress bars, epochs, warnings (via rich).
 
 The library is silent unless given a ``Reporter(verbose=True)``; the CLI always gives one.
-Everything goes to stderr so that ``--json``/``--csv`` output on stdout stays clean.
+Everything goes to stderr so that ``--json``/``--csv`` output on stdout stays clean. In a
+Jupyter notebook rich prints HTML outputs, and the bars are HTML too (graft.notebook).
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ class Reporter:
 
     @contextlib.contextmanager
     def bar(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
+        if self.verbose and self.console.is_jupyter:
+            # rich's live bars need ipywidgets in a notebook: an HTML output instead
+            from .notebook import notebook_bar
+
+            with notebook_bar(label, total) as advance:
+                yield advance
+            return
         if not self.verbose or not self.console.is_terminal:
             # Progress bars only on a terminal; logs and pipes get the epoch lines alone.
             yield lambda n: None
