@@ -6,7 +6,8 @@
   one photo) lands on one side only;
 - :func:`choose_split`: what a run uses: groups from ``--group-by REGEX`` / ``--groups-csv``,
   or the audit's near-duplicate clusters at the loosest rung of the grouping ladder that
-  splits soundly (:func:`check_split_sizes`), else image by image;
+  splits soundly (:func:`check_split_sizes`), else image by image; a dataset that came
+  split (graft.layouts) keeps the user's split, its missing parts carved the same way;
 - ``split.csv``: :func:`write_split` / :func:`read_split`, and :func:`data_from_split`, the
   images of an existing run exactly as its split lists them (resume, evaluate).
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,8 +26,9 @@ from typing import Any, Literal
 import numpy as np
 
 from .data import MIN_PER_CLASS, ScanResult
-from .errors import DataError, RunFolderError, SplitError
+from .errors import RunFolderError, SplitError
 from .io import atomic_write_text
+from .layouts import groups_from_csv, groups_from_pattern, named_groups, say_ignored
 
 __all__ = [
     "SUBSETS",
@@ -61,6 +62,10 @@ class Split:
     note: str = ""
     #: classes whose share of validation or test is outside SHARE_BOUNDS, and why
     problems: list[str] = field(default_factory=list)
+    #: the user's own subset of each image, when the dataset came split (graft.layouts)
+    given: list[str] | None = None
+    #: who made which part: {"layout": ..., "by_user": [subsets], "by_graft": [subsets]}
+    source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def grouped(self) -> bool:
@@ -264,10 +269,11 @@ def share_problems(
     test_size: float,
     val_size: float,
     groups: Sequence[str] | None = None,
+    check: Sequence[str] = ("val", "test"),
 ) -> list[str]:
-    """A sentence for each class whose share of validation or test lies outside
-    :data:`SHARE_BOUNDS` of the share asked (one image of slack), saying why when its
-    groups are the reason."""
+    """A sentence for each class whose share of validation or test (those in ``check``)
+    lies outside :data:`SHARE_BOUNDS` of the share asked (one image of slack), saying why
+    when its groups are the reason."""
     total = Counter(labels)
     inside = Counter(zip(labels, subsets, strict=True))
     out = []
@@ -275,7 +281,7 @@ def share_problems(
         bad = []
         for s, share in (("val", val_size), ("test", test_size)):
             lo, hi = _share_bounds(total[c], share)
-            if not lo <= inside[(c, s)] <= hi:
+            if s in check and not lo <= inside[(c, s)] <= hi:
                 got = inside[(c, s)] / total[c]
                 bad.append(f"{s} {got:.0%} (asked {share:.0%})")
         if bad:
@@ -309,63 +315,22 @@ def check_split_sizes(
             )
 
 
-def groups_from_pattern(relpaths: Sequence[str], pattern: str) -> tuple[list[str], int]:
-    """The group of each file from a regex on its path relative to the dataset root: the
-    first capture group, or the whole match. Unmatched files are groups of their own;
-    returns the groups and how many files did not match."""
-    regex = re.compile(pattern)
-    out, unmatched = [], 0
-    for rel in relpaths:
-        m = regex.search(rel)
-        if m is None:
-            unmatched += 1
-            out.append(f"file:{rel}")
-        else:
-            out.append(m.group(1) if regex.groups else m.group(0))
-    return out, unmatched
-
-
-def groups_from_csv(path: Path, relpaths: Sequence[str]) -> tuple[list[str], int, list[str]]:
-    """Groups from a CSV with columns ``path`` (relative to the dataset root) and ``group``.
-    Returns each image's group, how many images the CSV does not name, and its rows that
-    name no image; a CSV that names none of the images is refused (its paths are probably
-    not relative to the root)."""
-    mapping: dict[str, str] = {}
-    try:
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or not {"path", "group"} <= set(reader.fieldnames):
-                raise DataError(
-                    f"{path} needs the columns 'path' and 'group' (found {reader.fieldnames})."
-                )
-            for row in reader:
-                mapping[(row["path"] or "").strip()] = (row["group"] or "").strip()
-    except csv.Error as exc:
-        raise DataError(f"{path} is not a readable CSV file ({exc}).") from exc
-    out = [mapping.get(rel, f"file:{rel}") for rel in relpaths]
-    named = set(relpaths)
-    stray = [p for p in mapping if p not in named]
-    if mapping and len(stray) == len(mapping):
-        like = f", like {relpaths[0]!r}" if relpaths else ""
-        raise DataError(
-            f"None of the {len(mapping)} paths in {path} is an image of the data folder (e.g. "
-            f"{stray[0]!r}). Write them relative to the data folder{like}."
-        )
-    return out, sum(rel not in mapping for rel in relpaths), stray
-
-
 def write_split(
     path: Path, data: ScanResult, subsets: Sequence[str], groups: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """Write ``split.csv``; returns what config.json should record of it (``rows``, and the
-    file's ``sha256``), so that a truncated or edited file is told from the one written."""
+    file's ``sha256``), so that a truncated or edited file is told from the one written.
+    A dataset that came split adds the column ``given_subset``: the part the user put each
+    image in (a validation image carved from the user's training images says ``train``)."""
     groups = groups or [""] * len(subsets)
+    given = data.given
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "class", "subset", "sha256", "group"])
+    writer.writerow(["path", "class", "subset", "sha256", "group"] + ["given_subset"] * bool(given))
     rows = zip(data.paths, data.labels, subsets, data.sha256, groups, strict=True)
-    for p, label, subset, sha, group in rows:
-        writer.writerow([data.relpath(p), data.classes[label], subset, sha, group])
+    for i, (p, label, subset, sha, group) in enumerate(rows):
+        extra = [given[i]] if given else []
+        writer.writerow([data.relpath(p), data.classes[label], subset, sha, group, *extra])
     text = buf.getvalue()
     atomic_write_text(path, text)
     from .integrity import split_sha256
@@ -396,11 +361,14 @@ def choose_split(
 ) -> Split:
     """The split of a new run: by the groups the user named, by the audit's near-duplicate
     clusters (``report``, an :class:`graft.audit.AuditReport`; ``embeddings``, the features
-    it compared, let look-alike clusters be told from near-copies), or image by image."""
+    it compared, let look-alike clusters be told from near-copies), or image by image. A
+    dataset that came split keeps its split (:func:`_user_split`)."""
+    if getattr(data, "given", None) is not None:
+        return _user_split(config, data, report, reporter, embeddings)
     if _groups_by_clusters(config, report):
         split = _cluster_split(config, data, report, reporter, embeddings)
     else:
-        groups, note = _resolve_groups(config, data)
+        groups, note = named_groups(config, data)
         if groups is not None:
             subsets = make_group_split(
                 data.labels, groups, data.classes, config.test_size, config.val_size, config.seed
@@ -414,7 +382,71 @@ def choose_split(
     split.problems = share_problems(
         split.subsets, data.labels, data.classes, config.test_size, config.val_size, split.groups
     )
+    layout = getattr(data, "layout", "class folders")
+    split.source = {"layout": layout, "by_user": [], "by_graft": list(SUBSETS)}
     return split
+
+
+def _user_split(
+    config: Any, data: ScanResult, report: Any, reporter: Any, embeddings: np.ndarray | None
+) -> Split:
+    """The split of a dataset that came split (``data.given``; graft.layouts), used as
+    given. A part it lacks (validation, test) is carved from its training images as a
+    folder would be split (:func:`choose_split`: stratified, grouped by the user's groups
+    or the audit's near-copy clusters), taking --val-size / --test-size of them."""
+    given = list(data.given or [])
+    count = Counter(given)
+    missing = [s for s in ("val", "test") if not count[s]]
+    who = "the folder's own split" if data.layout == "split folders" else "the CSV's split column"
+    say_ignored(config, reporter, missing, who)
+    by_user = sorted(count, key=SUBSETS.index)
+    source = {"layout": data.layout, "by_user": by_user, "by_graft": missing}
+    if not missing:
+        note = (
+            f"Split: {who}, used as given (train {count['train']} / validation "
+            f"{count['val']} / test {count['test']})."
+        )
+        return Split(given, None, note, given=given, source=source)
+    train = [i for i, s in enumerate(given) if s == "train"]
+    part = data.subset(train)
+    part.given = None  # now a folder of class folders to split
+    words = " and ".join({"val": "validation", "test": "test"}[s] for s in missing)
+    try:
+        sub_embeddings = embeddings[train] if embeddings is not None else None
+        carved = choose_split(config, part, report.subset(train), reporter, sub_embeddings)
+    except SplitError as exc:
+        raise SplitError(f"Carving {words} from the training images of {who}: {exc}") from exc
+    subsets, groups = list(given), [""] * len(given) if carved.groups else None
+    for k, i in enumerate(train):
+        # only the missing parts are taken: what else the carving held out stays in train
+        subsets[i] = carved.subsets[k] if carved.subsets[k] in missing else "train"
+        if groups is not None and carved.groups is not None:
+            groups[i] = carved.groups[k]
+    shares = " and ".join(
+        f"{config.val_size if s == 'val' else config.test_size:.0%}" for s in missing
+    )
+    note = (
+        f"Split: {who}; {words} carved from its {len(train)} training images ({shares} of "
+        f"them). {carved.note or 'Stratified, image by image.'}"
+    )
+    split = Split(subsets, groups, note, given=given, source=source)
+    split.problems = split_problems(split, data, config)
+    return split
+
+
+def split_problems(split: Split, data: ScanResult, config: Any) -> list[str]:
+    """:func:`share_problems` of a run's split; for a dataset that came split, only of the
+    parts graft carved from the user's training images, against the shares asked of them."""
+    pick = range(len(split.subsets))
+    if split.given is not None:
+        pick = [i for i, g in enumerate(split.given) if g == "train"]
+    subsets = [split.subsets[i] for i in pick]
+    groups = [split.groups[i] for i in pick] if split.grouped and split.groups else None
+    check = {"val", "test"} if split.given is None else set(subsets) - {"train"}
+    labels = [data.labels[i] for i in pick]
+    return share_problems(
+        subsets, labels, data.classes, config.test_size, config.val_size, groups, sorted(check)
+    )
 
 
 def _groups_by_clusters(config: Any, report: Any) -> bool:
@@ -514,27 +546,6 @@ def _cluster_split(
 SEQUENCE_SHARE = 0.25
 
 
-def _resolve_groups(config: Any, data: ScanResult) -> tuple[list[str] | None, str]:
-    """The group of each image, from --group-by REGEX / --groups-csv, and a sentence saying
-    so (clusters of the audit are :func:`_cluster_split`'s)."""
-    rel = [data.relpath(p) for p in data.paths]
-    if config.groups_csv:
-        groups, unmatched, stray = groups_from_csv(Path(config.groups_csv), rel)
-        source = f"groups from {config.groups_csv}"
-        if stray:
-            source += f" ({len(stray)} of its rows name no image, e.g. {stray[0]!r}: ignored)"
-    elif config.group_by and config.group_by not in ("auto", "none"):
-        groups, unmatched = groups_from_pattern(rel, config.group_by)
-        source = f"groups from --group-by {config.group_by!r}"
-    else:
-        return None, ""
-    n = len(set(groups))
-    note = f"Split by group: {source}; {n} groups"
-    if unmatched:
-        note += f" ({unmatched} files matched no group and form groups of their own)"
-    return groups, note + "."
-
-
 def data_from_split(
     run: Path,
     data_root: str | Path | None,
@@ -564,11 +575,15 @@ def data_from_split(
     check_split_images(
         rundir, root, [rows.relpaths[i] for i in keep], [rows.hashes[i] for i in keep], purpose
     )
+    with open(rundir.split, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        given = [r.get("given_subset") or "" for r in csv.DictReader(fh)]  # a dataset came split
     data = ScanResult(
         root,
         list(config["classes"]),
         [root / rows.relpaths[i] for i in keep],
         [rows.labels[i] for i in keep],
         [rows.hashes[i] for i in keep],
+        given=[given[i] for i in keep] if any(given) else None,
     )
-    return data, Split([rows.subsets[i] for i in keep], [rows.groups[i] for i in keep])
+    subsets, groups = [rows.subsets[i] for i in keep], [rows.groups[i] for i in keep]
+    return data, Split(subsets, groups, given=data.given)
