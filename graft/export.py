@@ -11,6 +11,11 @@ An export folder holds everything another program needs and nothing from trainin
 - ``MODEL_CARD.md``: data, classes, metrics with intervals, intended use and limits;
 - ``report.html`` when the run has one (``graft serve`` links to it).
 
+``--int8`` (ONNX and OpenVINO) quantizes the network to INT8, calibrated on the run's
+training images, and records its agreement with fp32 on the held-out split in ``graft.json``
+(``int8``) and the model card (graft.quantize). It is never the default: it moves the
+probabilities, by an amount each export states.
+
 ``graft.json`` lists the files the export wrote (``files``). The folder is written beside its
 destination and renamed into place, so a failed export never leaves half a model behind;
 ``--force`` over an earlier export replaces only the files graft wrote there and keeps
@@ -41,11 +46,15 @@ from .errors import (
     os_error_message,
 )
 from .model import GraftModel, load_model, resolve_model_file
+from .modelinfo import read_info
+from .quantize import RunImages
 from .report import template_environment
 from .rundir import REPORT, RunDir
 from .runtime import METADATA_FILE, MODEL_FILES
 
 FORMATS = tuple(MODEL_FILES)
+#: the formats ``--int8`` writes (ONNX Runtime and OpenVINO both run QDQ graphs in INT8)
+INT8_FORMATS = ("onnx", "openvino")
 #: largest difference in probabilities allowed between an export and graft's own predict,
 #: checked on real images by tests/test_export.py
 EXPORT_ATOL = {"onnx": ONNX_ATOL, "openvino": ONNX_ATOL, "torchscript": 1e-5}
@@ -76,15 +85,9 @@ def _write_network(model: GraftModel, fmt: str, folder: Path) -> Path:
     if fmt == "onnx":
         export_onnx(graph, size, target, output_name=output_name(model))
     elif fmt == "openvino":
-        try:
-            import openvino as ov
-        except ImportError as exc:
-            raise UsageError(
-                "The openvino format needs the OpenVINO package: pip install 'graft[openvino]'."
-            ) from exc
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = export_onnx(graph, size, Path(tmp) / "model.onnx", output_name(model))
-            ov.save_model(ov.convert_model(str(onnx_path)), str(target), compress_to_fp16=False)
+            _save_openvino(onnx_path, target)
     elif fmt == "torchscript":
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TorchScript's deprecation notice
@@ -95,6 +98,78 @@ def _write_network(model: GraftModel, fmt: str, folder: Path) -> Path:
     return target
 
 
+def _save_openvino(onnx_path: Path, target: Path) -> None:
+    """An ONNX graph as OpenVINO IR; a QDQ (INT8) graph becomes FakeQuantize operations,
+    which OpenVINO runs with INT8 kernels."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise UsageError(
+            "The openvino format needs the OpenVINO package: pip install 'graft[openvino]'."
+        ) from exc
+    ov.save_model(ov.convert_model(str(onnx_path)), str(target), compress_to_fp16=False)
+
+
+def _stage_int8(
+    model: GraftModel, fmt: str, run_dir: Path, staging: Path, images: RunImages
+) -> tuple[Path, dict[str, Any]]:
+    """Write the INT8 network into ``staging`` and measure it, as the exported runtime runs
+    it, against the fp32 graph on the held-out test images (graft.quantize)."""
+    from .fast import OnnxEngine
+    from .quantize import agreement, batches, quantize_onnx
+    from .runtime import ExportedModel, ExportError, preprocess, split_output
+
+    info = model.info
+    graph = Probabilities(model).eval().to("cpu", memory_format=torch.contiguous_format)
+    target = staging / MODEL_FILES[fmt]
+    with tempfile.TemporaryDirectory(prefix="graft-int8-") as tmp:
+        fp32 = export_onnx(graph, info.img_size, Path(tmp) / "fp32.onnx", output_name(model))
+        try:
+            qdq = quantize_onnx(
+                fp32, Path(tmp) / "int8.onnx", lambda: batches(images.calibration, info)
+            )
+        except (GraftError, OSError):
+            raise
+        except Exception as exc:  # ONNX Runtime's quantizer on a graph it cannot handle
+            raise UsageError(
+                f"ONNX Runtime could not quantize this model to INT8 ({exc}); export it "
+                "without --int8."
+            ) from exc
+        if fmt == "onnx":
+            shutil.copyfile(qdq, target)
+        else:
+            _save_openvino(qdq, target)
+        meta = export_metadata(model, fmt, run_dir, target, int8=True)
+        # the export as a user loads it (graft_runtime.ExportedModel), so the agreement
+        # recorded is that of the engine and graph they will run
+        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            exported = ExportedModel(staging)
+        except ExportError as exc:
+            raise UsageError(
+                f"The INT8 model was written but does not load ({exc}); export without --int8."
+            ) from exc
+        reference = OnnxEngine(fp32)
+        has_familiarity = model.familiarity is not None
+
+        def fp32_scores(ims: list[Any]) -> tuple[Any, Any]:
+            x = preprocess(ims, info.img_size, info.mean, info.std, info.trim)
+            return split_output(reference.run(x), len(info.classes), has_familiarity)
+
+        report = agreement(fp32_scores, exported.predict_scores_images, images, info)
+    meta["int8"] = {
+        "calibration_images": len(images.calibration),
+        "calibration": "a class-balanced sample of the run's training split (its seed)",
+        "quantization": "ONNX Runtime static post-training quantization: QDQ, INT8 weights "
+        "per channel (7-bit range), UINT8 activations (MinMax ranges); the head, softmax and "
+        "familiarity after the pooled features stay fp32",
+        "engine": exported.engine,
+        "compared_on": "the run's held-out test split, against the fp32 graph",
+        **report,
+    }
+    return target, meta
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -103,7 +178,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_metadata(model: GraftModel, fmt: str, run: Path, model_file: Path) -> dict[str, Any]:
+def export_metadata(
+    model: GraftModel, fmt: str, run: Path, model_file: Path, int8: bool = False
+) -> dict[str, Any]:
     info = model.info
     summary = _read_json(RunDir(run).summary)
     return {
@@ -112,6 +189,7 @@ def export_metadata(model: GraftModel, fmt: str, run: Path, model_file: Path) ->
         "graft_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "format": fmt,
+        "precision": "int8" if int8 else "fp32",
         "model_file": model_file.name,
         "model_sha256": _sha256(model_file),
         "backbone": info.backbone,
@@ -153,9 +231,19 @@ def export_metadata(model: GraftModel, fmt: str, run: Path, model_file: Path) ->
         ),
         "unknown_rule": "unknown when the top probability < unknown_threshold, or the "
         "familiarity < familiarity.threshold (graft_runtime.is_unknown)",
-        "tolerance": {"max_abs_prob_diff_vs_graft": EXPORT_ATOL[fmt]},
+        "tolerance": _tolerance(fmt, int8),
         "metrics": {k: summary[k] for k in ("test", "open_set", "calibration") if k in summary},
         "source_run": str(run.resolve()),
+    }
+
+
+def _tolerance(fmt: str, int8: bool) -> dict[str, Any]:
+    if not int8:
+        return {"max_abs_prob_diff_vs_graft": EXPORT_ATOL[fmt]}
+    return {
+        "max_abs_prob_diff_vs_graft": None,
+        "note": "INT8 is not held to graft's fp32 tolerance; how far it moved the "
+        "probabilities on the held-out split is in 'int8'",
     }
 
 
@@ -251,9 +339,14 @@ def _install(staging: Path, out: Path, old: set[str] | None) -> None:
     staging.rmdir()
 
 
-def _stage(model: GraftModel, fmt: str, run_dir: Path, staging: Path) -> None:
-    model_file = _write_network(model, fmt, staging)
-    meta = export_metadata(model, fmt, run_dir, model_file)
+def _stage(
+    model: GraftModel, fmt: str, run_dir: Path, staging: Path, images: RunImages | None
+) -> None:
+    if images is None:
+        model_file = _write_network(model, fmt, staging)
+        meta = export_metadata(model, fmt, run_dir, model_file)
+    else:
+        model_file, meta = _stage_int8(model, fmt, run_dir, staging, images)
     (staging / "MODEL_CARD.md").write_text(model_card(model, run_dir, meta))
     shutil.copyfile(Path(__file__).with_name("runtime.py"), staging / "graft_runtime.py")
     if RunDir(run_dir).report.is_file():
@@ -264,17 +357,43 @@ def _stage(model: GraftModel, fmt: str, run_dir: Path, staging: Path) -> None:
 
 
 def export_run(
-    run: str | Path, fmt: str = "onnx", out: str | Path | None = None, force: bool = False
+    run: str | Path,
+    fmt: str = "onnx",
+    out: str | Path | None = None,
+    force: bool = False,
+    int8: bool = False,
+    data_root: str | Path | None = None,
 ) -> Path:
-    """Write ``run``'s model as ``fmt`` into ``out`` (default ``RUN/export-FMT``). With
-    ``force``, an earlier export there is replaced file by file; files the user added to it
-    are kept, and a folder that is not a graft export is refused unless it is empty."""
+    """Write ``run``'s model as ``fmt`` into ``out`` (default ``RUN/export-FMT``, or
+    ``RUN/export-FMT-int8``). With ``force``, an earlier export there is replaced file by
+    file; files the user added to it are kept, and a folder that is not a graft export is
+    refused unless it is empty.
+
+    ``int8`` (onnx, openvino) quantizes the network, calibrated on the run's training
+    images and compared with fp32 on its test images (graft.json's ``int8``); both are read
+    under ``data_root`` when given, else where the run was trained."""
     if fmt not in FORMATS:
         raise UsageError(f"Unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    if int8 and fmt not in INT8_FORMATS:
+        raise UsageError(
+            f"--int8 is for the {' and '.join(INT8_FORMATS)} formats (TorchScript has no INT8 "
+            "export here): use --format onnx or --format openvino, or leave out --int8."
+        )
+    if data_root is not None and not int8:
+        raise UsageError(
+            "--data-root tells --int8 where the run's images are; an fp32 export needs no "
+            "images: leave it out, or add --int8."
+        )
     weights = resolve_model_file(run)
     run_dir = weights.parent
-    out = Path(out) if out is not None else run_dir / f"export-{fmt}"
+    suffix = "-int8" if int8 else ""
+    out = Path(out) if out is not None else run_dir / f"export-{fmt}{suffix}"
     old = _replaceable(out, force)
+    images = None
+    if int8:  # before the model loads: missing images are the likeliest failure
+        from .quantize import run_images
+
+        images = run_images(run_dir, read_info(weights)[1].classes, data_root)
     model = load_model(weights)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +401,7 @@ def export_run(
     except OSError as exc:
         raise _os_error(exc, out) from exc
     try:
-        _stage(model, fmt, run_dir, staging)
+        _stage(model, fmt, run_dir, staging, images)
         _install(staging, out, old)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -300,4 +419,4 @@ def _os_error(exc: OSError, out: Path) -> GraftError:
     return UsageError(f"Could not write the export to {out}: {exc}. Choose another --out.")
 
 
-__all__ = ["EXPORT_ATOL", "FORMATS", "export_run", "model_card"]
+__all__ = ["EXPORT_ATOL", "FORMATS", "INT8_FORMATS", "export_run", "model_card"]
