@@ -7,9 +7,12 @@ Each command is a fresh process, run ``--repeat`` times interleaved (help, fast,
 ...), so a noisy machine slows all of them alike; medians and the ratio are reported, with
 the peak resident memory of each (GNU time's %M).
 
-    python benchmarks/bench_coldstart.py RUN IMAGE [--repeat 5] [--json out.json]
+    python benchmarks/bench_coldstart.py RUN IMAGE [--folder DIR] [--repeat 5] [--json out.json]
 
-RUN is a run folder made by `graft train` (e.g. runs/demo after `make demo`).
+RUN is a run folder made by `graft train` (e.g. runs/demo after `make demo`). With
+``--folder``, also the throughput of `graft predict RUN DIR --out FILE.csv` (files per second,
+end to end, decoding included) against the network alone on the same engine (the
+preprocessed images of DIR in batches of 32), and the PyTorch path's throughput.
 """
 
 from __future__ import annotations
@@ -48,10 +51,51 @@ def _gnu_time() -> bool:
     return Path("/usr/bin/time").is_file()
 
 
+def _throughput(run: Path, folder: Path, env: dict[str, str], graft: str) -> dict[str, float]:
+    """Files per second of `graft predict --out` (fast and torch paths) and of the engine
+    alone on the same preprocessed batches."""
+    from graft.fast import open_predictor
+    from graft.files import expand_inputs
+
+    paths = expand_inputs([folder])
+    out: dict[str, float] = {"images": len(paths)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in (("fast", {}), ("torch", {"GRAFT_ENGINE": "torch"})):
+            csv = Path(tmp) / f"{name}.csv"
+            t = time.perf_counter()
+            subprocess.run(
+                [graft, "predict", str(run), str(folder), "--out", str(csv)],
+                check=True,
+                capture_output=True,
+                env={**env, **extra},
+            )
+            out[f"predict_{name}_files_per_s"] = round(len(paths) / (time.perf_counter() - t), 1)
+    predictor = open_predictor(run, n_images=len(paths))
+    engine = getattr(predictor, "engine", None)
+    if engine is not None:
+        import numpy as np
+
+        batches = [
+            np.stack([predictor.prepare(p) for p in paths[i : i + 32]])  # type: ignore[attr-defined]
+            for i in range(0, len(paths), 32)
+        ]
+        engine.run(batches[0])  # compile the shape first, as a job does once
+        t = time.perf_counter()
+        for batch in batches:
+            engine.run(batch)
+        out["network_only_images_per_s"] = round(len(paths) / (time.perf_counter() - t), 1)
+        out["engine"] = engine.name  # type: ignore[assignment]
+        out["end_to_end_over_network"] = round(
+            out["predict_fast_files_per_s"] / out["network_only_images_per_s"], 3
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("image", type=Path)
+    ap.add_argument("--folder", type=Path, default=None)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -82,6 +126,8 @@ def main() -> None:
     fast = result["predict_fast"]["median_s"]  # type: ignore[index]
     torch_s = result["predict_torch"]["median_s"]  # type: ignore[index]
     result["predict_fast_over_torch"] = round(fast / torch_s, 3)
+    if args.folder is not None:
+        result["folder"] = _throughput(args.run, args.folder, env, graft)
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ SystemResourceError when the system refuses a write (read-only, full disk).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import shutil
 import tempfile
@@ -34,6 +36,7 @@ from .errors import (
     UsageError,
     os_error_message,
 )
+from .notebook import EvaluationResult
 
 PathLike = str | os.PathLike[str]
 
@@ -77,19 +80,32 @@ def _copy_tree(source: Path, target: Path) -> None:
             shutil.copy2(Path(root) / name, into / name)
 
 
+def _param_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _check_names(params: dict[str, Any]) -> None:
+    unknown = sorted(set(params) - set(_param_names()))
+    if unknown:
+        raise UsageError(
+            f"Unknown parameter(s) {', '.join(unknown)}: ImageClassifier takes those of "
+            f"TrainConfig ({', '.join(sorted(_param_names()))})."
+        )
+
+
 class ImageClassifier:
-    """Transfer-learning image classifier. Parameters are those of :class:`TrainConfig`."""
+    """Transfer-learning image classifier. Parameters are those of :class:`TrainConfig`,
+    each an attribute (``clf.epochs``), as in scikit-learn: ``get_params``/``set_params``,
+    ``sklearn.base.clone`` and a repr of the parameters that differ from the defaults.
+    Unlike scikit-learn, a bad value fails here rather than in ``fit``, with the CLI's
+    message. In a notebook a classifier, and an evaluation, show as a compact table."""
 
     def __init__(self, **params: Any):
-        known = set(TrainConfig.__dataclass_fields__)
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise UsageError(
-                f"Unknown parameter(s) {', '.join(unknown)}: ImageClassifier takes those of "
-                f"TrainConfig ({', '.join(sorted(known))})."
-            )
+        _check_names(params)
         TrainConfig(**params)  # fail early on bad parameters, with the CLI's messages
-        self.params = params
+        defaults = TrainConfig()
+        for name in _param_names():  # the objects given, as sklearn's clone checks
+            setattr(self, name, params[name] if name in params else getattr(defaults, name))
 
     def __getattr__(self, name: str) -> Any:
         # Learned attributes (classes_, run_dir_, ...) exist only after fit/load: say so.
@@ -100,24 +116,82 @@ class ImageClassifier:
             )
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def get_params(self) -> dict[str, Any]:
-        return dict(self.params)
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Every parameter by name (``deep`` is scikit-learn's: there are no nested
+        estimators, so it changes nothing)."""
+        return {name: getattr(self, name) for name in _param_names()}
+
+    def set_params(self, **params: Any) -> ImageClassifier:
+        """Change parameters (all checked before any is set); returns self. A fitted
+        classifier keeps its model until the next ``fit``."""
+        _check_names(params)
+        TrainConfig(**{**self.get_params(), **params})
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def _changed_params(self) -> dict[str, Any]:
+        defaults = TrainConfig()
+        return {k: v for k, v in self.get_params().items() if v != getattr(defaults, k)}
+
+    def __repr__(self) -> str:
+        from .notebook import params_text
+
+        return f"{type(self).__name__}({params_text(self._changed_params())})"
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self.__dict__.get("_predictor") is not None
+
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's tags (its checks and ``check_is_fitted`` ask, from 1.6): a
+        classifier to fit first, labels from the folders (fit takes no y), image paths in."""
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type="classifier",
+            target_tags=TargetTags(required=False),
+            classifier_tags=ClassifierTags(),
+            input_tags=InputTags(one_d_array=True, two_d_array=False, string=True),
+        )
+
+    def _repr_html_(self) -> str:
+        from .notebook import classifier_html
+
+        fitted = self.__sklearn_is_fitted__()
+        return classifier_html(
+            type(self).__name__,
+            self._changed_params(),
+            Path(self.run_dir_) if fitted else None,
+            list(self.classes_) if fitted else [],
+        )
 
     # ------------------------------------------------------------------ training
     def fit(
         self,
-        folder: PathLike,
+        folder: PathLike | None = None,
         out: PathLike | None = None,
         force: bool = False,
         verbose: bool = False,
+        *,
+        labels_csv: PathLike | None = None,
     ) -> ImageClassifier:
-        """Train on ``folder`` (one sub-folder per class). The run folder ``out`` keeps the
-        model, split, history and plots; without it a temporary folder is used."""
+        """Train on ``folder`` (one sub-folder per class, or already split: train/, val/ and
+        test/ folders of class folders, used as given), or on the images ``labels_csv``
+        lists (columns path,label and optionally split; graft.layouts). The run folder
+        ``out`` keeps the model, split, history and plots; without it a temporary folder is
+        used."""
         from .predict import Predictor
         from .progress import Reporter
         from .train import fit
 
-        folder = _as_path(folder, "folder")
+        params = self.get_params()
+        if labels_csv is not None:
+            params["labels_csv"] = str(_as_path(labels_csv, "labels_csv"))
+        if folder is not None and params.get("labels_csv"):
+            raise UsageError("Give fit either a folder or labels_csv, not both.")
+        if folder is None and not params.get("labels_csv"):
+            raise UsageError("fit needs the data: a folder, or labels_csv=FILE.")
+        folder = _as_path(folder, "folder") if folder is not None else None
         run = _as_path(out, "out") if out is not None else None
         if run is None:
             try:
@@ -125,7 +199,7 @@ class ImageClassifier:
             except OSError as exc:
                 raise _os_error(exc, "create a temporary run folder") from exc
         result = fit(
-            TrainConfig(**self.params),
+            TrainConfig(**params),
             folder,
             run,
             force=force or out is None,
@@ -238,6 +312,30 @@ class ImageClassifier:
         pred = self._proba([Path(p) for p in data.paths]).argmax(1)
         return float((pred == np.asarray(data.labels)).mean())
 
+    def evaluate(
+        self,
+        folder: PathLike | None = None,
+        *,
+        tta: bool = False,
+        others: PathLike | None = None,
+        verbose: bool = False,
+    ) -> EvaluationResult:
+        """``graft evaluate``: the held-out test split (``folder`` None; written to the
+        run folder) or a labelled ``folder`` (written to ``RUN/eval-NAME``). A dict of
+        ``evaluation.json``'s content, shown as a table when it ends a notebook cell."""
+        from .evaluate import evaluate_run
+        from .progress import Reporter
+
+        self._check()
+        result = evaluate_run(
+            self.run_dir_,
+            _as_path(folder, "folder") if folder is not None else None,
+            reporter=Reporter(verbose=verbose),
+            tta=tta,
+            others=_as_path(others, "others") if others is not None else None,
+        )
+        return EvaluationResult(result)
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: PathLike, force: bool = False) -> Path:
         """Copy the run folder (model, config, split, history, plots) to ``path``.
@@ -299,3 +397,14 @@ class ImageClassifier:
         self.classes_ = list(self._predictor.classes)
         self.run_dir_ = run
         return self
+
+
+# The parameters in the signature, as scikit-learn reads them (its clone and checks, and
+# the help a notebook shows): TrainConfig's fields, keyword-only, with their defaults.
+ImageClassifier.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+        for f in dataclasses.fields(TrainConfig)
+    ]
+)

@@ -7,7 +7,9 @@ validation accuracy says nothing about new images. The audit finds:
 - exact duplicates (identical file content, by SHA-256);
 - exact duplicates filed under different classes (almost always a labelling error);
 - near-duplicates: pairs whose backbone embeddings have cosine similarity >= a threshold;
-- pairs that straddle the split (one image in train, its near-copy in validation or test).
+- pairs that straddle the split (one image in train, its near-copy in validation or test),
+  whether graft made the split or the user did (ROOT/train|val|test/, a labels CSV's split
+  column: graft.layouts); the user's own are named with examples and how to fix them.
 
 Near-duplicate pairs are joined into clusters (connected components); ``--group-by auto``
 keeps each cluster on one side of the split.
@@ -93,6 +95,8 @@ class AuditReport:
     #: cluster id per image at looser thresholds (for grouping the split), by threshold
     looser: dict[float, list[int]] = field(default_factory=dict)
     straddling: Pairs = field(default_factory=Pairs)
+    #: the pairs of ``straddling`` on two sides of the split the user made (graft.layouts)
+    straddling_given: Pairs = field(default_factory=Pairs)
 
     @property
     def n_clusters_multi(self) -> int:
@@ -108,6 +112,25 @@ class AuditReport:
         """Cluster id per image when pairs at or above ``threshold`` join clusters (the
         audit's own threshold, or one of the looser ones it was asked for)."""
         return self.clusters if threshold >= self.threshold else self.looser[threshold]
+
+    def subset(self, indices: Sequence[int]) -> AuditReport:
+        """The clusters among the images at ``indices`` (numbered anew, each by its first
+        image there), at every threshold: what splitting those images needs (carving
+        validation from a user's training images). Pairs are not carried over."""
+        pick = np.asarray(indices, dtype=np.int64)
+
+        def renumber(ids: Sequence[int]) -> list[int]:
+            _, first, inverse = np.unique(
+                np.asarray(ids)[pick], return_index=True, return_inverse=True
+            )
+            return first[inverse].tolist()
+
+        return AuditReport(
+            n=len(pick),
+            threshold=self.threshold,
+            clusters=renumber(self.clusters) if self.clusters else [],
+            looser={t: renumber(ids) for t, ids in self.looser.items()},
+        )
 
     def to_dict(
         self, paths: Sequence[Path] | None = None, root: Path | None = None, limit: int = 20
@@ -132,6 +155,7 @@ class AuditReport:
             "straddling_examples": [
                 [name(a), name(b), round(s, 4)] for a, b, s in self.straddling[:limit]
             ],
+            "straddling_given_split": len(self.straddling_given),
         }
 
 
@@ -338,8 +362,12 @@ def audit(
     return report
 
 
-def check_split(report: AuditReport, subsets: Sequence[str]) -> None:
-    """Record the duplicate pairs that sit on different sides of the split."""
+def check_split(
+    report: AuditReport, subsets: Sequence[str], given: Sequence[str] | None = None
+) -> None:
+    """Record the duplicate pairs that sit on different sides of the split, most similar
+    first; with ``given`` (the user's own subset of each image), also those on different
+    sides of the user's split."""
     exact = [(g[0], j) for g in report.exact_groups for j in g[1:]]
     pairs = Pairs.concat(
         [Pairs([a for a, _ in exact], [b for _, b in exact], [1.0] * len(exact)), report.near_pairs]
@@ -347,12 +375,28 @@ def check_split(report: AuditReport, subsets: Sequence[str]) -> None:
     side = np.unique(np.asarray(subsets), return_inverse=True)[1]
     apart = pairs.where(side[pairs.a] != side[pairs.b])
     report.straddling = apart.where(np.argsort(-apart.s, kind="stable"))
+    if given is not None:
+        user = np.unique(np.asarray(given), return_inverse=True)[1]
+        straddling = report.straddling
+        report.straddling_given = straddling.where(user[straddling.a] != user[straddling.b])
 
 
 def explain(
-    report: AuditReport, classes: Sequence[str], labels: Sequence[int], paths: Sequence[Path]
+    report: AuditReport,
+    classes: Sequence[str],
+    labels: Sequence[int],
+    paths: Sequence[Path],
+    root: Path | None = None,
+    layout: str = "class folders",
 ) -> list[str]:
-    """Plain-language findings, each saying what it does to the numbers."""
+    """Plain-language findings, each saying what it does to the numbers. ``root`` names
+    files by their path under it; ``layout`` (graft.layouts) says how to fix a leaking split
+    the user made."""
+
+    def name(i: int) -> str:
+        p = Path(paths[i])
+        return p.relative_to(root).as_posix() if root and p.is_relative_to(root) else p.name
+
     out = []
     if report.exact_groups:
         extra = sum(len(g) - 1 for g in report.exact_groups)
@@ -363,7 +407,7 @@ def explain(
         a, b = report.cross_class[0]
         out.append(
             f"{len(report.cross_class)} identical pair(s) are filed under different classes, "
-            f"e.g. {paths[a].name} ({classes[labels[a]]}) and {paths[b].name} "
+            f"e.g. {name(a)} ({classes[labels[a]]}) and {name(b)} "
             f"({classes[labels[b]]}): probably labelling errors."
         )
     if report.near_pairs:
@@ -373,17 +417,43 @@ def explain(
             f"form {report.n_clusters_multi} cluster(s) holding {report.images_in_clusters} of "
             f"{report.n} images."
         )
-    if report.straddling:
-        a, b, s = report.straddling[0]
+    at_least = "at least " if report.near_pairs_total > len(report.near_pairs) else ""
+    given = report.straddling_given
+    if given:
+        examples = "; ".join(f"{name(a)} and {name(b)} ({s:.3f})" for a, b, s in given[:3])
         out.append(
-            f"LEAKAGE: {'at least ' if report.near_pairs_total > len(report.near_pairs) else ''}"
-            f"{len(report.straddling)} duplicate pair(s) straddle the train/validation/"
-            f"test split (e.g. {paths[a].name} and {paths[b].name}, similarity {s:.3f}). "
+            f"LEAKAGE in the split you made: {at_least}{len(given)} duplicate pair(s) lie on "
+            f"both sides of it, e.g. {examples}. Its validation and test accuracy will "
+            f"overstate how the model does on new images. {LEAK_FIXES.get(layout, '')}".rstrip()
+        )
+    rest = report.straddling
+    if given:  # the pairs the user's split does not explain: graft's own carving made them
+        rest = rest.where(~_member(rest, given))
+    if rest:
+        a, b, s = rest[0]
+        out.append(
+            f"LEAKAGE: {at_least}{len(rest)} duplicate pair(s) straddle the train/validation/"
+            f"test split (e.g. {name(a)} and {name(b)}, similarity {s:.3f}). "
             "Validation and test accuracy will overstate how the model does on new images. "
             "Keep each group on one side: --group-by auto, or --group-by REGEX on the file "
             "names."
         )
     return out
+
+
+#: how to mend a split the user made that puts near-copies on both sides, by layout
+LEAK_FIXES = {
+    "split folders": "Move each copy into the folder of its twin (or delete it), or put all "
+    "images in ROOT/<class>/ and let graft split them: it keeps near-copies together.",
+    "labels csv": "Give each copy its twin's split in the CSV (or drop its row), or leave out "
+    "the split column and let graft split: it keeps near-copies together.",
+}
+
+
+def _member(pairs: Pairs, among: Pairs) -> np.ndarray:
+    """Which of ``pairs`` are also in ``among`` (by their two images)."""
+    n = 1 + int(max(p.max(initial=0) for p in (pairs.a, pairs.b, among.a, among.b)))
+    return np.isin(pairs.a * n + pairs.b, among.a * n + among.b)
 
 
 def pick_examples(
@@ -447,21 +517,16 @@ def plot_pairs(
     title: str = "Near-duplicates across the split",
 ) -> None:
     """Example pairs side by side (three pairs a row), with subset and similarity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .data import load_image
     from .io import display
-    from .plots import save_figure
+    from .plots import save_figure, subplots
 
     pairs = list(pairs)[:12]  # a picture of examples, never of everything
     if not pairs:
         return
     per_row = min(3, len(pairs))
     rows = (len(pairs) + per_row - 1) // per_row
-    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(4.6 * per_row, 2.7 * rows), squeeze=False)
+    fig, axes = subplots(rows, 2 * per_row, figsize=(4.6 * per_row, 2.7 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for n, (a, b, s) in enumerate(pairs):

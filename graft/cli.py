@@ -51,37 +51,43 @@ from .io import display as _display
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .data import scan
+    from .data import open_dataset
     from .plots import plot_class_counts
     from .progress import Reporter
 
     config = config_from_args(args)  # validates the options before any work
     config.check_paths()
-    if not args.root.strip():
-        raise UsageError("ROOT is empty: give the data folder, e.g. `graft scan photos/`.")
-    root_name = Path(args.root).expanduser().resolve().name
-    plot = check_output_file(args.plot or f"{root_name}_class_counts.png", "--plot", ".png")
+    if not args.labels_csv and not (args.root or "").strip():
+        raise UsageError(
+            "ROOT is empty: give the data folder, e.g. `graft scan photos/`, or --labels-csv FILE."
+        )
+    source = Path(args.labels_csv) if args.labels_csv else Path(args.root).expanduser().resolve()
+    name = source.stem if args.labels_csv else source.name
+    plot = check_output_file(args.plot or f"{name}_class_counts.png", "--plot", ".png")
     pairs_png = plot.with_name(plot.stem.replace("_class_counts", "") + "_duplicates.png")
     if not args.no_audit:
         check_output_file(pairs_png, "--plot (its example pairs)", ".png")
     reporter = Reporter(verbose=not args.json)
-    data = scan(args.root, progress=reporter.iter)
+    data = open_dataset(args.root, args.labels_csv, progress=reporter.iter)
+    reporter.info(data.layout_note)
     plot_class_counts(data.counts, plot)
     findings: list[str] = []
     audit_summary = None
     if not args.no_audit:
-        from .audit import audit_dataset, draw_examples, explain
+        from .audit import audit_dataset, check_split, draw_examples, explain
 
         report = audit_dataset(data, config, reporter=reporter)
-        findings = explain(report, data.classes, data.labels, data.paths)
-        if report.near_pairs or report.exact_groups:
+        if data.given is not None:  # a split the user made: are near-copies across it?
+            check_split(report, data.given, data.given)
+        findings = explain(report, data.classes, data.labels, data.paths, data.root, data.layout)
+        if (report.near_pairs or report.exact_groups) and data.given is None:
             findings.append(
                 "A random train/validation split would put these copies on both sides and "
                 "overstate accuracy: `graft train` keeps them on one side by default "
                 "(--group-by none turns that off)."
             )
         audit_summary = report.to_dict(data.paths, data.root)
-        if draw_examples(report, data.paths, data.labels, None, pairs_png, data.root):
+        if draw_examples(report, data.paths, data.labels, data.given, pairs_png, data.root):
             findings.append(f"Example pairs: {pairs_png}")
     if not args.json:
         from .console import print_scan
@@ -90,6 +96,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
         return 0
     summary = {
         "root": str(data.root),
+        "layout": data.layout,  # "class folders", "split folders" or "labels csv"
+        "layout_note": data.layout_note,
+        "given_split": None
+        if data.given is None
+        else {s: data.given.count(s) for s in ("train", "val", "test")},
         "classes": data.classes,
         "counts": data.counts,
         "total": len(data.paths),
@@ -117,8 +128,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = _resume_config(args)
         result = fit(config, args.root, args.resume, reporter=reporter, resume=True)
     else:
-        if not args.root or not args.out:
-            raise UsageError("graft train needs ROOT and --out DIR (or --resume RUN_DIR).")
+        if not (args.root or args.labels_csv) or not args.out:
+            raise UsageError(
+                "graft train needs ROOT (or --labels-csv FILE) and --out DIR (or --resume RUN_DIR)."
+            )
         config = config_from_args(args)
         result = fit(config, args.root, args.out, force=args.force, reporter=reporter)
     out = result.run_dir
@@ -323,10 +336,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    out = export_run(args.run, args.format, args.out, force=args.force)
+    if args.int8:
+        print(
+            "Quantizing to INT8: calibrating on up to 128 training images of the run, then "
+            "comparing with fp32 on its held-out test split...",
+            file=sys.stderr,
+        )
+    out = export_run(
+        args.run, args.format, args.out, args.force, int8=args.int8, data_root=args.data_root
+    )
     for f in sorted(out.iterdir()):
         print(f"  {f.name:<20} {f.stat().st_size / 1e6:8.2f} MB", file=sys.stderr)
-    print(f"Exported {args.format}: {_display(out)}", file=sys.stderr)
+    if args.int8:
+        from .export import METADATA_FILE
+        from .quantize import describe_agreement
+
+        report = json.loads((out / METADATA_FILE).read_text())["int8"]
+        print("\n".join(describe_agreement(report)), file=sys.stderr)
+    print(f"Exported {args.format}{' INT8' * args.int8}: {_display(out)}", file=sys.stderr)
     print(
         f"Try it:  python {_display(out / 'graft_runtime.py')} {_display(out)} IMAGE",
         file=sys.stderr,
@@ -399,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _stop_cleanly_on_sigterm()
     try:
         if os.environ.get("GRAFT_ENGINE"):  # a bad value is refused before any work
-            from .engines import wanted_engine
+            from .inference import wanted_engine
 
             wanted_engine()
         return COMMANDS[args.command](args)

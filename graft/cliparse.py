@@ -20,6 +20,7 @@ from .config import GROUPS, TrainConfig
 #: the TrainConfig fields ``graft scan`` and ``graft lr-find`` take (their library calls use
 #: no others); ``graft train`` takes them all
 SCAN_OPTIONS = (
+    "labels_csv",
     "backbone",
     "weights",
     "allow_download",
@@ -43,6 +44,12 @@ LR_FIND_OPTIONS = (
     "class_weights",
     "cache_dir",
     "batch_size",
+)
+
+#: ROOT of ``graft scan`` and ``graft train`` (graft.layouts)
+ROOT_HELP = (
+    "folder with one sub-folder per class, or already split: ROOT/train/<class>/ with "
+    "val/ (valid/, validation/) and test/ optional, used as given (or give --labels-csv)"
 )
 
 # --------------------------------------------------------------------------- options
@@ -101,7 +108,7 @@ def _add_field(target: Any, field: dataclasses.Field, override: dict[str, Any]) 
         action = argparse.BooleanOptionalAction
     else:
         action = "store"
-        meta["type"] = _value_type(field)
+        meta.setdefault("type", _value_type(field))  # an override's type (--backbone) wins
     if field.default not in (None, "") and not flag and "(default:" not in text:
         text += " (default: %(default)s)"
     target.add_argument(
@@ -120,12 +127,9 @@ def add_config_options(
     """Add TrainConfig fields (all, or those in ``names``) as options, under the groups their
     metadata names; ``overrides`` replaces a field's argparse settings (``{"backbone":
     {"help": ...}}``). Names, types, defaults and help all come from the field."""
-    # Imported here, not at module level: the --backbone choices are the registry's names.
-    from .backbones import BACKBONES
-
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     chosen = [fields[n] for n in names] if names is not None else list(fields.values())
-    settings = {"backbone": {"choices": [*BACKBONES, "auto"]}}
+    settings: dict[str, dict[str, Any]] = {"backbone": {"type": backbone_name, "metavar": "NAME"}}
     for name, extra in (overrides or {}).items():
         settings[name] = {**settings.get(name, {}), **extra}
     for group in GROUPS:
@@ -146,9 +150,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _backbone_for(purpose: str) -> dict[str, dict[str, Any]]:
     """--backbone for scan and lr-find: one named backbone ('auto' is train's alone)."""
-    from .backbones import BACKBONES
+    return {"backbone": {"type": backbone_name, "metavar": "NAME", "help": purpose}}
 
-    return {"backbone": {"choices": list(BACKBONES), "help": purpose}}
+
+def backbone_name(text: str) -> str:
+    """The argparse type of --backbone: graft's own names, 'auto' and any timm model name; a
+    wrong name is refused with the closest ones (only names outside graft's own import
+    timm). One function for every command, so that their options stay alike; 'auto' outside
+    `graft train` is refused where the backbone is built."""
+    from .backbones import backbone_problem
+
+    problem = backbone_problem(text, auto=True)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("scan", help="check a dataset folder: counts, unreadable files, warnings")
-    p.add_argument("root", help="folder with one sub-folder per class")
+    p.add_argument("root", nargs="?", help=ROOT_HELP)
     p.add_argument(
         "--plot",
         default=None,
@@ -179,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p, SCAN_OPTIONS, _backbone_for("backbone whose features compare images"))
 
     p = sub.add_parser("train", help="train and fine-tune a classifier")
-    p.add_argument("root", nargs="?", help="folder with one sub-folder per class")
+    p.add_argument("root", nargs="?", help=ROOT_HELP)
     p.add_argument("--out", help="run folder to create")
     p.add_argument(
         "--resume",
@@ -234,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_predict_parser(sub)
 
+    _add_export_parser(sub)
+    _add_serve_parser(sub)
+    return parser
+
+
+def _add_export_parser(sub: Any) -> None:
     p = sub.add_parser("export", help="write the model as ONNX, OpenVINO or TorchScript")
     p.add_argument("run", help="run folder made by `graft train`")
     p.add_argument(
@@ -242,11 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["onnx", "openvino", "torchscript"],
         help="model format (default: %(default)s)",
     )
-    p.add_argument("--out", default=None, help="export folder (default: RUN/export-FORMAT)")
+    p.add_argument("--out", default=None, help="export folder (default: RUN/export-FORMAT[-int8])")
     p.add_argument("--force", action="store_true", help="replace an existing export in --out")
-
-    _add_serve_parser(sub)
-    return parser
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="onnx/openvino: quantize to INT8, calibrated on the run's training images; its "
+        "agreement with fp32 on the held-out split is printed and kept in graft.json",
+    )
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="with --int8: where the run's images are now, if they moved since training",
+    )
 
 
 def _add_unknown_option(p: argparse.ArgumentParser) -> None:

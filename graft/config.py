@@ -66,14 +66,15 @@ class TrainConfig:
     # --- model
     backbone: str = option(
         "efficientnet_lite0",
-        "pretrained CNN to graft onto; 'auto' compares every backbone with weights on this "
-        "machine by a linear probe on validation and keeps the best",
+        "pretrained network to graft onto: efficientnet_lite0/1/2, vgg16, any timm model name "
+        "(convnext_tiny, resnet50.a1_in1k, vit_small_patch14_dinov2.lvd142m, ...), or 'auto': "
+        "compare every backbone with weights on this machine by a linear probe on validation",
         "model",
     )
     weights: str | None = option(
         None,
         "local weights file for the backbone (.pth or .safetensors) (default: the backbone's "
-        "usual source: its package, the torch cache, or a download)",
+        "usual source: its package, the torch or Hugging Face cache, or a download)",
         "model",
         metavar="PATH",
     )
@@ -93,15 +94,26 @@ class TrainConfig:
     )
     dropout: float = option(0.2, "dropout before the head's last linear layer", "model")
     # --- data
+    labels_csv: str | None = option(
+        None,
+        "CSV listing the images instead of a ROOT folder: a header row with the columns "
+        "path,label and optionally split (train/val/test: used as given); paths relative to "
+        "the CSV's folder, or absolute. Bad rows are listed and left out",
+        "data",
+        metavar="CSV",
+    )
     test_size: float = option(
         0.2,
         "fraction held out for the final test, touched once at the end (graft evaluate uses "
-        "the same files)",
+        "the same files); for a dataset that came split without a test part, the share of "
+        "its training images carved for it",
         "data",
     )
     val_size: float = option(
         0.1,
-        "fraction of all images used for early stopping and choosing the kept epoch",
+        "fraction of all images used for early stopping and choosing the kept epoch; for a "
+        "dataset that came split without a validation part, the share of its training "
+        "images carved for it",
         "data",
     )
     seed: int = option(
@@ -258,7 +270,7 @@ class TrainConfig:
     )
     allow_download: bool = option(
         True,
-        "never download weights (VGG16); fail with instructions instead",
+        "never download weights (VGG16, timm models); fail with instructions instead",
         "model",
         flag="--offline",
     )
@@ -283,7 +295,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        from .backbones import BACKBONES
+        from .backbones import backbone_problem
 
         def bad(option: str, value: Any, allowed: str) -> UsageError:
             return UsageError(f"--{option.replace('_', '-')} {value!r} is not valid: {allowed}.")
@@ -291,8 +303,9 @@ class TrainConfig:
         if isinstance(self.unfreeze, int) and not isinstance(self.unfreeze, bool):
             self.unfreeze = str(self.unfreeze)  # unfreeze=2 from the library means "2"
         self._check_types(bad)
-        if self.backbone not in BACKBONES and self.backbone != "auto":
-            raise bad("backbone", self.backbone, f"choose auto or one of {', '.join(BACKBONES)}")
+        problem = backbone_problem(self.backbone, auto=True)
+        if problem:  # graft's own names and auto need no timm (nor torch) to check
+            raise bad("backbone", self.backbone, problem)
         if not (32 <= self.img_size <= 1024):
             raise bad("img_size", self.img_size, "use a size between 32 and 1024 pixels")
         dense = re.fullmatch(r"dense:([1-9]\d{0,5})", self.head)

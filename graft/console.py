@@ -36,7 +36,9 @@ def print_scan(data: Any, findings: list[str], audit_summary: dict | None, plot:
     table.add_row("[bold]total", f"[bold]{total}", "")
     console.print(table)
     if data.skipped:
-        console.print(f"[yellow]{len(data.skipped)} file(s) could not be decoded and are left out:")
+        console.print(
+            f"[yellow]{len(data.skipped)} file(s) or row(s) could not be used and are left out:"
+        )
         for p, reason in data.skipped:
             console.print(f"  {display(p)}: {display(reason)}")
     if data.unsupported:

@@ -10,6 +10,7 @@ the share of them answered "unknown", and a histogram of both sides (familiarity
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -278,7 +279,7 @@ def evaluate_run(
     classes, :func:`find_others`), which adds ``result["others"]`` and familiarity.png."""
     from .data import scan
     from .model import load_model, resolve_model_file
-    from .predict import fresh_onnx_path
+    from .modelinfo import fresh_onnx_path, stamp_onnx
 
     run = Path(run)
     if folder is not None and data_root is not None:
@@ -327,6 +328,9 @@ def evaluate_run(
         tta=tta,
         others=other_images,
     )
+    if onnx is not None:  # the graph made for this evaluation serves the next predict too
+        with contextlib.suppress(OSError):
+            stamp_onnx(resolve_model_file(run))
     if histogram is not None:
         histogram.unlink()  # graft's, from an earlier --others: not this evaluation's
     result["tta"] = tta

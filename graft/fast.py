@@ -173,16 +173,22 @@ def open_predictor(
     if onnx_path is not None:
         try:
             engine = load_engine(onnx_path, n_images)
-        except Exception:  # an engine that cannot load it: PyTorch says why, or rebuilds
+        except ImportError:  # no fast engine here: PyTorch
             engine = None
+        except Exception:  # a damaged graph the engines cannot read
+            engine = None
+            _discard(onnx_path)
         if engine is not None:
             predictor = ExportPredictor(info, engine, workers, unknown)
             if predictor.fits():
                 return predictor
-            # A graph that does not match its weights' description (one column too few):
-            # the PyTorch path makes it again from the weights.
-            with contextlib.suppress(OSError):  # a read-only run: PyTorch uses a temporary one
-                onnx_path.unlink(missing_ok=True)
+            _discard(onnx_path)  # its output does not match its weights' description
     from .predict import Predictor
 
+    # the PyTorch path makes the graph again from the weights
     return Predictor.from_run(run, workers=workers, tta=tta, unknown=unknown)
+
+
+def _discard(onnx_path: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only run: PyTorch uses a temporary graph
+        onnx_path.unlink(missing_ok=True)

@@ -270,13 +270,64 @@ def finish(
 ) -> Summary:
     """Evaluate the kept model once on the held-out test split (and on --unseen), plot the
     curves with their diagnosis; returns the run's summary."""
+    model.eval()
+    with run.phase("export"):
+        onnx_path = export_for_predict(run, model)
+    with run.phase("evaluation"):
+        return _evaluate_and_summarise(
+            run,
+            model,
+            device,
+            plan,
+            data,
+            split,
+            features,
+            history,
+            best,
+            kept,
+            calibration,
+            onnx_path,
+        )
+
+
+def export_for_predict(run: Run, model: GraftModel) -> Path | None:
+    """``model.onnx`` beside the weights, stamped with their hash: what ``graft predict``
+    and ``graft serve`` run without torch (graft.fast). None where it cannot be made (a
+    read-only folder, no ONNX exporter); predict then builds the model as before."""
+    from .engines import Probabilities, export_onnx
+    from .modelinfo import fresh_onnx_path, stamp_onnx
+
+    onnx_path = fresh_onnx_path(run.dir.model)
+    if onnx_path is None or onnx_path.is_file():
+        return onnx_path
+    try:
+        export_onnx(Probabilities(model), model.info.img_size, onnx_path)
+        stamp_onnx(run.dir.model)
+    except Exception as exc:  # prediction still works through PyTorch
+        run.reporter.warn(f"Could not export the model to ONNX ({exc}); predict will use PyTorch.")
+        return None
+    return onnx_path
+
+
+def _evaluate_and_summarise(
+    run: Run,
+    model: GraftModel,
+    device: Device,
+    plan: Plan,
+    data: ScanResult,
+    split: Split,
+    features: Features,
+    history: list[EpochRecord],
+    best: Best,
+    kept: str,
+    calibration: Calibration,
+    onnx_path: Path | None,
+) -> Summary:
     from .diagnose import diagnose
     from .evaluate import evaluate_files
     from .plots import plot_learning_curves
-    from .predict import fresh_onnx_path
 
     config, rundir = run.config, run.dir
-    model.eval()
     diagnosis = diagnose(history, grouped=split.grouped, n_val=len(features.labels["val"]))
     suspicious = diagnosis.notes and not split.grouped
     plot_learning_curves(
@@ -299,7 +350,7 @@ def finish(
         device=device,
         workers=run.workers,
         title="held-out test split",
-        onnx_path=fresh_onnx_path(rundir.model),
+        onnx_path=onnx_path,
     )
     unseen = evaluate_unseen(run, history, plan, test) if features.unseen is not None else None
     return Summary(
@@ -385,6 +436,33 @@ def report_result(run: Run, summary: Summary) -> None:
             f"With 'unknown': {o['coverage']:.1%} of the held-out images answered, "
             f"{o['answered_accuracy']:.1%} of those right ({o['unknown']} answered 'unknown')."
         )
+    run.reporter.info(describe_timings(run.timings))
+
+
+#: the phases of a run in the order they happen (summary.json's ``timings``)
+PHASES = (
+    "scan",
+    "backbone_choice",
+    "build",
+    "audit",
+    "cache",
+    "frozen",
+    "fine-tune",
+    "calibration",
+    "evaluation",
+    "export",
+    "report",
+)
+
+
+def describe_timings(timings: dict[str, float]) -> str:
+    """``Time 48.2 s: scan 1.2 s, cache 28.7 s, ...``: where a run's time went."""
+    parts = [
+        f"{name}\u00a0{timings[f'{name}_seconds']:.1f}\u00a0s"  # never wrapped apart
+        for name in PHASES
+        if timings.get(f"{name}_seconds", 0.0) >= 0.05
+    ]
+    return f"Time {timings.get('total_seconds', 0.0):.1f} s: " + ", ".join(parts) + "."
 
 
 def _epoch_seconds(history: list[EpochRecord]) -> dict[str, float]:

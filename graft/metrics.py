@@ -107,9 +107,20 @@ def choose_unknown_threshold(
     order = np.argsort(-conf)
     precision = np.cumsum(right[order]) / np.arange(1, len(y) + 1)
     ok = np.nonzero(precision >= target_precision)[0]
-    if len(ok) == 0:  # never reached: answer only the single most confident band
-        return float(conf[order[0]])
-    return float(conf[order[ok.max()]])
+    last = 0 if len(ok) == 0 else int(ok.max())  # never reached: only the most confident
+    return _below(conf[order[last]], conf[order[last + 1]] if last + 1 < len(y) else 0.0)
+
+
+#: how far below the last answered validation image the threshold sits: engines differ by
+#: about 1e-6 in a probability, and an image exactly on the threshold would then flip
+#: between an answer and "unknown" with the engine
+THRESHOLD_MARGIN = 1e-4
+
+
+def _below(value: float, next_lower: float) -> float:
+    """A threshold just under ``value``, but above ``next_lower`` (the next validation
+    image down, which stays "unknown"): at most halfway between them."""
+    return float(value - min(THRESHOLD_MARGIN, (value - next_lower) / 2))
 
 
 def open_set_stats(

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .backbones import BackboneSpec, create_imagenet_model, get_spec
-from .errors import WeightsError
+from .errors import UsageError, WeightsError
 from .modelinfo import ModelInfo, resolve_model_file
 
 if TYPE_CHECKING:
@@ -249,6 +249,13 @@ def load_model(path: str | Path) -> GraftModel:
             f"{path.name} in {path.parent} is damaged: {problem}. The file was changed after "
             "training; retrain the run or restore the file."
         )
+    try:
+        get_spec(info.backbone)  # a name timm does not know: the metadata was edited
+    except UsageError as exc:
+        raise WeightsError(
+            f"{path.name} in {path.parent} has invalid metadata: backbone={info.backbone} "
+            f"({exc}). The file was changed after training; retrain the run or restore the file."
+        ) from exc
     model, _ = build_model(info, pretrained=False)
     problem = familiarity_problem(info, state, model.backbone.num_features, meta)
     if problem:

@@ -135,11 +135,13 @@ def _check_classes(value: Any) -> str:
 
 
 def _check_backbone(value: Any) -> str:
-    from .backbones import BACKBONES
+    # graft's own names, or anything shaped like a timm name: asking timm would import torch
+    # on every predict; a name timm does not know fails clearly when the model is built.
+    from .backbones import BACKBONES, TIMM_NAME
 
-    if isinstance(value, str) and value in BACKBONES:
+    if isinstance(value, str) and (value in BACKBONES or TIMM_NAME.fullmatch(value)):
         return ""
-    return f"one of {', '.join(BACKBONES)} expected"
+    return f"one of {', '.join(BACKBONES)} or a timm model name expected"
 
 
 def _check_head(value: Any) -> str:
@@ -209,34 +211,60 @@ def read_info(path: str | Path) -> tuple[Path, ModelInfo]:
 
 def fresh_onnx_path(weights: Path) -> Path | None:
     """Where the fast engines keep this model's ONNX graph (``model.onnx`` beside the
-    weights), after removing one made from other weights; None when the folder is read-only
-    (the graph then goes to a temporary file). The graph is tied to the weights by their
-    sha256 in ``model.onnx.json``: a date check would trust a graph copied from another run,
-    or weights restored with their old date."""
+    weights), after removing one that is not known to be made from these weights; None when
+    the folder cannot be written (the graph then goes to a temporary file).
+
+    ``model.onnx.json`` ties the graph to the weights by the sha256 of both: a date check
+    would trust a graph copied from another run, or weights restored with their old date,
+    and the graph's own hash catches a ``model.onnx`` swapped in from another run with the
+    same classes. :func:`stamp_onnx` records the graph's hash once it is written."""
     onnx_path = weights.with_suffix(".onnx")
     stamp = weights.with_suffix(".onnx.json")
     if not os.access(weights.parent, os.W_OK):
         return None
     digest = file_sha256(weights)
-    if not _stamped(stamp, digest):
+    if _stamp_matches(stamp, digest, onnx_path):
+        return onnx_path
+    try:
+        if onnx_path.is_dir():
+            return None  # not graft's: left alone
         onnx_path.unlink(missing_ok=True)  # made from other weights, or unknown ones
         from .io import atomic_write_json
 
         atomic_write_json(stamp, {"weights_sha256": digest})
+    except OSError:  # e.g. a folder in the stamp's place: a temporary graph instead
+        return None
     return onnx_path
 
 
-def _stamped(stamp: Path, digest: str) -> bool:
+def stamp_onnx(weights: Path) -> None:
+    """Record the hash of the ``model.onnx`` just exported from ``weights``."""
+    from .io import atomic_write_json
+
+    onnx_path = weights.with_suffix(".onnx")
+    if onnx_path.is_file():
+        atomic_write_json(
+            weights.with_suffix(".onnx.json"),
+            {"weights_sha256": file_sha256(weights), "onnx_sha256": file_sha256(onnx_path)},
+        )
+
+
+def _stamp_matches(stamp: Path, weights_digest: str, onnx_path: Path) -> bool:
+    """Whether ``stamp`` names these weights and the graph at ``onnx_path`` as it is now."""
     try:
-        return bool(json.loads(stamp.read_text())["weights_sha256"] == digest)
+        data = json.loads(stamp.read_text())
+        return bool(
+            data["weights_sha256"] == weights_digest
+            and onnx_path.is_file()
+            and data["onnx_sha256"] == file_sha256(onnx_path)
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
 def current_onnx(weights: Path) -> Path | None:
-    """The run's ``model.onnx`` when it was made from exactly these weights, else None.
-    Reads only: a stale graph is left for the PyTorch path to replace."""
+    """The run's ``model.onnx`` when it was made from exactly these weights and is the graph
+    that was written then, else None. Reads only: the PyTorch path replaces a stale one."""
     onnx_path = weights.with_suffix(".onnx")
-    if not onnx_path.is_file():
-        return None
-    return onnx_path if _stamped(weights.with_suffix(".onnx.json"), file_sha256(weights)) else None
+    stamp = weights.with_suffix(".onnx.json")
+    return onnx_path if _stamp_matches(stamp, file_sha256(weights), onnx_path) else None

@@ -5,8 +5,11 @@ backbone is cut and what is cached) and :class:`Features` (the cached inputs of 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,17 @@ class Run:
     user_files: list[str] | None = None
     created: bool = False
 
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the wall time of the block to ``timings[name + "_seconds"]`` (summary.json:
+        the phases of a run add up to its total, and the end of the run prints them)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"{name}_seconds"
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - started
+
 
 @dataclass
 class Plan:
@@ -68,6 +82,9 @@ class Plan:
     views: int  # cached views per training image (view 0 is the clean one)
     stages: list[str]
     text: str = ""
+    #: False when the backbone is one block (a timm model whose forward_features graft
+    #: could not split): stage 2 fine-tunes all of it, on images
+    sequential: bool = True
 
     @property
     def cache_cut(self) -> bool:
@@ -93,7 +110,14 @@ def make_plan(run: Run, model: GraftModel, n_images: int) -> Plan:
     """Where to cut the backbone, and whether the activations at the cut fit the cache."""
     config, n_blocks = run.config, model.n_blocks
     unfreeze = n_blocks if config.unfreeze == "all" else min(int(config.unfreeze), n_blocks)
-    if config.unfreeze != "all" and int(config.unfreeze) > n_blocks and config.fine_tune_epochs:
+    sequential = model.backbone.sequential
+    if not sequential and config.fine_tune_epochs:
+        run.reporter.info(
+            f"{config.backbone} does not run its blocks one after another in a way graft can "
+            "split (its forward_features is taken whole): stage 2 fine-tunes the whole "
+            "backbone, on images."
+        )
+    elif config.unfreeze != "all" and int(config.unfreeze) > n_blocks and config.fine_tune_epochs:
         run.reporter.warn(
             f"--unfreeze {config.unfreeze}: {config.backbone} has {n_blocks} blocks, so all "
             f"{n_blocks} learn in stage 2 (the same as --unfreeze all)."
@@ -111,7 +135,8 @@ def make_plan(run: Run, model: GraftModel, n_images: int) -> Plan:
     stages = [
         s for s, n in (("frozen", config.epochs), ("fine-tune", config.fine_tune_epochs)) if n
     ]
-    plan = Plan(n_blocks, unfreeze, cut, cut if cache_cut else n_blocks, views, stages)
+    extract_at = cut if cache_cut else n_blocks
+    plan = Plan(n_blocks, unfreeze, cut, extract_at, views, stages, sequential=sequential)
     plan.text = describe_plan(config, plan, run.workers)
     if run.ddp.active:
         from .distributed import backend
@@ -137,9 +162,13 @@ def describe_plan(config: TrainConfig, plan: Plan, workers: int) -> str:
             if plan.cache_cut
             else "on freshly decoded, augmented images"
         )
+        what = (
+            f"the last {plan.unfreeze}/{plan.n_blocks} blocks"
+            if plan.sequential
+            else f"the whole {config.backbone} (one block: graft cannot split it)"
+        )
         parts.append(
-            f"stage 2 fine-tunes the last {plan.unfreeze}/{plan.n_blocks} blocks for up to "
-            f"{config.fine_tune_epochs} epochs {where}"
+            f"stage 2 fine-tunes {what} for up to {config.fine_tune_epochs} epochs {where}"
         )
     parts.append(
         f"early stopping after {config.patience} epochs without the validation loss "

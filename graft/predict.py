@@ -8,6 +8,7 @@ rest are still predicted.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from ._malloc import tune_malloc
 from .data import ImageFiles, build_transform, make_loader
 from .errors import WeightsError
 from .model import GraftModel, load_model
-from .modelinfo import fresh_onnx_path
+from .modelinfo import fresh_onnx_path, stamp_onnx
 from .predictions import (  # re-exported: graft.predict is where users look for them
     NON_FINITE,
     OUT_FORMATS,
@@ -137,7 +138,7 @@ class Predictor(ScorePredictor):
 
         weights = resolve_model_file(run)
         onnx_path = fresh_onnx_path(weights)
-        return cls(
+        predictor = cls(
             load_model(weights),
             workers=workers,
             onnx_path=onnx_path,
@@ -146,6 +147,10 @@ class Predictor(ScorePredictor):
             source=weights,
             unknown=unknown,
         )
+        if onnx_path is not None:  # the graph is there now: the next predict needs no torch
+            with contextlib.suppress(OSError):
+                stamp_onnx(weights)
+        return predictor
 
     def _forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities and familiarity of a batch. TTA averages the probabilities over the

@@ -91,6 +91,7 @@ class ServedModel:
         self.source = Path(source)
         self.unknown = unknown
         self.warm_up: Callable[[int], None] = lambda max_batch: None
+        self.precision, self.int8 = "fp32", None
         self.prepare: Callable[[bytes], Any]
         self.infer: Callable[[list[Any]], np.ndarray]
         if (self.source / METADATA_FILE).is_file():
@@ -107,6 +108,9 @@ class ServedModel:
             self.familiarity_threshold = exported.familiarity_threshold
             self.backbone = exported.meta.get("backbone", "?")
             self.metrics = exported.meta.get("metrics", {})
+            # an INT8 export: its agreement with fp32 on the held-out split (graft.quantize)
+            self.precision = str(exported.meta.get("precision", "fp32"))
+            self.int8 = exported.meta.get("int8")
             self.prepare = lambda raw: preprocess(
                 [exported.decode(raw)],
                 exported.img_size,
@@ -174,6 +178,8 @@ class ServedModel:
             "unknown_threshold": self.thresholds[0],
             "familiarity_threshold": self.thresholds[1] if self.has_familiarity else None,
             "metrics": self.metrics,
+            "precision": self.precision,
+            **({"int8": self.int8} if self.int8 else {}),
             "report": "/report" if self.report else None,
             "limits": asdict(settings),
             "graft_version": __version__,

@@ -82,8 +82,8 @@ def run_stages(
         torch.manual_seed(config.seed + index + 7919 * run.ddp.rank)
         for g in generators.values():
             g.manual_seed(config.seed + index)
-        stage = prepare_stage(run, model, device, plan, features, name, index, generators)
         t = time.perf_counter()
+        stage = prepare_stage(run, model, device, plan, features, name, index, generators)
         run_stage(run, model, device, stage, history, best, loss_fn, generators, state)
         run.timings[f"{name}_seconds"] = time.perf_counter() - t
         best.restore()

@@ -31,7 +31,7 @@ import torch
 from . import __version__
 from ._malloc import tune_malloc
 from .config import TrainConfig
-from .data import ScanResult, default_workers, find_classes, scan
+from .data import ScanResult, default_workers, open_dataset, scan
 from .device import Device, choose_device
 from .errors import DataError, SplitError
 from .features import FrozenFeatures, pool_cached
@@ -41,7 +41,7 @@ from .model import GraftModel, ModelInfo, build_model
 from .plan import Features, Plan, Run, make_plan
 from .progress import Reporter
 from .rundir import CONFIG, SPLIT, EpochRecord, RunDir, Summary
-from .split import Split
+from .split import Split, split_problems
 from .stages import run_stages
 
 
@@ -119,33 +119,43 @@ def _after_failure(run: Run) -> None:
 def _fit(run: Run, data_root: str | Path | None, force: bool) -> TrainResult:
     started = time.perf_counter()
     config, reporter = run.config, run.reporter
-    data, split = load_data(run, data_root, force)
+    with run.phase("scan"):
+        data, split = load_data(run, data_root, force)
     choice = None
     if config.backbone == "auto" and not run.resume:
         from .choose import choose_backbone
 
-        choice = choose_backbone(config, data, reporter, run.workers, run.ddp)
+        with run.phase("backbone_choice"):
+            choice = choose_backbone(config, data, reporter, run.workers, run.ddp)
         run.config = config = replace(config, backbone=choice.backbone)
         split = choice.split
         reporter.info(choice.describe())
-    model, weights_source, device = build(run, data)
-    plan = make_plan(run, model, len(data.paths))
+    with run.phase("build"):
+        model, weights_source, device = build(run, data)
+        plan = make_plan(run, model, len(data.paths))
+    # fill_caches times the audit and the cache, run_stages each stage, finish the
+    # evaluation and the export
     split, features = fill_caches(run, model, weights_source, device, plan, data, split)
     history, best = run_stages(run, model, device, plan, features)
     if not run.ddp.main:
         return TrainResult(run.dir.path, data.classes, history)  # rank 0 finishes the run
-    kept = describe_kept(run, plan, best)
-    calibration = calibrate(run, model, device, plan, features)
+    with run.phase("calibration"):
+        kept = describe_kept(run, plan, best)
+        calibration = calibrate(run, model, device, plan, features)
     summary = finish(
         run, model, device, plan, data, split, features, history, best, kept, calibration
     )
     summary["backbone_choice"] = choice.to_dict() if choice is not None else None
-    run.timings["total_seconds"] = time.perf_counter() - started
-    run.dir.write_summary(summary)
-    from .report import write_report
+    if split.given is not None:  # the user's split: only the parts graft carved had a share
+        summary["share_warnings"] = split_problems(split, data, config)
+    with run.phase("report"):
+        from .report import write_report
 
-    write_report(run.dir.path)
-    run.tracker.finish(summary)
+        run.dir.write_summary(summary)
+        write_report(run.dir.path)
+        run.tracker.finish(summary)
+    run.timings["total_seconds"] = time.perf_counter() - started
+    run.dir.write_summary(summary)  # again: with the report's time and the total
     report_result(run, summary)
     return TrainResult(run.dir.path, data.classes, history, summary)
 
@@ -163,9 +173,10 @@ def load_data(run: Run, data_root: str | Path | None, force: bool) -> tuple[Scan
     if not run.resume:
         # Everything that can be checked before training is checked before the run folder
         # exists: a wrong path or an unusable folder costs nothing and leaves nothing.
-        find_classes(data_root)  # type: ignore[arg-type]  # a wrong data path fails first
-        data = scan(data_root, progress=run.reporter.iter)  # type: ignore[arg-type]
+        # a folder in any layout, or --labels-csv (graft.layouts)
+        data = open_dataset(data_root, run.config.labels_csv, progress=run.reporter.iter)
         _check_trainable(data)
+        run.reporter.info(data.layout_note)
         run.created = not run.dir.path.exists()
         run.user_files = run.dir.prepare(force)
         run.dir.claim([])  # from here on the manifest says which files are graft's
@@ -287,7 +298,10 @@ def fill_caches(
         embeddings = (
             clean if not plan.cache_cut else pool_cached(model, clean, plan.extract_at, device)
         )
-        split = audit_and_split(run, data, embeddings.numpy(), split, weights_source, device, plan)
+        with run.phase("audit"):
+            split = audit_and_split(
+                run, data, embeddings.numpy(), split, weights_source, device, plan
+            )
         del embeddings  # (it may be `clean` itself, which is let go below)
     idx = {s: split.indices(s) for s in ("train", "val", "test")}
     labels = {
@@ -328,8 +342,11 @@ def fill_caches(
         f"Feature cache: {cache.hits} reused, {cache.misses} computed "
         f"({cache.folder or 'in memory only'})"
     )
+    audit = run.timings.get("audit_seconds", 0.0)  # inside this function, timed apart
     run.timings.update(
-        cache_seconds=time.perf_counter() - t0, cache_hits=cache.hits, cache_misses=cache.misses
+        cache_seconds=time.perf_counter() - t0 - audit,
+        cache_hits=cache.hits,
+        cache_misses=cache.misses,
     )
     return split, features
 
@@ -353,8 +370,8 @@ def audit_and_split(
     if not split.subsets:
         split = choose_split(config, data, report, reporter, embeddings)
     split_record = write_split(rundir.split, data, split.subsets, split.groups)
-    check_split(report, split.subsets)
-    findings = explain(report, data.classes, data.labels, data.paths)
+    check_split(report, split.subsets, data.given)  # and across the user's own split
+    findings = explain(report, data.classes, data.labels, data.paths, data.root, data.layout)
     for finding in findings:
         reporter.warn(finding)
     if split.note:
@@ -370,6 +387,7 @@ def audit_and_split(
             **report.to_dict(data.paths, data.root),
             "findings": findings,
             "grouping": split.note or "none: images split one by one",
+            "split_source": split.source,  # which parts the user made, which graft carved
         },
     )
     rundir.write_config(

@@ -220,3 +220,16 @@ def test_lr_find_is_stable_and_plots(shapes_dir: Path, tmp_path: Path) -> None:
     assert a["suggested_lr"] == b["suggested_lr"] and a["losses"] == b["losses"]
     assert 1e-6 < a["suggested_lr"] < 1.0
     assert (tmp_path / "a.png").stat().st_size > 10_000
+
+
+def test_the_unknown_threshold_sits_just_below_the_last_answered_image() -> None:
+    """An image exactly on the threshold would flip with a 1e-6 difference between engines."""
+    from graft.metrics import choose_unknown_threshold
+
+    probs = np.array([[0.95, 0.05], [0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])
+    y = [0, 0, 0, 1]  # the three confident ones right: 100% precision down to 0.8
+    t = choose_unknown_threshold(probs, y, 0.99)
+    assert 0.8 - 1e-4 <= t < 0.8 and t > 0.7
+    close = np.array([[0.95, 0.05], [0.8, 0.2], [0.79999, 0.20001]])
+    t = choose_unknown_threshold(close, [0, 0, 1], 0.99)
+    assert 0.79999 < t < 0.8  # halfway, so the next image down stays unknown

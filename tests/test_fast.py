@@ -173,3 +173,35 @@ def test_serving_a_run_with_a_current_export_never_imports_torch(
     assert got["torch"] is False and "OpenVINO" in got["engine"]
     want, _, _ = Predictor.from_run(trained_run, backend="torch").predict_scores(images[:1])
     assert np.abs(np.array(got["p"]) - want[0]).max() < 1e-4
+
+
+def test_a_graph_swapped_in_from_a_run_with_the_same_classes_is_not_trusted(
+    run_copy: Path, tmp_path: Path, images: list[Path]
+) -> None:
+    """Same output width, other weights: only the graph's own hash in model.onnx.json tells."""
+    import torch
+
+    from graft.engines import Probabilities, export_onnx
+    from graft.model import load_model
+
+    model = load_model(run_copy)
+    with torch.no_grad():
+        for weight in model.head.parameters():  # another model, the same classes and shapes
+            weight.mul_(-1)
+    export_onnx(Probabilities(model), 64, run_copy / "model.onnx")
+    assert current_onnx(run_copy / "model.safetensors") is None
+    got = open_predictor(run_copy, n_images=1)  # rebuilt from the weights
+    want = Predictor.from_run(run_copy, backend="torch").predict_scores(images[:3])[0]
+    assert np.abs(got.predict_scores(images[:3])[0] - want).max() < 1e-4
+    assert isinstance(open_predictor(run_copy, n_images=1), ExportPredictor)
+
+
+def test_a_damaged_graph_is_rebuilt_not_paid_for_on_every_call(run_copy: Path) -> None:
+    (run_copy / "model.onnx").write_bytes(b"\x08\x07garbage" * 1000)
+    stamp = json.loads((run_copy / "model.onnx.json").read_text())
+    stamp["onnx_sha256"] = (
+        __import__("hashlib").sha256((run_copy / "model.onnx").read_bytes()).hexdigest()
+    )
+    (run_copy / "model.onnx.json").write_text(json.dumps(stamp))  # a stamp that matches it
+    assert isinstance(open_predictor(run_copy, n_images=1), Predictor)
+    assert isinstance(open_predictor(run_copy, n_images=1), ExportPredictor)
