@@ -33,7 +33,7 @@ from .inference import (
     wanted_engine,
 )
 from .modelinfo import ModelInfo, current_onnx, read_info
-from .predictions import NON_FINITE, ScorePredictor, check_count
+from .predictions import ScorePredictor, check_count
 from .runtime import load_image, preprocess, split_output
 
 #: Below this many images a job starts on ONNX Runtime, above it on OpenVINO. ONNX Runtime
@@ -142,19 +142,11 @@ class ExportPredictor(ScorePredictor):
             failed = {i: d for i, d in zip(chunk, decoded, strict=True) if isinstance(d, str)}
             good = [(i, d) for i, d in zip(chunk, decoded, strict=True) if not isinstance(d, str)]
             if not good:
-                empty = np.zeros(0) if self.has_familiarity else None
-                yield np.zeros(0, dtype=np.int64), np.zeros((0, len(self.classes))), empty, failed
+                yield self._empty(failed)
                 continue
             index = np.array([i for i, _ in good], dtype=np.int64)
             probs, familiarity = self.scores(np.stack([d for _, d in good]))
-            finite = np.isfinite(probs).all(axis=1)
-            if familiarity is not None:
-                finite &= np.isfinite(familiarity)
-            if not finite.all():  # never report NaN as a probability
-                failed.update({int(i): NON_FINITE for i in index[~finite]})
-                index, probs = index[finite], probs[finite]
-                familiarity = None if familiarity is None else familiarity[finite]
-            yield index, probs, familiarity, failed
+            yield self._finite(index, probs, familiarity, failed)
 
 
 def open_predictor(

@@ -22,7 +22,14 @@ from .plan import Features, Plan, Run
 from .rundir import EpochRecord, Summary
 from .split import Split, class_shares, share_problems
 
-__all__ = ["Calibration", "calibrate", "describe_kept", "finish", "report_result"]
+__all__ = [
+    "Calibration",
+    "calibrate",
+    "describe_kept",
+    "export_for_predict",
+    "finish",
+    "report_result",
+]
 
 
 @dataclass
@@ -255,41 +262,6 @@ def describe_kept(run: Run, plan: Plan, best: Best) -> str:
     return kept
 
 
-def finish(
-    run: Run,
-    model: GraftModel,
-    device: Device,
-    plan: Plan,
-    data: ScanResult,
-    split: Split,
-    features: Features,
-    history: list[EpochRecord],
-    best: Best,
-    kept: str,
-    calibration: Calibration,
-) -> Summary:
-    """Evaluate the kept model once on the held-out test split (and on --unseen), plot the
-    curves with their diagnosis; returns the run's summary."""
-    model.eval()
-    with run.phase("export"):
-        onnx_path = export_for_predict(run, model)
-    with run.phase("evaluation"):
-        return _evaluate_and_summarise(
-            run,
-            model,
-            device,
-            plan,
-            data,
-            split,
-            features,
-            history,
-            best,
-            kept,
-            calibration,
-            onnx_path,
-        )
-
-
 def export_for_predict(run: Run, model: GraftModel) -> Path | None:
     """``model.onnx`` beside the weights, stamped with their hash: what ``graft predict``
     and ``graft serve`` run without torch (graft.fast). None where it cannot be made (a
@@ -309,7 +281,7 @@ def export_for_predict(run: Run, model: GraftModel) -> Path | None:
     return onnx_path
 
 
-def _evaluate_and_summarise(
+def finish(
     run: Run,
     model: GraftModel,
     device: Device,
@@ -323,11 +295,15 @@ def _evaluate_and_summarise(
     calibration: Calibration,
     onnx_path: Path | None,
 ) -> Summary:
+    """Evaluate the kept model once on the held-out test split (and on --unseen) through
+    ``onnx_path`` (:func:`export_for_predict`), plot the curves with their diagnosis;
+    returns the run's summary."""
     from .diagnose import diagnose
     from .evaluate import evaluate_files
     from .plots import plot_learning_curves
 
     config, rundir = run.config, run.dir
+    model.eval()
     diagnosis = diagnose(history, grouped=split.grouped, n_val=len(features.labels["val"]))
     suspicious = diagnosis.notes and not split.grouped
     plot_learning_curves(

@@ -179,19 +179,11 @@ class Predictor(ScorePredictor):
         for batch in make_loader(dataset, batch_size, shuffle=False, seed=0, workers=self.workers):
             failed = dict(batch["failed"])
             if len(batch["index"]) == 0:
-                empty = np.zeros(0) if self.has_familiarity else None
-                yield np.zeros(0, dtype=np.int64), np.zeros((0, len(self.classes))), empty, failed
+                yield self._empty(failed)
                 continue
             index = batch["index"].numpy()
             probs, familiarity = self._forward(batch["images"])
-            finite = np.isfinite(probs).all(axis=1)
-            if familiarity is not None:
-                finite &= np.isfinite(familiarity)
-            if not finite.all():  # never report NaN as a probability
-                failed.update({int(i): NON_FINITE for i in index[~finite]})
-                index, probs = index[finite], probs[finite]
-                familiarity = None if familiarity is None else familiarity[finite]
-            yield index, probs, familiarity, failed
+            yield self._finite(index, probs, familiarity, failed)
 
     @torch.no_grad()
     def predict_scores_images(

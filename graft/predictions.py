@@ -82,6 +82,31 @@ class ScorePredictor:
         non-finite scores)."""
         raise NotImplementedError
 
+    def _empty(
+        self, failed: dict[int, str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[int, str]]:
+        """What :meth:`iter_scores` yields for a batch of which no file could be read."""
+        familiarity = np.zeros(0) if self.has_familiarity else None
+        return np.zeros(0, dtype=np.int64), np.zeros((0, len(self.classes))), familiarity, failed
+
+    @staticmethod
+    def _finite(
+        index: np.ndarray,
+        probs: np.ndarray,
+        familiarity: np.ndarray | None,
+        failed: dict[int, str],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[int, str]]:
+        """A scored batch with non-finite rows moved to ``failed``: never report NaN as a
+        probability."""
+        finite = np.isfinite(probs).all(axis=1)
+        if familiarity is not None:
+            finite &= np.isfinite(familiarity)
+        if not finite.all():
+            failed.update({int(i): NON_FINITE for i in index[~finite]})
+            index, probs = index[finite], probs[finite]
+            familiarity = None if familiarity is None else familiarity[finite]
+        return index, probs, familiarity, failed
+
     def iter_proba(
         self, paths: Sequence[str | Path], batch_size: int = 32
     ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[int, str]]]:

@@ -35,7 +35,7 @@ from .data import ScanResult, default_workers, open_dataset, scan
 from .device import Device, choose_device
 from .errors import DataError, SplitError
 from .features import FrozenFeatures, pool_cached
-from .finish import calibrate, describe_kept, finish, report_result
+from .finish import calibrate, describe_kept, export_for_predict, finish, report_result
 from .loop import class_weights_for
 from .model import GraftModel, ModelInfo, build_model
 from .plan import Features, Plan, Run, make_plan
@@ -142,9 +142,24 @@ def _fit(run: Run, data_root: str | Path | None, force: bool) -> TrainResult:
     with run.phase("calibration"):
         kept = describe_kept(run, plan, best)
         calibration = calibrate(run, model, device, plan, features)
-    summary = finish(
-        run, model, device, plan, data, split, features, history, best, kept, calibration
-    )
+    model.eval()
+    with run.phase("export"):
+        onnx_path = export_for_predict(run, model)
+    with run.phase("evaluation"):
+        summary = finish(
+            run,
+            model,
+            device,
+            plan,
+            data,
+            split,
+            features,
+            history,
+            best,
+            kept,
+            calibration,
+            onnx_path,
+        )
     summary["backbone_choice"] = choice.to_dict() if choice is not None else None
     if split.given is not None:  # the user's split: only the parts graft carved had a share
         summary["share_warnings"] = split_problems(split, data, config)
