@@ -339,6 +339,12 @@ def _check_rows(
         subset = SPLIT_NAMES.get(split.lower(), "") if has_split else ""
         if not label:
             problem = "empty label"
+        elif has_split and not split:
+            # a split column holds the whole split: a blank cell is not "let graft choose"
+            problem = (
+                "empty split (with a split column, every row names train, val or test; "
+                "leave the column out to let graft split)"
+            )
         elif has_split and not subset:
             problem = f"unknown split {split!r} (use train, val, valid, validation or test)"
         elif not file.exists():

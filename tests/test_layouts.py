@@ -322,3 +322,19 @@ def test_the_library_trains_on_a_labels_csv(tmp_path: Path, monkeypatch) -> None
     }
     with pytest.raises(UsageError, match="either a folder or labels_csv"):
         ImageClassifier(**params).fit(images, labels_csv=path)
+
+
+def test_a_blank_split_cell_is_listed_with_what_to_do(tmp_path: Path) -> None:
+    images = make_dataset(tmp_path / "imgs", per_class=3)
+    rows = ["path,label,split"]
+    for f in sorted(images.rglob("*.*")):
+        rows.append(f"imgs/{f.parent.name}/{f.name},{f.parent.name},train")
+    rows[1] = rows[1].rsplit(",", 1)[0] + ","  # the first image: no split given
+    path = tmp_path / "labels.csv"
+    path.write_text("\n".join(rows) + "\n")
+    data = read_labels_csv(path)
+    reasons = [r for _, r in data.skipped]
+    assert reasons == [
+        "labels.csv line 2: empty split (with a split column, every row names train, val or "
+        "test; leave the column out to let graft split)"
+    ]
