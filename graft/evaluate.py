@@ -6,6 +6,11 @@ With ``--others DIR`` (images of none of the classes) it also measures how well 
 keeps them out: AUROC and the false-positive rate at 95% true positives of the score that
 decides (the familiarity, graft.familiarity, or the top probability for a model without it),
 the share of them answered "unknown", and a histogram of both sides (familiarity.png).
+
+A run whose ``model.onnx`` is current is evaluated on it without importing torch
+(graft.fast), as ``graft predict`` does; a stale or missing export, ``GRAFT_ENGINE=torch``
+or ``--tta`` (its views are torch operations) take the PyTorch model, which makes the
+export again for the next call.
 """
 
 from __future__ import annotations
@@ -15,16 +20,20 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import DataError, RunFolderError, SystemResourceError, UsageError
 from .io import atomic_write_json, check_output_file, check_output_folder, png_by_graft
 from .metrics import Metrics, metrics_from_probs, open_set_stats
-from .model import GraftModel
+from .modelinfo import ModelInfo
+from .predictions import ScorePredictor
 from .rundir import EVALUATION, MANIFEST, RunDir
 from .runtime import is_unknown
+
+if TYPE_CHECKING:
+    from .model import GraftModel
 
 
 class Evaluation(Metrics, total=False):
@@ -99,25 +108,43 @@ def evaluate_files(
     tta: bool = False,
     others: Others | None = None,
 ) -> Evaluation:
-    """Predict ``paths`` and score them against ``labels``; files that fail are listed.
-    ``others`` (images of no class) adds ``result["others"]`` and familiarity.png."""
-    from .plots import plot_confusion_matrix
+    """Predict ``paths`` with ``model`` (PyTorch, or its export at ``onnx_path``) and score
+    them against ``labels``; files that fail are listed. ``others`` (images of no class)
+    adds ``result["others"]`` and familiarity.png."""
     from .predict import Predictor
 
     predictor = Predictor(model, device=device, workers=workers, onnx_path=onnx_path, tta=tta)
+    return score_files(predictor, model.info, paths, labels, classes, out_dir, title, others)
+
+
+def score_files(
+    predictor: ScorePredictor,
+    info: ModelInfo,
+    paths: Sequence[Path],
+    labels: Sequence[int],
+    classes: Sequence[str],
+    out_dir: Path | None = None,
+    title: str = "",
+    others: Others | None = None,
+) -> Evaluation:
+    """:func:`evaluate_files` with any predictor (the PyTorch one, or graft.fast's on the
+    run's export, which needs no torch); ``info`` is the model's metadata (its temperature
+    and "unknown" thresholds). Writes evaluation.json and the plots when ``out_dir`` is given."""
+    from .plots import plot_confusion_matrix
+
     probs, familiarity, failed = predictor.predict_scores(paths)
     keep = [i for i in range(len(paths)) if i not in failed]
     result: Evaluation = metrics_from_probs(  # type: ignore[assignment]
         probs[keep], [labels[i] for i in keep], classes
     )
     result["data"] = title
-    result["temperature"] = model.info.temperature
+    result["temperature"] = info.temperature
     result["open_set"] = open_set_stats(
         probs[keep],
         [labels[i] for i in keep],
-        model.info.unknown_threshold,
+        info.unknown_threshold,
         None if familiarity is None else familiarity[keep],
-        model.info.familiarity_threshold,
+        info.familiarity_threshold,
     )
     result["failed"] = [{"path": str(paths[i]), "reason": r} for i, r in sorted(failed.items())]
     # The most confidently wrong images: where to look for label errors and hard cases.
@@ -137,7 +164,7 @@ def evaluate_files(
     if others is not None:
         fam_in = None if familiarity is None else familiarity[keep]
         result["others"], scores = _others_result(
-            model, predictor, others, probs[keep], fam_in, [labels[i] for i in keep]
+            info, predictor, others, probs[keep], fam_in, [labels[i] for i in keep]
         )
     if out_dir is not None:
         from .plots import plot_familiarity, plot_reliability, plot_top_losses
@@ -165,8 +192,8 @@ def evaluate_files(
 
 
 def _others_result(
-    model: GraftModel,
-    predictor: Any,
+    info: ModelInfo,
+    predictor: ScorePredictor,
     others: Others,
     probs: np.ndarray,
     familiarity: np.ndarray | None,
@@ -188,7 +215,6 @@ def _others_result(
         )
     o_probs = o_probs[ok]
     o_fam = None if o_fam is None else o_fam[ok]
-    info = model.info
     thresholds = (info.unknown_threshold, info.familiarity_threshold)
 
     def unknown(p: np.ndarray, f: np.ndarray | None) -> np.ndarray:
@@ -276,10 +302,9 @@ def evaluate_run(
     The test split is read from split.csv and checked before anything is written: the file
     whole, its images present (under ``data_root`` when the data folder moved) and
     unchanged (graft.integrity). So is ``others`` (a folder of images of none of the
-    classes, :func:`find_others`), which adds ``result["others"]`` and familiarity.png."""
-    from .data import scan
-    from .model import load_model, resolve_model_file
-    from .modelinfo import fresh_onnx_path, stamp_onnx
+    classes, :func:`find_others`), which adds ``result["others"]`` and familiarity.png.
+    The run's current ONNX export answers when it can (no torch import; graft.fast)."""
+    from .modelinfo import read_info
 
     run = Path(run)
     if folder is not None and data_root is not None:
@@ -293,44 +318,16 @@ def evaluate_run(
             f"--others {others} is inside the run folder {run}: it holds graft's own plots, "
             "not images of other things. Give a folder of images of none of the classes."
         )
-    model = load_model(run)
-    classes = list(model.info.classes)
-    if folder is None:
-        paths, labels = _test_split(run, classes, data_root)
-        title = "held-out test split"
-        out = Path(out_dir) if out_dir else run
-    else:
-        data = scan(folder, classes=classes, progress=reporter.iter if reporter else None)
-        if not data.paths:
-            raise DataError(f"No usable images in {folder}.")
-        paths, labels = data.paths, data.labels
-        title = f"folder {Path(folder).name}"
-        out = Path(out_dir) if out_dir else run / f"eval-{Path(folder).resolve().name}"
-        result_skipped = [{"path": str(p), "reason": r} for p, r in data.skipped]
+    weights, info = read_info(run)
+    job = _job(run, folder, out_dir, list(info.classes), data_root, reporter)
+    out = job.out
     if out != run and out.exists() and out.name not in (RunDir(run).owned() or []):
         check_output_folder(out, "the evaluation folder")  # new, empty or an evaluation
     # an eval-* folder graft writes in the run is graft's: --force replaces it, the report
     # shows it (one holding the user's other files was refused just above)
     claim = out.parent.resolve() == run.resolve() and out != run
     histogram = _histogram_target(out, other_images is not None)
-    onnx = fresh_onnx_path(resolve_model_file(run))
-    plain = None
-    if tta:  # the same images without TTA, to report what TTA changed
-        plain = evaluate_files(model, paths, labels, classes, onnx_path=onnx)
-    result = evaluate_files(
-        model,
-        paths,
-        labels,
-        classes,
-        out_dir=out,
-        title=title,
-        onnx_path=onnx,
-        tta=tta,
-        others=other_images,
-    )
-    if onnx is not None:  # the graph made for this evaluation serves the next predict too
-        with contextlib.suppress(OSError):
-            stamp_onnx(resolve_model_file(run))
+    result, plain = _score(weights, info, job, tta, other_images)
     if histogram is not None:
         histogram.unlink()  # graft's, from an earlier --others: not this evaluation's
     result["tta"] = tta
@@ -338,7 +335,7 @@ def evaluate_run(
         result["tta_effect"] = _tta_effect(plain, result)
         atomic_write_json(out / EVALUATION, result)
     if folder is not None:
-        result["failed"] = result_skipped + result["failed"]
+        result["failed"] = job.skipped + result["failed"]
         atomic_write_json(out / EVALUATION, result)
     if claim:
         RunDir(run).claim([out.name])
@@ -346,6 +343,81 @@ def evaluate_run(
         RunDir(run).claim([FAMILIARITY_PNG])
     result["output_dir"] = str(out)
     return result
+
+
+@dataclass
+class _Job:
+    """What :func:`evaluate_run` scores, and where the results go."""
+
+    paths: list[Path]
+    labels: list[int]
+    title: str
+    out: Path
+    skipped: list[dict[str, str]]  # files of FOLDER that could not be read
+
+
+def _job(
+    run: Path,
+    folder: str | Path | None,
+    out_dir: str | Path | None,
+    classes: list[str],
+    data_root: str | Path | None,
+    reporter: Any,
+) -> _Job:
+    """The held-out test split (written to the run) or the labelled ``folder`` (written to
+    ``RUN/eval-NAME``), checked; ``out_dir`` overrides where."""
+    from .data import scan
+
+    if folder is None:
+        paths, labels = _test_split(run, classes, data_root)
+        return _Job(paths, labels, "held-out test split", Path(out_dir) if out_dir else run, [])
+    data = scan(folder, classes=classes, progress=reporter.iter if reporter else None)
+    if not data.paths:
+        raise DataError(f"No usable images in {folder}.")
+    out = Path(out_dir) if out_dir else run / f"eval-{Path(folder).resolve().name}"
+    skipped = [{"path": str(p), "reason": r} for p, r in data.skipped]
+    return _Job(data.paths, data.labels, f"folder {Path(folder).name}", out, skipped)
+
+
+def _score(
+    weights: Path, info: ModelInfo, job: _Job, tta: bool, others: Others | None
+) -> tuple[Evaluation, Evaluation | None]:
+    """The evaluation written to ``job.out``, and with ``tta`` the same images without it
+    (to report what TTA changed). The run's current export answers without torch when it
+    can (graft.fast.open_export_predictor, the choice ``graft predict`` makes); otherwise
+    the PyTorch model, which makes the export again and stamps it for the next call."""
+    from .fast import open_export_predictor
+
+    n_images = len(job.paths) + (len(others.paths) if others is not None else 0)
+    fast = None if tta else open_export_predictor(weights, info, workers=-1, n_images=n_images)
+    if fast is not None:
+        return score_files(
+            fast, info, job.paths, job.labels, list(info.classes), job.out, job.title, others
+        ), None
+    from .model import load_model
+    from .modelinfo import fresh_onnx_path, stamp_onnx
+
+    model = load_model(weights)
+    classes = list(model.info.classes)
+    onnx = fresh_onnx_path(weights)
+    plain = None
+    if tta:
+        plain = evaluate_files(model, job.paths, job.labels, classes, onnx_path=onnx)
+    result = evaluate_files(
+        model,
+        job.paths,
+        job.labels,
+        classes,
+        out_dir=job.out,
+        title=job.title,
+        onnx_path=onnx,
+        tta=tta,
+        others=others,
+    )
+    if onnx is not None:  # the graph made for this evaluation serves the next predict too
+        with contextlib.suppress(OSError):
+            stamp_onnx(weights)
+    return result, plain
 
 
 def _tta_effect(plain: Evaluation, result: Evaluation) -> dict[str, float]:

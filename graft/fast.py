@@ -3,8 +3,9 @@
 ``graft train`` leaves ``model.onnx`` beside ``model.safetensors``, tied to those weights by
 their sha256 in ``model.onnx.json``. When that stamp matches, the export *is* the model
 (made from these very weights, after they were checked), so ``graft predict``, ``graft
-serve`` and :func:`open_predictor` run it directly: no torch, timm or torchvision import,
-which is most of a cold start (measured here: 7 s -> about 1 s for one image; BENCHMARKS.md).
+serve``, ``graft evaluate`` and :func:`open_predictor` run it directly: no torch, timm or
+torchvision import, which is most of a cold start (measured here: 7 s -> about 1 s for one
+image; BENCHMARKS.md).
 When the export is missing or stale, or torch is asked for (``GRAFT_ENGINE=torch``, TTA),
 the PyTorch :class:`graft.predict.Predictor` rebuilds it as before.
 
@@ -57,7 +58,9 @@ def load_engine(onnx_path: Path, n_images: int | None = None) -> OnnxEngine | Op
     error: Exception = ImportError("neither OpenVINO nor ONNX Runtime may run here")
     for kind in kinds:
         try:
-            return kind(onnx_path)
+            if kind is OpenVinoEngine:  # compiled shapes kept on disk for the next process
+                return OpenVinoEngine(onnx_path, cache=True)
+            return OnnxEngine(onnx_path)
         except Exception as exc:  # a broken install or a graph it cannot read
             error = exc
     raise error
@@ -149,6 +152,34 @@ class ExportPredictor(ScorePredictor):
             yield self._finite(index, probs, familiarity, failed)
 
 
+def open_export_predictor(
+    weights: Path,
+    info: ModelInfo,
+    workers: int = 0,
+    unknown: bool = True,
+    n_images: int | None = None,
+) -> ExportPredictor | None:
+    """:class:`ExportPredictor` on the current export of ``weights`` (whose checked
+    metadata is ``info``), or None when the PyTorch path has to answer: ``GRAFT_ENGINE=torch``,
+    no current export, no fast engine installed, or a graph the engines cannot read or whose
+    output does not fit its weights (removed, so that the PyTorch path makes it again)."""
+    onnx_path = None if wanted_engine() == "torch" else current_onnx(weights)
+    if onnx_path is None:
+        return None
+    try:
+        engine = load_engine(onnx_path, n_images)
+    except ImportError:  # no fast engine here: PyTorch
+        return None
+    except Exception:  # a damaged graph the engines cannot read
+        _discard(onnx_path)
+        return None
+    predictor = ExportPredictor(info, engine, workers, unknown)
+    if predictor.fits():
+        return predictor
+    _discard(onnx_path)  # its output does not match its weights' description
+    return None
+
+
 def open_predictor(
     run: str | Path,
     workers: int = 0,
@@ -161,20 +192,10 @@ def open_predictor(
     :class:`graft.predict.Predictor` (which rebuilds the export). ``n_images`` (the size of
     the job; None for a server) picks the engine (:func:`load_engine`)."""
     weights, info = read_info(run)
-    onnx_path = None if tta or wanted_engine() == "torch" else current_onnx(weights)
-    if onnx_path is not None:
-        try:
-            engine = load_engine(onnx_path, n_images)
-        except ImportError:  # no fast engine here: PyTorch
-            engine = None
-        except Exception:  # a damaged graph the engines cannot read
-            engine = None
-            _discard(onnx_path)
-        if engine is not None:
-            predictor = ExportPredictor(info, engine, workers, unknown)
-            if predictor.fits():
-                return predictor
-            _discard(onnx_path)  # its output does not match its weights' description
+    if not tta:
+        predictor = open_export_predictor(weights, info, workers, unknown, n_images)
+        if predictor is not None:
+            return predictor
     from .predict import Predictor
 
     # the PyTorch path makes the graph again from the weights

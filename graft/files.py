@@ -1,7 +1,7 @@
 """Finding image files: the extensions graft reads, walking folders, and content hashes.
 
-Torch-free on purpose: ``graft predict`` on a run with a current export imports this, not
-graft.data (which pulls in torch for its datasets and loaders).
+Torch-free on purpose, like graft.data: ``graft predict`` and ``graft evaluate`` on a run
+with a current export never import torch (the datasets and loaders are in graft.loading).
 """
 
 from __future__ import annotations

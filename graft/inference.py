@@ -94,13 +94,22 @@ class OpenVinoEngine:
     15% faster. Batches are padded up to the next power of two (at most 2x the work, and
     the padding rows are dropped), so a stream of ragged batches compiles a handful of
     shapes, each once, on first use.
+
+    ``cache``: keep each compiled shape on disk for the next process (graft.ovcache; about
+    2x quicker to load than to compile); on for prediction, off for training's throwaway
+    graphs.
     """
 
-    def __init__(self, path: Path, threads: int | None = None, max_batch: int = 64):
+    def __init__(
+        self, path: Path, threads: int | None = None, max_batch: int = 64, cache: bool = False
+    ):
         import openvino as ov
+
+        from .ovcache import CompiledCache
 
         self.core = ov.Core()
         self.model = self.core.read_model(str(path))  # held in memory: the file may go
+        self.cache = CompiledCache.open(path) if cache else None
         self.threads = threads or cpu_threads()
         self.max_batch = max_batch
         self.static = path.stat().st_size <= STATIC_SHAPES_MAX_BYTES
@@ -116,15 +125,31 @@ class OpenVinoEngine:
                     model = self.model.clone()
                     dims = self.model.input(0).get_partial_shape()
                     model.reshape([n, *(d.get_length() for d in list(dims)[1:])])
-                config = {
+                config: dict[str, Any] = {
                     "INFERENCE_NUM_THREADS": self.threads,
                     # f32 even where the CPU has bf16, so outputs stay within ONNX_ATOL
                     "INFERENCE_PRECISION_HINT": "f32",
                     "PERFORMANCE_HINT": "LATENCY",
                 }
-                compiled = self.core.compile_model(model, "CPU", config)
-                self.requests[n] = compiled.create_infer_request()
+                self.requests[n] = self._compile(model, config, n).create_infer_request()
             return self.requests[n]
+
+    def _compile(self, model: Any, config: dict[str, Any], n: int) -> Any:
+        """``model`` compiled for batch ``n`` (0: dynamic), through the disk cache when it
+        has one; a compile that fails with the cache is tried once more without it."""
+        cache = self.cache
+        folder = cache.shape_dir(n) if cache is not None else None
+        if cache is None or folder is None:
+            return self.core.compile_model(model, "CPU", config)
+        try:
+            compiled = self.core.compile_model(model, "CPU", {**config, "CACHE_DIR": str(folder)})
+        except Exception as exc:  # the cache's fault or not: without it, it is known to work
+            import logging
+
+            logging.getLogger("graft.ovcache").debug("compile with the cache failed: %s", exc)
+            return self.core.compile_model(model, "CPU", config)
+        cache.record(folder)
+        return compiled
 
     def warm_up(self, max_batch: int) -> None:
         """Compile every padded shape up to ``max_batch`` now: a server's first requests

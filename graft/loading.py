@@ -1,0 +1,201 @@
+"""Turning image files into tensors for PyTorch: the transforms of training and prediction,
+a dataset of files that reports unreadable ones instead of failing, and its loader.
+
+Kept apart from graft.data (scanning, torch-free) so that reading a dataset or a run's
+split never imports torch: ``graft evaluate`` on a run's current ONNX export needs neither.
+graft.data still offers these names (imported on first use).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .files import describe_decode_error
+from .runtime import load_image
+
+# --------------------------------------------------------------------------- transforms
+
+
+class TrimBackground:
+    """A transform: :func:`graft.runtime.trim_background` (a class, so workers can pickle it)."""
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        from .runtime import trim_background
+
+        return trim_background(im)
+
+
+def build_transform(
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: str = "none",
+    trim: bool = False,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The preprocessing for one image; ``augment`` is only ever used for training images.
+
+    Evaluation resizes the whole image to ``img_size`` x ``img_size`` (as the seed did), so
+    nothing at the edges is cropped away. ``trim`` first crops a uniform background to a
+    square around the object, for training and prediction alike.
+    """
+    from torchvision import transforms as T
+
+    if trim:
+        inner = build_transform(img_size, mean, std, augment)
+        return T.Compose([TrimBackground(), inner])
+    size = (img_size, img_size)
+    finish = [T.ToTensor(), T.Normalize(mean, std)]
+    if augment == "none":
+        return T.Compose([T.Resize(size, antialias=True), *finish])
+    if augment == "light":
+        return T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.85, 1.18), antialias=True),
+                T.RandomHorizontalFlip(),
+                T.RandomRotation(10, fill=255),
+                T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+                *finish,
+            ]
+        )
+    if augment == "strong":
+        return T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+                T.RandomHorizontalFlip(),
+                T.RandAugment(num_ops=2, magnitude=9, fill=[255, 255, 255]),
+                T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05),
+                *finish,
+            ]
+        )
+    if augment == "domain":
+        # For training on one kind of picture (game sprites, studio photos) and predicting
+        # another (drawings, phone photos): what changes between sources is scale, colour,
+        # sharpness and how the pixels were resampled, so vary exactly those.
+        crop = dict(scale=(0.35, 1.0), ratio=(0.8, 1.25), antialias=True)
+        nearest = T.InterpolationMode.NEAREST
+        return T.Compose(
+            [
+                T.RandomChoice(
+                    [
+                        T.RandomResizedCrop(size, **crop),  # smooth, like a drawing
+                        T.RandomResizedCrop(size, interpolation=nearest, **crop),  # pixel art
+                    ]
+                ),
+                T.RandomHorizontalFlip(),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.08)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                T.RandomApply([T.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3),
+                *finish,
+            ]
+        )
+    raise ValueError(f"unknown augment {augment!r}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ImageFiles(Dataset):
+    """Images from a list of files; a file that fails to decode yields ``None`` (skipped).
+
+    ``seeds`` (one per file) make each image's random augmentation a function of the image
+    alone, not of the batch or worker it lands in: cached views are then reproducible.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int] | None,
+        transform: Callable[[Image.Image], torch.Tensor],
+        size_hint: int | None = None,
+        seeds: Sequence[int] | None = None,
+    ):
+        self.paths = list(paths)
+        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
+        self.transform = transform
+        self.size_hint = size_hint
+        self.seeds = list(seeds) if seeds is not None else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | tuple[None, str, int]:
+        try:
+            image = load_image(self.paths[i], self.size_hint)
+        except Exception as exc:  # reported per file by the caller
+            return None, describe_decode_error(exc), i
+        if self.seeds is None:
+            return self.transform(image), self.labels[i], i
+        # Seed this image's augmentation without disturbing anyone else's random stream.
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seeds[i])
+            random.seed(self.seeds[i])
+            tensor = self.transform(image)
+        random.setstate(state)
+        return tensor, self.labels[i], i
+
+    def subset(self, indices: Sequence[int]) -> ImageFiles:
+        pick = list(indices)
+        return ImageFiles(
+            [self.paths[i] for i in pick],
+            [self.labels[i] for i in pick],
+            self.transform,
+            self.size_hint,
+            [self.seeds[i] for i in pick] if self.seeds is not None else None,
+        )
+
+
+def collate_skipping(batch: list) -> dict:
+    """Stack the good samples; keep (index, reason) of the ones that failed to decode."""
+    good = [b for b in batch if b[0] is not None]
+    failed = [(b[2], b[1]) for b in batch if b[0] is None]
+    if good:
+        images = torch.stack([b[0] for b in good])
+        labels = torch.tensor([b[1] for b in good], dtype=torch.long)
+        index = torch.tensor([b[2] for b in good], dtype=torch.long)
+    else:
+        images, labels, index = (
+            torch.empty(0),
+            torch.empty(0, dtype=torch.long),
+            torch.empty(0, dtype=torch.long),
+        )
+    return {"images": images, "labels": labels, "index": index, "failed": failed}
+
+
+def default_workers() -> int:
+    # One decoding process beside the main one keeps a 2-core laptop busy without
+    # fighting the model's own threads; bigger machines get more.
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 1 else min(4, max(1, cpus // 2))
+
+
+def make_loader(
+    dataset: ImageFiles,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    workers: int = -1,
+    generator: torch.Generator | None = None,
+    sampler: Any = None,
+) -> DataLoader:
+    workers = default_workers() if workers < 0 else workers
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        generator=generator,
+        persistent_workers=False,
+    )
