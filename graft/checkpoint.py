@@ -40,6 +40,12 @@ class Best:
             return True
         return False
 
+    def keep(self, stage: str, loss: float) -> None:
+        """Keep the model's current weights, which no epoch produced (a WiSE-FT mix)."""
+        self.loss, self.stage = loss, stage
+        self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.save(self.path)
+
     def restore(self) -> None:
         if self.state:
             self.model.load_state_dict(self.state)
@@ -65,6 +71,7 @@ def save_checkpoint(
     rank_rng: list[torch.Tensor],
     meta: dict[str, Any],
     best_state: dict[str, torch.Tensor],
+    anchor: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Everything needed to continue after this epoch, in one atomically written file
     (``rank_rng``: under torchrun, each rank's random state, so dropout resumes exactly).
@@ -84,6 +91,8 @@ def save_checkpoint(
     for k, v in best_state.items():
         if k in learning or k.startswith("head."):
             tensors[f"best.{k}"] = v.detach().cpu().contiguous()
+    for k, v in (anchor or {}).items():  # the frozen-stage weights WiSE-FT mixes with
+        tensors[f"anchor.{k}"] = v.detach().cpu().contiguous()
     opt = optimizer.state_dict()
     for index, entry in opt["state"].items():
         for key, value in entry.items():

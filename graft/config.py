@@ -21,6 +21,10 @@ from .errors import UsageError
 
 AUGMENTS = ("none", "light", "strong", "domain")
 OPTIMIZERS = ("adam", "adamw")
+#: --head-solver: how stage 1 fits the head (graft.probe)
+HEAD_SOLVERS = ("auto", "probe", "adam")
+#: --schedule (graft.schedule.SCHEDULES)
+SCHEDULES = ("constant", "cosine", "onecycle")
 #: --unknown-reference: what sets the "unknown" threshold when there are no --unseen images
 UNKNOWN_REFERENCES = ("augmented", "validation")
 CLASS_WEIGHTS = ("auto", "none")
@@ -194,6 +198,24 @@ class TrainConfig:
         "the head's learning rate in stage 1 (graft lr-find suggests one)",
         "stage 1: frozen backbone",
     )
+    head_solver: str = option(
+        "auto",
+        "how stage 1 fits the head: 'probe' solves a linear head exactly (L-BFGS on every "
+        "cached view) along a path of L2 strengths, picked on validation; 'adam' trains it "
+        "for --epochs like the seed; auto: probe for a linear head, adam for a dense one",
+        "stage 1: frozen backbone",
+        choices=HEAD_SOLVERS,
+    )
+    schedule: str = option(
+        "constant",
+        "learning-rate schedule of each Adam stage, per step: constant, cosine (linear "
+        "warm-up, then cosine decay to 0) or onecycle (fastai's fit_one_cycle)",
+        "both stages",
+        choices=SCHEDULES,
+    )
+    warmup: float = option(
+        0.05, "share of a stage's steps spent warming up (cosine, onecycle)", "both stages"
+    )
     optimizer: str = option(
         "adam",
         "optimizer of both stages (adamw: decoupled weight decay, 0.01 unless "
@@ -232,6 +254,14 @@ class TrainConfig:
         "pull fine-tuned weights toward their pretrained values with this strength (L2-SP, "
         "e.g. 0.01; 0 = off)",
         "stage 2: fine-tuning",
+    )
+    wise: str = option(
+        "off",
+        "weight-space ensemble of the frozen-stage and the fine-tuned model (WiSE-FT): "
+        "'auto' mixes them with the share of fine-tuned weights (0, 0.25 ... 1) that has the "
+        "lowest validation loss; a number in [0, 1] fixes the share; off keeps the best epoch",
+        "stage 2: fine-tuning",
+        metavar="off|auto|ALPHA",
     )
     # --- after training
     unknown_precision: float = option(
@@ -340,6 +370,14 @@ class TrainConfig:
             raise bad("unknown_reference", self.unknown_reference, "choose augmented or validation")
         if self.augment not in AUGMENTS:
             raise bad("augment", self.augment, f"choose one of {', '.join(AUGMENTS)}")
+        if self.head_solver not in HEAD_SOLVERS:
+            raise bad("head_solver", self.head_solver, f"choose one of {', '.join(HEAD_SOLVERS)}")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", self.schedule, f"choose one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise bad("warmup", self.warmup, "use a share of the steps in [0, 1), e.g. 0.05")
+        if self.wise_alpha is None and self.wise not in ("off", "auto"):
+            raise bad("wise", self.wise, "use off, auto or a share in [0, 1] such as 0.5")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", self.optimizer, f"choose one of {', '.join(OPTIMIZERS)}")
         if self.class_weights not in CLASS_WEIGHTS:
@@ -437,6 +475,15 @@ class TrainConfig:
     @property
     def head_hidden(self) -> int | None:
         return int(self.head.split(":")[1]) if self.head.startswith("dense:") else None
+
+    @property
+    def wise_alpha(self) -> float | None:
+        """--wise as a fixed share of fine-tuned weights; None for off/auto or no number."""
+        try:
+            alpha = float(self.wise)
+        except ValueError:
+            return None
+        return alpha if 0.0 <= alpha <= 1.0 else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

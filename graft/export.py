@@ -57,7 +57,8 @@ FORMATS = tuple(MODEL_FILES)
 INT8_FORMATS = ("onnx", "openvino")
 #: largest difference in probabilities allowed between an export and graft's own predict,
 #: checked on real images by tests/test_export.py
-EXPORT_ATOL = {"onnx": ONNX_ATOL, "openvino": ONNX_ATOL, "torchscript": 1e-5}
+#: (TorchScript's fused kernels: up to 1.2e-5 measured on a ViT-Tiny with a probe-solved head)
+EXPORT_ATOL = {"onnx": ONNX_ATOL, "openvino": ONNX_ATOL, "torchscript": 5e-5}
 #: every name an export may write (OpenVINO's IR is model.xml plus model.bin): ``--force``
 #: never deletes anything else, whatever an export's ``files`` list says
 EXPORT_FILES = frozenset(

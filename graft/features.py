@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from .cache import FeatureCache, item_seed, open_cache
-from .data import ImageFiles, ScanResult, build_transform, make_loader
+from .data import ScanResult
 from .device import Device, choose_device
 from .engines import Runner, make_runner
 from .errors import DataError
+from .loading import ImageFiles, build_transform, make_loader
 from .model import GraftModel
 from .progress import Reporter
 

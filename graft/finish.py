@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from .checkpoint import Best
-from .data import ImageFiles, ScanResult, build_transform
+from .data import ScanResult
 from .device import Device
 from .familiarity import FamiliarityFit
 from .features import logits_cached
+from .loading import ImageFiles, build_transform
 from .model import GraftModel
 from .plan import Features, Plan, Run
 from .rundir import EpochRecord, Summary
@@ -232,8 +233,8 @@ def _from_images(
     """``fn`` (images -> rows) over image files with ``transform`` (seeded per file when
     ``seeds`` are given), in order. A file that no longer reads is fatal: these are the
     run's own images, checked when training began."""
-    from .data import make_loader
     from .errors import DataError
+    from .loading import make_loader
 
     files = ImageFiles(paths, None, transform, model.info.img_size, seeds)
     out: torch.Tensor | None = None
@@ -251,7 +252,13 @@ def _from_images(
 
 def describe_kept(run: Run, plan: Plan, best: Best) -> str:
     kept = f"epoch {best.step} ({best.stage} stage), the lowest validation loss"
-    if "fine-tune" in plan.stages and best.stage == "frozen":
+    if best.stage == "wise" and run.wise is not None:
+        alpha = run.wise["alpha"]
+        kept = (
+            f"a weight-space mix (WiSE-FT) of {alpha:g} x the fine-tuned and {1 - alpha:g} x "
+            f"the frozen-stage weights ({run.wise['chosen_by']})"
+        )
+    elif "fine-tune" in plan.stages and best.stage == "frozen":
         # The guard: fine-tuning that does not help on honest validation only narrows the
         # model to this dataset, so the frozen-stage model is the one kept.
         kept = (

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import ImageFiles, make_loader
 from .device import Device
 from .features import logits_cached
+from .loading import ImageFiles, make_loader
 from .model import GraftModel, Top
 
 __all__ = [
@@ -73,6 +73,9 @@ class CachedBatches:
         self.generator, self.weight, self.rank, self.world = generator, weight, rank, world
         self.size = views.shape[1]
 
+    def __len__(self) -> int:  # batches per epoch
+        return math.ceil(self.size / self.batch_size)
+
     def __iter__(self) -> Iterator[Batch]:
         n = self.size
         pick = torch.randint(0, self.views.shape[0], (n,), generator=self.generator)
@@ -119,6 +122,9 @@ class ImageBatches:
         self.reporter, self.label = reporter, "Fine-tune epoch"
         self.size = len(files)
 
+    def __len__(self) -> int:  # batches per epoch
+        return len(self.loader)
+
     def set_epoch(self, epoch: int) -> None:
         self.label = f"Fine-tune epoch {epoch}"
         if hasattr(self.loader.sampler, "set_epoch"):
@@ -142,13 +148,17 @@ def train_one_epoch(
     device: Device,
     ddp: Any = None,
     penalty: Callable[[], torch.Tensor] | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> tuple[float, float]:
     """One pass over ``batches`` through ``net`` (the learning part of ``model``); returns
-    the training loss and accuracy over the epoch (all ranks together under torchrun)."""
+    the training loss and accuracy over the epoch (all ranks together under torchrun).
+    ``before_step(i)`` runs before the optimizer step of batch ``i`` (the schedule)."""
     model.train()
     world = ddp.world if ddp is not None and ddp.active else 1
     total_loss, correct, n = 0.0, 0, 0
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if before_step is not None:
+            before_step(i)
         x, y = device.prepare(batch.x), batch.y.to(device.device)
         with device.context():
             logits = net(x)

@@ -58,6 +58,10 @@ class Run:
     # whether this run created the folder; None until the folder is prepared
     user_files: list[str] | None = None
     created: bool = False
+    # --wise: the frozen-stage weights fine-tuning started from (checkpointed with each
+    # epoch), and what the mix chose (summary.json)
+    anchor: dict[str, Any] | None = None
+    wise: dict[str, Any] | None = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

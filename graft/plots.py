@@ -7,6 +7,7 @@ atomically as PNG.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,11 +63,14 @@ def plot_learning_curves(
         for stage, colour in STAGE_COLOURS.items():
             s = [r.step for r in history if r.stage == stage]
             if s:
+                # a probe's rows are points of its L2 path (graft.probe), not epochs
+                rows = [r for r in history if r.stage == stage]
+                probe = any(math.isfinite(getattr(r, "l2", math.nan)) for r in rows)
                 ax.axvspan(min(s) - 0.5, max(s) + 0.5, color=colour, zorder=0)
                 ax.text(
                     (min(s) + max(s)) / 2,
                     1.01,
-                    stage,
+                    f"{stage}: L2 path, strong to weak" if probe else stage,
                     transform=ax.get_xaxis_transform(),
                     ha="center",
                     va="bottom",
@@ -104,7 +108,8 @@ def plot_learning_curves(
             )
         if best_step:
             ax.axvline(best_step, color="#2a9d4b", lw=1.2, alpha=0.8, label="best (kept)")
-        ax.set_xlabel("epoch (both stages)")
+        probed = any(math.isfinite(getattr(r, "l2", math.nan)) for r in history)
+        ax.set_xlabel("step: L2 path points, then epochs" if probed else "epoch (both stages)")
         if not ax.get_ylabel():
             ax.set_ylabel(label)
         ax.grid(alpha=0.3)

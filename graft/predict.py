@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from ._malloc import tune_malloc
-from .data import ImageFiles, build_transform, make_loader
 from .errors import WeightsError
+from .loading import ImageFiles, build_transform, make_loader
 from .model import GraftModel, load_model
 from .modelinfo import fresh_onnx_path, stamp_onnx
 from .predictions import (  # re-exported: graft.predict is where users look for them

@@ -84,6 +84,8 @@ class EpochRecord:
     # on the --unseen folder (images from elsewhere); used for no choice but 'unknown'
     unseen_loss: float = math.nan
     unseen_acc: float = math.nan
+    # the L2 strength of a linear-probe row (graft.probe: stage 1 solved, not trained)
+    l2: float = math.nan
 
     FIELDS = (
         "stage",
@@ -97,6 +99,7 @@ class EpochRecord:
         "seconds",
         "unseen_loss",
         "unseen_acc",
+        "l2",
     )
 
 
@@ -123,6 +126,7 @@ class Summary(TypedDict, total=False):
     calibration: dict[str, Any]
     timings: dict[str, float]
     epoch_seconds: dict[str, float]
+    wise: dict[str, Any] | None  # the weight-space mix (graft.wise), when --wise is on
 
 
 def _plain_name(name: str) -> bool:
@@ -323,6 +327,8 @@ class RunDir:
         fields = EpochRecord.FIELDS
         if not any(math.isfinite(r.unseen_acc) for r in history):
             fields = tuple(f for f in fields if not f.startswith("unseen_"))
+        if not any(math.isfinite(r.l2) for r in history):
+            fields = tuple(f for f in fields if f != "l2")
         lines = [",".join(fields)]
         for r in history:
             values = [getattr(r, f) for f in fields]

@@ -7,16 +7,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from .checkpoint import Best, load_checkpoint, restore_checkpoint, save_checkpoint
-from .data import ImageFiles, build_transform
 from .device import Device
 from .errors import DivergedError
 from .features import pool_cached
+from .loading import ImageFiles, build_transform
 from .loop import (
     NO_EVAL,
     CachedBatches,
@@ -31,6 +32,8 @@ from .loop import (
 from .model import GraftModel, Top
 from .plan import Features, Plan, Run
 from .rundir import EpochRecord
+from .schedule import StepSchedule
+from .wise import mix_weights, wise_anchor
 
 __all__ = ["Stage", "run_stages"]
 
@@ -50,6 +53,9 @@ class Stage:
     validate: CachedEval | ImageEval
     unseen: CachedEval | ImageEval | None
     penalty: Any = None
+    schedule: StepSchedule | None = None
+    #: stage 1 solved as a linear probe (graft.probe) instead of trained epoch by epoch
+    probe: bool = False
 
 
 def run_stages(
@@ -84,7 +90,20 @@ def run_stages(
             g.manual_seed(config.seed + index)
         t = time.perf_counter()
         stage = prepare_stage(run, model, device, plan, features, name, index, generators)
-        run_stage(run, model, device, stage, history, best, loss_fn, generators, state)
+        if name == "fine-tune":  # the frozen-stage model, for --wise
+            run.anchor = wise_anchor(model, best, state, config.wise != "off")
+        if stage.probe:
+            run_probe(run, model, device, stage, history, best, generators, state)
+        else:
+            run_stage(run, model, device, stage, history, best, loss_fn, generators, state)
+        if name == "fine-tune" and config.wise != "off" and history[-1].stage == name:
+            if state is not None and state["stage"] == name and state["stage_done"]:
+                # resumed after the last epoch: its weights are the checkpoint's
+                tensors = state["tensors"]
+                model.load_state_dict(
+                    {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False
+                )
+            run.wise = mix_weights(run, model, run.anchor, stage.validate, best, device)
         run.timings[f"{name}_seconds"] = time.perf_counter() - t
         best.restore()
     return history, best
@@ -153,7 +172,29 @@ def prepare_stage(
     # after (un)freezing: DDP syncs the parameters that learn
     net = wrap_ddp(model, cut, below, device) if ddp.active else Top(model, cut, below)
     epochs = config.epochs if name == "frozen" else config.fine_tune_epochs
-    return Stage(name, index, epochs, lr, title, optimizer, net, batches, validate, watch, penalty)
+    probe = name == "frozen" and uses_probe(config.head_solver, config.head)
+    if probe:
+        title = (
+            f"Stage 1: frozen {config.backbone}, the linear head solved exactly (L-BFGS on "
+            f"{batches.views.shape[0]} view(s) of each image) from strong to weak L2, "  # type: ignore[union-attr]
+            "picked on validation"
+        )
+    schedule = (
+        StepSchedule(optimizer, config.schedule, len(batches), epochs, config.warmup)
+        if config.schedule != "constant" and not probe
+        else None
+    )
+    if schedule is not None:
+        title += f", {config.schedule} schedule"
+    return Stage(
+        name, index, epochs, lr, title, optimizer, net, batches, validate, watch, penalty,
+        schedule, probe,
+    )  # fmt: skip
+
+
+def uses_probe(solver: str, head: str) -> bool:
+    """Whether stage 1 is the exact linear probe: only a linear head is a convex problem."""
+    return solver == "probe" or (solver == "auto" and head == "linear")
 
 
 def fine_tune_inputs(
@@ -225,13 +266,17 @@ def run_stage(
         t = time.perf_counter()
         if isinstance(stage.batches, ImageBatches):
             stage.batches.set_epoch(epoch)
+        schedule = stage.schedule
+        before_step = partial(schedule.at, epoch) if schedule is not None else None
         tr = train_one_epoch(
-            stage.net, model, stage.batches, stage.optimizer, loss_fn, device, ddp, stage.penalty
-        )
+            stage.net, model, stage.batches, stage.optimizer, loss_fn, device, ddp, stage.penalty,
+            before_step,
+        )  # fmt: skip
         va = stage.validate(model, eval_loss_fn, device)
         un = stage.unseen(model, eval_loss_fn, device) if stage.unseen is not None else NO_EVAL
+        lr = schedule.rate(stage.lr) if schedule is not None else stage.lr  # at the epoch's end
         rec = EpochRecord(
-            stage.name, epoch, len(history) + 1, *tr, *va, stage.lr, time.perf_counter() - t, *un
+            stage.name, epoch, len(history) + 1, *tr, *va, lr, time.perf_counter() - t, *un
         )
         history.append(rec)
         improved = best.update(rec)
@@ -244,23 +289,7 @@ def run_stage(
         else:
             stale += 1
         stop = bool(config.patience and stale >= config.patience)
-        save_checkpoint(
-            run.dir.checkpoint,
-            model,
-            stage.optimizer,
-            generators,
-            ddp.all_gather(torch.get_rng_state()) if ddp.active else [],
-            {
-                "stage": stage.name,
-                "epoch": epoch,
-                "stale": stale,
-                "progress_loss": progress_loss,
-                "stage_done": stop or epoch == stage.epochs,
-                "best": best.to_dict(),
-                "history": [asdict(r) for r in history],
-            },
-            best.state,
-        )
+        checkpoint(run, model, stage, generators, history, best, epoch, stale, progress_loss, stop)
         if stop:
             reporter.info(
                 f"Early stop: validation loss has not dropped by more than "
@@ -282,3 +311,102 @@ def _stop_if_diverged(rec: EpochRecord, lr: float) -> None:
         "epoch. Lower the learning rate (--lr / --fine-tune-lr) or --l2sp, check the images, "
         "and train again with --force."
     )
+
+
+def checkpoint(
+    run: Run,
+    model: GraftModel,
+    stage: Stage,
+    generators: dict[str, torch.Generator],
+    history: list[EpochRecord],
+    best: Best,
+    epoch: int,
+    stale: int,
+    progress_loss: float,
+    stop: bool,
+) -> None:
+    """What a resumed run needs to continue after this epoch (graft.checkpoint)."""
+    ddp = run.ddp
+    save_checkpoint(
+        run.dir.checkpoint,
+        model,
+        stage.optimizer,
+        generators,
+        ddp.all_gather(torch.get_rng_state()) if ddp.active else [],
+        {
+            "stage": stage.name,
+            "epoch": epoch,
+            "stale": stale,
+            "progress_loss": progress_loss,
+            "stage_done": stop or epoch == stage.epochs,
+            "best": best.to_dict(),
+            "history": [asdict(r) for r in history],
+        },
+        best.state,
+        run.anchor,
+    )
+
+
+def run_probe(
+    run: Run,
+    model: GraftModel,
+    device: Device,
+    stage: Stage,
+    history: list[EpochRecord],
+    best: Best,
+    generators: dict[str, torch.Generator],
+    state: dict[str, Any] | None,
+) -> None:
+    """Stage 1 as a linear probe (graft.probe): one history row per L2 strength, strong to
+    weak; the validation loss picks the strength (Best), and the path stops early once
+    weaker regularisation has not helped for --patience points. Deterministic, so a run
+    interrupted here simply solves it again."""
+    from .probe import choose_point, probe_path, set_linear
+
+    config, reporter, ddp = run.config, run.reporter, run.ddp
+    if state is not None and state["stage"] == stage.name and state["stage_done"]:
+        return
+    assert isinstance(stage.batches, CachedBatches) and isinstance(stage.validate, CachedEval)
+    eval_loss_fn = nn.CrossEntropyLoss()
+    reporter.stage(stage.title)
+    stale, progress_loss, t = 0, math.inf, time.perf_counter()
+    batches = stage.batches
+    points = probe_path(batches.views, batches.labels, batches.weight, seed=config.seed)
+    solved: list[tuple[EpochRecord, Any]] = []
+    for epoch, point in enumerate(points, 1):
+        set_linear(model.head, point)
+        if ddp.active:  # every rank solved the same problem; rank 0's answer is the one
+            model.head.load_state_dict(ddp.broadcast(model.head.state_dict()))
+        va = stage.validate(model, eval_loss_fn, device)
+        un = stage.unseen(model, eval_loss_fn, device) if stage.unseen is not None else NO_EVAL
+        seconds, t = time.perf_counter() - t, time.perf_counter()
+        rec = EpochRecord(
+            stage.name, epoch, len(history) + 1, point.train_loss, point.train_acc, *va,
+            0.0, seconds, *un, l2=point.l2,
+        )  # fmt: skip
+        history.append(rec)
+        solved.append((rec, point))
+        run.dir.write_history(history)
+        reporter.epoch(rec, False)
+        run.tracker.epoch(rec)
+        _stop_if_diverged(rec, 0.0)
+        if rec.val_loss < progress_loss - config.min_delta:
+            progress_loss, stale = rec.val_loss, 0
+        else:
+            stale += 1
+        if config.patience and stale >= config.patience:
+            reporter.info(
+                f"The probe stops at L2 {point.l2:g}: weaker regularisation has not lowered "
+                f"the validation loss for {stale} strengths."
+            )
+            break
+    rec, point = solved[choose_point([r.val_loss for r, _ in solved], config.min_delta)]
+    set_linear(model.head, point)
+    if ddp.active:
+        model.head.load_state_dict(ddp.broadcast(model.head.state_dict()))
+    best.update(rec)
+    reporter.info(
+        f"Probe: kept L2 {point.l2:g} (validation loss {rec.val_loss:.4f}, accuracy "
+        f"{rec.val_acc:.1%}): the strongest within {config.min_delta:g} of the lowest."
+    )
+    checkpoint(run, model, stage, generators, history, best, history[-1].epoch, 0, best.loss, True)

@@ -31,11 +31,12 @@ import torch
 from . import __version__
 from ._malloc import tune_malloc
 from .config import TrainConfig
-from .data import ScanResult, default_workers, open_dataset, scan
+from .data import ScanResult, open_dataset, scan
 from .device import Device, choose_device
 from .errors import DataError, SplitError
 from .features import FrozenFeatures, pool_cached
 from .finish import calibrate, describe_kept, export_for_predict, finish, report_result
+from .loading import default_workers
 from .loop import class_weights_for
 from .model import GraftModel, ModelInfo, build_model
 from .plan import Features, Plan, Run, make_plan
@@ -161,6 +162,7 @@ def _fit(run: Run, data_root: str | Path | None, force: bool) -> TrainResult:
             onnx_path,
         )
     summary["backbone_choice"] = choice.to_dict() if choice is not None else None
+    summary["wise"] = run.wise
     if split.given is not None:  # the user's split: only the parts graft carved had a share
         summary["share_warnings"] = split_problems(split, data, config)
     with run.phase("report"):

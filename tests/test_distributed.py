@@ -20,7 +20,11 @@ from conftest import history_rows as _rows
 
 # Dropout off: with it, each rank draws its own masks, so the runs would agree only in
 # distribution. Without it the distributed update is the single-process one.
-CFG = {**FAST, "dropout": 0.0}
+# Adam epochs in stage 1: what must match is the gradient averaging of DDP. (The linear
+# probe is not distributed: every rank solves it and rank 0's answer is broadcast; L-BFGS
+# run to its tolerance on features that differ in the last bits between 1 and 2 processes
+# lands within 1e-4, not 1e-5.)
+CFG = {**FAST, "dropout": 0.0, "head_solver": "adam"}
 #: largest weight difference allowed between 2-process and 1-process training
 DDP_ATOL = 1e-5
 

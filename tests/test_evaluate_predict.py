@@ -90,7 +90,7 @@ def test_library_facade(
 def test_library_fit_returns_self(tmp_path: Path, shapes_dir: Path) -> None:
     from conftest import FAST
 
-    clf = ImageClassifier(**{**FAST, "epochs": 2, "fine_tune_epochs": 0})
+    clf = ImageClassifier(**{**FAST, "epochs": 2, "fine_tune_epochs": 0, "head_solver": "adam"})
     assert clf.fit(shapes_dir, out=tmp_path / "run") is clf
     assert clf.classes_ == ["circle", "square", "triangle"]
     assert clf.run_dir_ == tmp_path / "run" and len(clf.history_) == 2

@@ -266,7 +266,7 @@ def test_diverging_run_stops_with_its_own_exit_code(
 
     monkeypatch.setattr(stages, "train_one_epoch", diverge)
     out = tmp_path / "run"
-    assert _train(small, out, "--epochs", "3") == 9
+    assert _train(small, out, "--epochs", "3", "--head-solver", "adam") == 9
     err = capsys.readouterr().err
     assert "diverged at epoch 2" in err and "--lr" in err
     assert not (out / "summary.json").exists()  # not a finished run

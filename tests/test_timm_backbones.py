@@ -231,7 +231,9 @@ def test_trains_both_stages_and_predicts(
     assert f"last 2/{FAMILIES[name]} blocks" in config["plan"]
     assert "cached activations at the cut" in config["plan"]
     rows = list(csv.DictReader(open(run / "history.csv")))
-    assert [r["stage"] for r in rows] == ["frozen", "fine-tune", "fine-tune"]
+    stages = [r["stage"] for r in rows]  # the probe's L2 path, then two epochs
+    assert stages[0] == "frozen" and stages[-2:] == ["fine-tune"] * 2
+    assert stages.count("fine-tune") == 2
     model = load_model(run)
     assert model.info.backbone == name and model.info.mean == get_spec(name).mean
 
@@ -281,8 +283,8 @@ def test_interrupted_run_resumes_to_the_same_result(
     monkeypatch.setenv("GRAFT_PRECISION", "fp32")
     saved = graft.stages.save_checkpoint
 
-    def save_then_stop(path, model, optimizer, generators, rng, meta, best):
-        saved(path, model, optimizer, generators, rng, meta, best)
+    def save_then_stop(path, model, optimizer, generators, rng, meta, best, *rest):
+        saved(path, model, optimizer, generators, rng, meta, best, *rest)
         if meta["stage"] == "fine-tune":
             raise KeyboardInterrupt
 

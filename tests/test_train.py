@@ -64,11 +64,15 @@ def test_history_covers_both_stages_and_the_model_learns(trained_run: Path) -> N
         "val_acc",
         "lr",
         "seconds",
+        "l2",  # stage 1 is the linear probe's L2 path (graft.probe)
     ]
     stages = [r["stage"] for r in rows]
     assert stages[0] == "frozen" and stages[-1] == "fine-tune"
     assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
     assert {float(r["lr"]) for r in rows if r["stage"] == "fine-tune"} == {1e-5}
+    path = [float(r["l2"]) for r in rows if r["stage"] == "frozen"]
+    assert path == sorted(path, reverse=True) and len(set(path)) == len(path)
+    assert all(r["l2"] == "nan" for r in rows if r["stage"] == "fine-tune")
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["test"]["accuracy"] >= 0.75, summary["test"]
     assert summary["diagnosis"]["verdict"] in {
@@ -217,6 +221,7 @@ def test_small_drops_in_loss_are_not_progress(tmp_path: Path, shapes_dir: Path) 
     # Every epoch after the first lowers the loss by less than min_delta: the stage stops
     # after 1 + patience epochs, and the kept epoch is still the lowest loss among them.
     cfg = {**FAST, "epochs": 8, "fine_tune_epochs": 0, "patience": 2, "min_delta": 100.0}
+    cfg["head_solver"] = "adam"  # epochs (the probe's own path is tests/test_robust.py)
     result = fit(TrainConfig(**cfg), shapes_dir, tmp_path / "md")
     assert [r.epoch for r in result.history] == [1, 2, 3]
     lowest = min(result.history, key=lambda r: r.val_loss)
