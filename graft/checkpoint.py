@@ -40,9 +40,10 @@ class Best:
             return True
         return False
 
-    def keep(self, stage: str, loss: float) -> None:
-        """Keep the model's current weights, which no epoch produced (a WiSE-FT mix)."""
-        self.loss, self.stage = loss, stage
+    def keep(self, stage: str, loss: float, step: int) -> None:
+        """Keep the model's current weights, which no epoch produced (a WiSE-FT mix made
+        after ``step``, the last epoch)."""
+        self.loss, self.stage, self.step = loss, stage, step
         self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.save(self.path)
 

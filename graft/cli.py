@@ -178,7 +178,11 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig:
     from .io import read_json
 
     try:
-        return TrainConfig.from_dict(read_json(saved))
+        data = read_json(saved)
+        if isinstance(data, dict):
+            # a run from before the probe trained its head with Adam: resume it that way
+            data.setdefault("head_solver", "adam")
+        return TrainConfig.from_dict(data)
     except (ValueError, TypeError, AttributeError) as exc:
         raise RunFolderError(f"{saved} is damaged ({exc}); the run cannot be resumed.") from exc
 

@@ -189,13 +189,14 @@ class TrainConfig:
     # --- stage 1: frozen backbone, new head
     epochs: int = option(
         10,
-        "most epochs of training the new head on the frozen backbone (0 = skip this stage)",
+        "most epochs of training the new head on the frozen backbone with Adam (a dense "
+        "head, or --head-solver adam; the probe sets its own path); 0 = skip this stage",
         "stage 1: frozen backbone",
     )
     batch_size: int = option(32, "images per batch in stage 1", "stage 1: frozen backbone")
     lr: float = option(
         1e-3,
-        "the head's learning rate in stage 1 (graft lr-find suggests one)",
+        "the head's Adam learning rate in stage 1 (graft lr-find suggests one)",
         "stage 1: frozen backbone",
     )
     head_solver: str = option(
@@ -332,6 +333,10 @@ class TrainConfig:
 
         if isinstance(self.unfreeze, int) and not isinstance(self.unfreeze, bool):
             self.unfreeze = str(self.unfreeze)  # unfreeze=2 from the library means "2"
+        if isinstance(self.wise, int | float) and not isinstance(self.wise, bool):
+            self.wise = f"{float(self.wise):g}"  # wise=0.5 from the library (a grid search)
+        if isinstance(self.wise, str):
+            self.wise = self.wise.strip()
         self._check_types(bad)
         problem = backbone_problem(self.backbone, auto=True)
         if problem:  # graft's own names and auto need no timm (nor torch) to check
@@ -370,14 +375,7 @@ class TrainConfig:
             raise bad("unknown_reference", self.unknown_reference, "choose augmented or validation")
         if self.augment not in AUGMENTS:
             raise bad("augment", self.augment, f"choose one of {', '.join(AUGMENTS)}")
-        if self.head_solver not in HEAD_SOLVERS:
-            raise bad("head_solver", self.head_solver, f"choose one of {', '.join(HEAD_SOLVERS)}")
-        if self.schedule not in SCHEDULES:
-            raise bad("schedule", self.schedule, f"choose one of {', '.join(SCHEDULES)}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise bad("warmup", self.warmup, "use a share of the steps in [0, 1), e.g. 0.05")
-        if self.wise_alpha is None and self.wise not in ("off", "auto"):
-            raise bad("wise", self.wise, "use off, auto or a share in [0, 1] such as 0.5")
+        self._check_solver_schedule_wise(bad)
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", self.optimizer, f"choose one of {', '.join(OPTIMIZERS)}")
         if self.class_weights not in CLASS_WEIGHTS:
@@ -414,6 +412,27 @@ class TrainConfig:
         from .tracking import parse_track
 
         parse_track(self.track)
+
+    def _check_solver_schedule_wise(self, bad: Any) -> None:
+        """--head-solver, --schedule, --warmup and --wise, and how they combine."""
+        if self.head_solver not in HEAD_SOLVERS:
+            raise bad("head_solver", self.head_solver, f"choose one of {', '.join(HEAD_SOLVERS)}")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", self.schedule, f"choose one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise bad("warmup", self.warmup, "use a share of the steps in [0, 1), e.g. 0.05")
+        if self.wise_alpha is None and self.wise not in ("off", "auto"):
+            raise bad("wise", self.wise, "use off, auto or a share in [0, 1] such as 0.5")
+        if self.wise != "off" and not (self.epochs and self.fine_tune_epochs):
+            raise UsageError(
+                f"--wise {self.wise} mixes the frozen-stage model with the fine-tuned one: it "
+                "needs both stages (--epochs and --fine-tune-epochs above 0), or --wise off."
+            )
+        if self.head_solver == "probe" and self.head != "linear":
+            raise UsageError(
+                f"--head-solver probe solves a linear head exactly; --head {self.head} has a "
+                "hidden layer. Use --head linear, or --head-solver adam (or auto)."
+            )
 
     def check_paths(self) -> None:
         """The files and folders the options name exist and are of the right kind: checked
@@ -483,7 +502,7 @@ class TrainConfig:
             alpha = float(self.wise)
         except ValueError:
             return None
-        return alpha if 0.0 <= alpha <= 1.0 else None
+        return alpha + 0.0 if 0.0 <= alpha <= 1.0 else None  # (+ 0.0: -0 is 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,6 +5,7 @@ summarise the run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,18 @@ def _from_images(
     return out if out is not None else torch.empty(0)
 
 
+def epochs_of(history: list[EpochRecord], min_delta: float) -> list[EpochRecord]:
+    """The history as the diagnosis reads it: a linear probe's L2 path (graft.probe) is not a
+    run of epochs, so only the point it kept stands for stage 1."""
+    from .probe import choose_point
+
+    path = [r for r in history if math.isfinite(r.l2)]
+    if not path:
+        return history
+    kept = path[choose_point([r.val_loss for r in path], min_delta)]
+    return [kept, *(r for r in history if not math.isfinite(r.l2))]
+
+
 def describe_kept(run: Run, plan: Plan, best: Best) -> str:
     kept = f"epoch {best.step} ({best.stage} stage), the lowest validation loss"
     if best.stage == "wise" and run.wise is not None:
@@ -311,7 +324,8 @@ def finish(
 
     config, rundir = run.config, run.dir
     model.eval()
-    diagnosis = diagnose(history, grouped=split.grouped, n_val=len(features.labels["val"]))
+    epochs, n_val = epochs_of(history, config.min_delta), len(features.labels["val"])
+    diagnosis = diagnose(epochs, grouped=split.grouped, n_val=n_val)
     suspicious = diagnosis.notes and not split.grouped
     plot_learning_curves(
         history,

@@ -154,7 +154,13 @@ def make_plan(run: Run, model: GraftModel, n_images: int) -> Plan:
 
 def describe_plan(config: TrainConfig, plan: Plan, workers: int) -> str:
     parts = []
-    if config.epochs:
+    if config.epochs and config.head == "linear" and config.head_solver != "adam":
+        parts.append(
+            "stage 1 solves the linear head exactly (L-BFGS along an L2 path, picked on "
+            f"validation) on cached backbone features ({plan.views} view"
+            f"{'s' if plan.views > 1 else ''} per training image, augment={config.augment})"
+        )
+    elif config.epochs:
         parts.append(
             f"stage 1 trains the head for up to {config.epochs} epochs on cached backbone "
             f"features ({plan.views} view{'s' if plan.views > 1 else ''} per training image, "

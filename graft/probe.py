@@ -29,7 +29,7 @@ __all__ = ["L2_PATH", "ProbePoint", "choose_point", "probe_path", "set_linear"]
 
 #: L2 strengths (per-image mean loss + l2/2 * ||W||^2 on standardised features), strong to
 #: weak; scikit-learn's C = 1 / (l2 * n_images)
-L2_PATH = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
+L2_PATH = (1.0, 3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from the epoch). Early stopping only cuts the schedule short.
 
 - ``constant``: the base rate throughout (the seed's Keras default);
 - ``cosine``: a linear warm-up over the first ``warmup`` share of the steps, then a cosine
-  decay to zero (timm's and Ultralytics' default shape);
+  decay toward zero (timm's and Ultralytics' default shape; the last step keeps a sliver);
 - ``onecycle``: fastai's ``fit_one_cycle``: cosine up from base/25 over the first 25% of
   the steps (or ``warmup`` when larger), then cosine down to base/1e5.
 """
@@ -28,18 +28,19 @@ def lr_factor(kind: str, step: int, total: int, warmup: float = 0.05) -> float:
     """The multiple of the base rate at ``step`` (0-based) of ``total`` planned steps."""
     if kind == "constant" or total <= 1:
         return 1.0
-    t = min(max(step, 0), total - 1) / (total - 1)  # 0 at the first step, 1 at the last
+    step = min(max(step, 0), total - 1)
     if kind == "cosine":
-        if warmup > 0 and t < warmup:
-            # the first step already learns a little (not zero: it would be a wasted step)
-            return (step + 1) / max(1.0, warmup * (total - 1) + 1)
-        u = (t - warmup) / max(1e-12, 1 - warmup)
-        return 0.5 * (1 + math.cos(math.pi * u))
+        # the first step already learns a little, and so does the last (a step at rate 0
+        # would be a wasted pass over its batch)
+        ramp = math.ceil(warmup * total)
+        if step < ramp:
+            return (step + 1) / (ramp + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - ramp) / (total - ramp)))
     if kind == "onecycle":
-        peak, start, end = max(0.25, warmup), 1 / 25, 1e-5
-        if t < peak:
-            return end_cos(start, 1.0, t / peak)
-        return end_cos(1.0, end, (t - peak) / (1 - peak))
+        peak = max(1, round(max(0.25, warmup) * total))
+        if step < peak:
+            return end_cos(1 / 25, 1.0, step / peak)
+        return end_cos(1.0, 1e-5, (step - peak) / max(1, total - peak - 1))
     raise ValueError(f"unknown schedule {kind!r} (choose from {', '.join(SCHEDULES)})")
 
 

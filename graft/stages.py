@@ -103,7 +103,9 @@ def run_stages(
                 model.load_state_dict(
                     {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False
                 )
-            run.wise = mix_weights(run, model, run.anchor, stage.validate, best, device)
+            run.wise = mix_weights(
+                run, model, run.anchor, stage.validate, best, device, history[-1].step
+            )
         run.timings[f"{name}_seconds"] = time.perf_counter() - t
         best.restore()
     return history, best

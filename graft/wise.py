@@ -72,6 +72,7 @@ def mix_weights(
     validate: Any,
     best: Best,
     device: Any,
+    step: int,
 ) -> dict[str, Any] | None:
     """Choose (``--wise auto``) or take (``--wise ALPHA``) the mix of the frozen-stage model
     (``anchor``) and the fine-tuned weights now in ``model``; it becomes the kept model."""
@@ -102,7 +103,7 @@ def mix_weights(
         )
         return {"alpha": None, "chosen_by": "an epoch beat every mix", "tried": tried}
     model.load_state_dict(mix(anchor, tuned, chosen["alpha"]), strict=False)
-    best.keep("wise", chosen["val_loss"])
+    best.keep("wise", chosen["val_loss"], step)
     reporter.info(
         f"WiSE-FT: kept {chosen['alpha']:g} x fine-tuned + {1 - chosen['alpha']:g} x "
         f"frozen-stage weights ({how}; validation loss {chosen['val_loss']:.4f}, accuracy "

@@ -304,7 +304,9 @@ def test_tampered_model_metadata_is_refused(run: Path, field: str, value: object
 
 def test_model_classes_must_match_the_head(run: Path, capsys) -> None:
     _tamper_model(run / "model.safetensors", classes=["a", "b", "c", "d"])
-    _refuses(["evaluate", str(run)], run, 4, capsys, "3 outputs but the metadata lists 4")
+    # evaluate reads the metadata before any model is built (graft.fast): the classes no
+    # longer match the run's config.json, so the run folder was changed (exit 6)
+    _refuses(["evaluate", str(run)], run, 6, capsys, "disagree on the classes")
 
 
 def test_non_finite_weights_are_refused(run: Path, capsys) -> None:
