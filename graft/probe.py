@@ -67,6 +67,7 @@ def probe_path(
         else:
             extra = n + torch.randperm(k * n - n, generator=g)[: max_rows - n]
             keep = torch.cat([torch.arange(n), extra])
+        keep = keep.sort().values  # in row order: the same rows give the same sums, bit for bit
         x, y = x[keep], y[keep]
     x = x.float()
     # Features that barely vary (units that rarely fire) are scaled as if they varied a
