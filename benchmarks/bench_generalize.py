@@ -264,6 +264,12 @@ GRAFT_VARIANTS = {
     ),
     "graft: trim, 30 frozen epochs at 3e-3 + last 2 blocks": dict(trim=True, epochs=30, lr=3e-3),
     "graft: defaults": dict(),
+    "graft: cosine, fine-tune 1e-4, WiSE-FT auto": dict(
+        schedule="cosine", fine_tune_lr=1e-4, wise="auto"
+    ),
+    "graft: cosine, fine-tune 1e-4, WiSE-FT 0.5": dict(
+        schedule="cosine", fine_tune_lr=1e-4, wise="0.5"
+    ),
 }
 
 

@@ -280,16 +280,8 @@ def run_stage(
         rec = EpochRecord(
             stage.name, epoch, len(history) + 1, *tr, *va, lr, time.perf_counter() - t, *un
         )
-        history.append(rec)
-        improved = best.update(rec)
-        run.dir.write_history(history)
-        reporter.epoch(rec, improved)
-        run.tracker.epoch(rec)
-        _stop_if_diverged(rec, stage.lr)
-        if rec.val_loss < progress_loss - config.min_delta:
-            progress_loss, stale = rec.val_loss, 0
-        else:
-            stale += 1
+        log_row(run, history, rec, best.update(rec), stage.lr)
+        progress_loss, stale = progress(rec, progress_loss, stale, config.min_delta)
         stop = bool(config.patience and stale >= config.patience)
         checkpoint(run, model, stage, generators, history, best, epoch, stale, progress_loss, stop)
         if stop:
@@ -298,6 +290,28 @@ def run_stage(
                 f"{config.min_delta:g} for {stale} epochs."
             )
             break
+
+
+def log_row(
+    run: Run, history: list[EpochRecord], rec: EpochRecord, improved: bool, lr: float
+) -> None:
+    """A finished epoch (or probe point): into the history, on screen, to the trackers;
+    a non-finite loss stops the run here."""
+    history.append(rec)
+    run.dir.write_history(history)
+    run.reporter.epoch(rec, improved)
+    run.tracker.epoch(rec)
+    _stop_if_diverged(rec, lr)
+
+
+def progress(
+    rec: EpochRecord, progress_loss: float, stale: int, min_delta: float
+) -> tuple[float, int]:
+    """Early stopping's count: rows since the validation loss last dropped by more than
+    ``min_delta`` (Keras' min_delta), and the loss that drop is measured from."""
+    if rec.val_loss < progress_loss - min_delta:
+        return rec.val_loss, 0
+    return progress_loss, stale + 1
 
 
 def _stop_if_diverged(rec: EpochRecord, lr: float) -> None:
@@ -386,16 +400,9 @@ def run_probe(
             stage.name, epoch, len(history) + 1, point.train_loss, point.train_acc, *va,
             0.0, seconds, *un, l2=point.l2,
         )  # fmt: skip
-        history.append(rec)
         solved.append((rec, point))
-        run.dir.write_history(history)
-        reporter.epoch(rec, False)
-        run.tracker.epoch(rec)
-        _stop_if_diverged(rec, 0.0)
-        if rec.val_loss < progress_loss - config.min_delta:
-            progress_loss, stale = rec.val_loss, 0
-        else:
-            stale += 1
+        log_row(run, history, rec, False, 0.0)  # the path's choice is made at its end
+        progress_loss, stale = progress(rec, progress_loss, stale, config.min_delta)
         if config.patience and stale >= config.patience:
             reporter.info(
                 f"The probe stops at L2 {point.l2:g}: weaker regularisation has not lowered "
