@@ -197,6 +197,45 @@ class FeatureCache:
         assert out is not None or not shas
         return out if out is not None else torch.empty(0)
 
+    def get_or_compute_views(
+        self,
+        views: Sequence[str],
+        shas: Sequence[str],
+        compute: Callable[[list[int]], Sequence[torch.Tensor]],
+        chunk: int = CHUNK,
+    ) -> list[torch.Tensor] | None:
+        """:meth:`get_or_compute` for several views of the same images, whose rows one call
+        makes together (``compute(indices)`` returns one tensor per view): each image is
+        then decoded once for all of them. None, and nothing computed, unless every view
+        misses the same images (a cold cache, a new seed): the caller asks view by view.
+        Not for torchrun (rank 0 alone would compute)."""
+        indexes = [self._index(v) for v in views]
+        missing = [i for i, s in enumerate(shas) if s not in indexes[0]]
+        if any([i for i, s in enumerate(shas) if s not in ix] != missing for ix in indexes[1:]):
+            return None
+        self.hits += len(views) * (len(shas) - len(missing))
+        self.misses += len(views) * len(missing)
+        outs: list[torch.Tensor | None] = [None] * len(views)
+        for start in range(0, len(missing), chunk):
+            part = missing[start : start + chunk]
+            fresh = compute(part)
+            for k, view in enumerate(views):
+                self._write_shard(view, [shas[i] for i in part], fresh[k])
+                if outs[k] is None:
+                    outs[k] = torch.empty((len(shas), *fresh[k].shape[1:]), dtype=fresh[k].dtype)
+                outs[k][part] = fresh[k]  # type: ignore[index]
+        result = []
+        for k, view in enumerate(views):
+            out, damaged = self._read_stored(indexes[k], shas, outs[k])
+            if damaged:  # its images again, all views made, this one kept
+                self.hits -= len(damaged)
+                self.misses += len(damaged)
+                out = self._compute(
+                    view, shas, damaged, lambda ix, k=k: compute(ix)[k], None, chunk, out
+                )
+            result.append(out if out is not None else torch.empty(0))
+        return result
+
     def _compute(
         self,
         view: int | str,

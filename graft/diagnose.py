@@ -19,6 +19,7 @@ near-duplicate images on both sides of the split).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,6 +38,19 @@ class Diagnosis:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _where(best: Any, history: Sequence[Any]) -> str:
+    """Which point of the history ``best`` is, in the words of its stage: a linear probe's
+    kept strength or the stage's own epoch (the run's step counts across stages)."""
+    l2 = getattr(best, "l2", math.nan)
+    if math.isfinite(l2):
+        return f"the linear probe's kept point (L2 {l2:g})"
+    stage = getattr(best, "stage", None)
+    if stage is None:
+        return f"epoch {best.step} of {len(history)}"
+    n = sum(1 for r in history if getattr(r, "stage", None) == stage)
+    return f"{stage} epoch {best.epoch} of {n}"
 
 
 #: fewer validation images than this and no verdict is given
@@ -59,8 +73,8 @@ def diagnose(history: Sequence[Any], grouped: bool = False, n_val: int | None = 
     train_falling = len(history) > 1 and history[-1].train_loss < history[best_i].train_loss
     numbers = (
         f"final train accuracy {last.train_acc:.1%}, validation {last.val_acc:.1%} "
-        f"(gap {gap * 100:+.1f} points); best validation loss {best.val_loss:.3g} at epoch "
-        f"{best.step} of {len(history)}; validation loss over the last epochs "
+        f"(gap {gap * 100:+.1f} points); best validation loss {best.val_loss:.3g} at "
+        f"{_where(best, history)}; validation loss over the last epochs "
         f"{trend * 100:+.1f}%"
     )
 

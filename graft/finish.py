@@ -53,7 +53,7 @@ def calibrate(
     config, reporter = run.config, run.reporter
     model.eval()
     labels = features.labels["val"]
-    stale_cache = config.fine_tune_epochs > 0 and not plan.cache_cut  # backbone changed below
+    stale_cache = _cache_is_stale(config, plan)
     if stale_cache:
         info = model.info
         eval_tf = build_transform(info.img_size, info.mean, info.std, "none", info.trim)
@@ -136,7 +136,7 @@ def _fit_familiarity(
         reference, ref_f = "validation images", val_f
     else:
         reference = "validation images under strong augmentation"
-        ref_f = _shifted_features(run, model, device, features)
+        ref_f = _shifted_features(run, model, device, plan, features)
     fit = fit_familiarity(
         train_f,
         [train_y[i] for i in rows],
@@ -153,17 +153,25 @@ def _fit_familiarity(
 
 
 def _shifted_features(
-    run: Run, model: GraftModel, device: Device, features: Features
+    run: Run, model: GraftModel, device: Device, plan: Plan, features: Features
 ) -> torch.Tensor:
     """Pooled features of validation images under strong augmentation (several seeded views
     each, at most SHIFT_MAX_IMAGES images): pictures of the classes as if from elsewhere."""
     from .cache import item_seed
     from .familiarity import SHIFT_AUGMENT, SHIFT_MAX_IMAGES, SHIFT_VIEWS, balanced_sample
+    from .features import pool_cached
 
     info, seed = model.info, run.config.seed
     chosen = balanced_sample(features.labels["val"].tolist(), SHIFT_MAX_IMAGES, seed)
     paths = [features.paths["val"][i] for i in chosen]
     shift = build_transform(info.img_size, info.mean, info.std, SHIFT_AUGMENT, info.trim)
+    frozen = features.frozen
+    if frozen is not None and not _cache_is_stale(run.config, plan):
+        # The frozen blocks are those of the cache: its fast runner makes every view of an
+        # image from one decode, and only the trained top runs in PyTorch.
+        seeds = [[item_seed(str(p), v, seed) for v in range(1, SHIFT_VIEWS + 1)] for p in paths]
+        maps = frozen.transient_views(paths, shift, seeds, "Simulating pictures from elsewhere")
+        return pool_cached(model, maps.transpose(0, 1).flatten(0, 1), plan.extract_at, device)
     views = [
         _from_images(
             model,
@@ -319,7 +327,6 @@ def finish(
     ``onnx_path`` (:func:`export_for_predict`), plot the curves with their diagnosis;
     returns the run's summary."""
     from .diagnose import diagnose
-    from .evaluate import evaluate_files
     from .plots import plot_learning_curves
 
     config, rundir = run.config, run.dir
@@ -338,17 +345,7 @@ def finish(
             else ""
         ),
     )
-    test = evaluate_files(
-        model,
-        features.paths["test"],
-        features.labels["test"].tolist(),
-        data.classes,
-        out_dir=rundir.path,
-        device=device,
-        workers=run.workers,
-        title="held-out test split",
-        onnx_path=onnx_path,
-    )
+    test = evaluate_test(run, model, device, plan, features, data.classes, onnx_path)
     unseen = evaluate_unseen(run, history, plan, test) if features.unseen is not None else None
     return Summary(
         classes=data.classes,
@@ -384,6 +381,46 @@ def finish(
         timings=run.timings,
         epoch_seconds=_epoch_seconds(history),
     )
+
+
+def evaluate_test(
+    run: Run,
+    model: GraftModel,
+    device: Device,
+    plan: Plan,
+    features: Features,
+    classes: list[str],
+    onnx_path: Path | None,
+) -> Any:
+    """The kept model, once, on the held-out split. Its clean activations at the cut are in
+    the cache whenever the blocks below the cut are those that made it (the usual plan), so
+    only the trained top runs; otherwise its images are decoded and run through the export
+    (``onnx_path``) or PyTorch."""
+    from .evaluate import evaluate_files, score_files
+    from .features import CachedScores
+
+    paths, labels = features.paths["test"], features.labels["test"].tolist()
+    title = "held-out test split"
+    if features.test is not None and not _cache_is_stale(run.config, plan):
+        predictor = CachedScores(model, features.test, plan.extract_at, device)
+        return score_files(predictor, model.info, paths, labels, classes, run.dir.path, title)
+    return evaluate_files(
+        model,
+        paths,
+        labels,
+        classes,
+        out_dir=run.dir.path,
+        device=device,
+        workers=run.workers,
+        title=title,
+        onnx_path=onnx_path,
+    )
+
+
+def _cache_is_stale(config: Any, plan: Plan) -> bool:
+    """Whether stage 2 changed blocks below the cached activations (it fine-tuned on images:
+    the cut's activations did not fit the cache, or the whole backbone learned)."""
+    return bool(config.fine_tune_epochs > 0 and not plan.cache_cut)
 
 
 def evaluate_unseen(

@@ -153,6 +153,48 @@ class ImageFiles(Dataset):
         )
 
 
+class ImageViews(ImageFiles):
+    """Several seeded views of each image from one decode: item ``i`` is a ``[views, C, H,
+    W]`` tensor, view ``k`` augmented with the seed ``seeds[i][k]``. Decoding (and the draft
+    mode's downscale) is paid once per image, not once per view."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int] | None,
+        transform: Callable[[Image.Image], torch.Tensor],
+        size_hint: int | None,
+        seeds: Sequence[Sequence[int]],
+    ):
+        super().__init__(paths, labels, transform, size_hint)
+        self.view_seeds = [tuple(s) for s in seeds]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | tuple[None, str, int]:
+        try:
+            image = load_image(self.paths[i], self.size_hint)
+        except Exception as exc:  # reported per file by the caller
+            return None, describe_decode_error(exc), i
+        state = random.getstate()
+        views = []
+        with torch.random.fork_rng(devices=[]):
+            for seed in self.view_seeds[i]:  # each view exactly as ImageFiles seeds it
+                torch.manual_seed(seed)
+                random.seed(seed)
+                views.append(self.transform(image))
+        random.setstate(state)
+        return torch.stack(views), self.labels[i], i
+
+    def subset(self, indices: Sequence[int]) -> ImageViews:
+        pick = list(indices)
+        return ImageViews(
+            [self.paths[i] for i in pick],
+            [self.labels[i] for i in pick],
+            self.transform,
+            self.size_hint,
+            [self.view_seeds[i] for i in pick],
+        )
+
+
 def collate_skipping(batch: list) -> dict:
     """Stack the good samples; keep (index, reason) of the ones that failed to decode."""
     good = [b for b in batch if b[0] is not None]

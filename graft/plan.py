@@ -103,11 +103,15 @@ class Features:
     labels: dict[str, torch.Tensor]
     train: torch.Tensor  # [views, N, ...]
     val: torch.Tensor
+    #: the held-out split's clean inputs at the cut, for the end-of-run evaluation
+    test: torch.Tensor | None = None
     class_weights: torch.Tensor | None = None
     class_weights_note: str = ""
     unseen: ScanResult | None = None
     unseen_maps: torch.Tensor | None = None
     unseen_labels: torch.Tensor | None = None
+    #: the frozen part's runner and cache, for later passes over images (calibration)
+    frozen: Any = None
 
 
 def make_plan(run: Run, model: GraftModel, n_images: int) -> Plan:

@@ -337,19 +337,21 @@ def fill_caches(
         # copying them out of `clean`, so memory never holds the cache twice.
         del clean
         counted = frozen.cache.hits  # re-reading what this run just stored is not a reuse
-        train_clean, val_maps = frozen.views(data, idx["train"]), frozen.views(data, idx["val"])
+        train_clean, val_maps, test_maps = (frozen.views(data, idx[s]) for s in SUBSETS)
         frozen.cache.hits = counted
     else:
-        train_clean, val_maps = clean[idx["train"]], clean[idx["val"]]
+        train_clean, val_maps, test_maps = (clean[idx[s]] for s in SUBSETS)
         del clean
-    augmented = [
-        frozen.views(data, idx["train"], v, f"Caching augmented views ({v + 1}/{plan.views})")
-        for v in range(1, plan.views)
-    ]
+    augmented = (
+        frozen.augmented_views(data, idx["train"], plan.views, "Caching augmented views")
+        if plan.views > 1
+        else []
+    )
     train_views = train_clean[None] if plan.views == 1 else torch.stack([train_clean, *augmented])
     del train_clean, augmented
     paths = {s: [data.paths[i] for i in ix] for s, ix in idx.items()}
-    features = Features(paths, labels, train_views, val_maps, weights, weights_note)
+    features = Features(paths, labels, train_views, val_maps, test_maps, weights, weights_note)
+    features.frozen = frozen
     if config.unseen:
         watch_unseen(run, data, frozen, features)
     if device.channels_last:
@@ -366,6 +368,9 @@ def fill_caches(
         cache_misses=cache.misses,
     )
     return split, features
+
+
+SUBSETS = ("train", "val", "test")
 
 
 def audit_and_split(

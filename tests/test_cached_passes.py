@@ -1,0 +1,93 @@
+"""Passes over a run's images that reuse what the cache already holds (issue 17): the
+end-of-run evaluation scores the held-out split from its cached activations at the cut, and
+the augmented views of an image come from one decode. Both must give what the long way
+gives: the evaluation what the exported model gives on the decoded images (within 1e-4),
+the views exactly the rows a view-by-view pass stores."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_evaluate_fast import differences
+
+from graft.cache import FeatureCache, item_seed
+from graft.data import scan
+from graft.evaluate import EVALUATION, evaluate_run
+from graft.loading import ImageFiles, ImageViews, build_transform
+
+
+def test_the_end_of_run_evaluation_is_what_the_export_gives_on_the_images(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert "on cached activations at the cut" in summary["plan"]  # the cached path
+    at_end = json.loads((run / EVALUATION).read_text())
+    again = evaluate_run(run, out_dir=tmp_path / "again")  # decodes, runs model.onnx
+    assert at_end["n"] == again["n"] > 0
+    assert differences(at_end, json.loads((tmp_path / "again" / EVALUATION).read_text())) == []
+    assert summary["test"]["accuracy"] == pytest.approx(again["accuracy"], abs=1e-9)
+
+
+def test_one_decode_gives_each_view_exactly_as_a_pass_per_view(shapes_dir: Path) -> None:
+    data = scan(shapes_dir)
+    tf = build_transform(64, (0.5,) * 3, (0.5,) * 3, "light")
+    seeds = [[item_seed(h, v, 3) for v in (1, 2, 3)] for h in data.sha256[:6]]
+    together = ImageViews(data.paths[:6], None, tf, 64, seeds)
+    for i in range(6):
+        stacked, _, index = together[i]
+        assert index == i and stacked.shape == (3, 3, 64, 64)
+        for k in range(3):
+            alone = ImageFiles(data.paths[:6], None, tf, 64, [s[k] for s in seeds])[i][0]
+            assert torch.equal(stacked[k], alone)
+        assert not torch.equal(stacked[0], stacked[1])  # the views are not one view thrice
+
+
+def test_views_made_together_are_stored_as_views_made_apart(tmp_path: Path) -> None:
+    shas = [f"{i:064x}" for i in range(10)]
+    calls: list[list[int]] = []
+
+    def rows(view: int, ix: list[int]) -> torch.Tensor:
+        return torch.tensor([[float(i), float(view)] for i in ix])
+
+    def together(ix: list[int]) -> list[torch.Tensor]:
+        calls.append(ix)
+        return [rows(1, ix), rows(2, ix)]
+
+    cache = FeatureCache(tmp_path, {"k": "together"}, warn=lambda _: None)
+    out = cache.get_or_compute_views(["v1", "v2"], shas, together, chunk=4)
+    assert out is not None and calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert torch.equal(out[0], rows(1, list(range(10))))
+    assert torch.equal(out[1], rows(2, list(range(10))))
+    assert (cache.hits, cache.misses) == (0, 20)
+    # What was stored is what the one-view path reads back, with nothing computed.
+    reader = FeatureCache(tmp_path, {"k": "together"}, warn=lambda _: None)
+    never = lambda ix: pytest.fail(f"computed {ix}")  # noqa: E731
+    assert torch.equal(reader.get_or_compute("v2", shas, never), out[1])
+    # All stored: read back together, nothing computed.
+    calls.clear()
+    again = reader.get_or_compute_views(["v1", "v2"], shas, together)
+    assert again is not None and calls == [] and torch.equal(again[0], out[0])
+    # A view that misses other images than its sibling: the caller goes view by view.
+    assert reader.get_or_compute_views(["v1", "v3"], shas, together) is None
+    assert calls == []
+
+
+def test_a_damaged_shard_of_one_view_is_made_again(tmp_path: Path) -> None:
+    shas = [f"{i:064x}" for i in range(4)]
+    made = [torch.arange(8.0).reshape(4, 2), -torch.arange(8.0).reshape(4, 2)]
+    cache = FeatureCache(tmp_path, {"k": "damaged"}, warn=lambda _: None)
+    cache.get_or_compute_views(["a", "b"], shas, lambda ix: [m[ix] for m in made])
+    shard = next((cache.folder / "view-b").glob("*.safetensors"))
+    blob = bytearray(shard.read_bytes())
+    blob[-4:] = b"\x00\x00\x80\x7f"  # the last float becomes +inf: the checksum fails
+    shard.write_bytes(bytes(blob))
+    warnings: list[str] = []
+    reader = FeatureCache(tmp_path, {"k": "damaged"}, warn=warnings.append)
+    out = reader.get_or_compute_views(["a", "b"], shas, lambda ix: [m[ix] for m in made])
+    assert out is not None and torch.equal(out[1], made[1]) and torch.equal(out[0], made[0])
+    assert len(warnings) == 1 and "damaged" in warnings[0]
