@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speed.py                # full: 10 + 10 epochs each way (~10 min)
     python benchmarks/bench_speed.py --quick        # 3 + 3 epochs, for a fast check
+    python benchmarks/bench_speed.py --sizes demo small   # also a 720-image, 10-class folder
     make bench                                      # the full run
 
 Runs, on the same images and the same split (the demo's five Pokémon sprites):
@@ -132,6 +133,7 @@ def run_graft(data_dir: str, epochs: int, ft_epochs: int) -> dict:
         "frozen_epoch_s": s["epoch_seconds"].get("frozen", 0.0),
         "fine_tune_epoch_s": s["epoch_seconds"].get("fine-tune", 0.0),
         "cache_s": s["timings"]["cache_seconds"],
+        "timings": {k: round(v, 2) for k, v in s["timings"].items() if k.endswith("_seconds")},
         "plan": s["plan"],
         "engine": s["engine"],
         "epochs_run": len(result.history),
@@ -201,6 +203,35 @@ def run_predict(data_dir: str, backend: str) -> dict:
 # --------------------------------------------------------------------------- parent
 
 
+#: the small folder: 10 Pokémon, 72 evenly spaced animation frames each (about 500 for
+#: training after the 20% test and 10% validation splits), where fixed costs weigh most
+SMALL_POKEMON = {
+    1: "bulbasaur", 4: "charmander", 7: "squirtle", 25: "pikachu", 150: "mewtwo",
+    152: "chikorita", 155: "cyndaquil", 158: "totodile", 172: "pichu", 249: "lugia",
+}  # fmt: skip
+SMALL_PER_CLASS = 72
+
+
+def small_folder(cache: Path) -> str:
+    """The small folder, built once from the demo's npm package (links to its frames)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from demo_data import build
+
+    frames, _ = build(cache, SMALL_POKEMON)
+    out = cache / f"small-{len(SMALL_POKEMON)}x{SMALL_PER_CLASS}"
+    if not out.is_dir():
+        tmp = out.with_name(out.name + ".tmp")
+        for folder in sorted(frames.iterdir()):
+            files = sorted(folder.iterdir())
+            step = len(files) / SMALL_PER_CLASS
+            (tmp / folder.name).mkdir(parents=True, exist_ok=True)
+            for k in range(SMALL_PER_CLASS):
+                src = files[int(k * step)]
+                (tmp / folder.name / src.name).symlink_to(src.resolve())
+        tmp.rename(out)
+    return str(out)
+
+
 def child(mode: str, *args: str) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, *args]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
@@ -211,6 +242,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help="dataset folder (default: the demo sprites)")
     p.add_argument("--quick", action="store_true", help="3 + 3 epochs instead of 10 + 10")
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        choices=("demo", "small"),
+        default=["demo"],
+        help="demo: the demo's 1,506 sprites; small: 10 classes x 72 frames (720 images)",
+    )
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -231,20 +269,30 @@ def main() -> None:
         )
         data = out.stdout.splitlines()[0]
     e = "3" if args.quick else "10"
-    print(
-        f"data: {data}; epochs: {e} frozen + {e} fine-tune; cpus: {os.cpu_count()}", file=sys.stderr
-    )
-    results = {}
-    for name, call in (
-        ("plain", lambda: child("plain", data, e, e)),
-        ("graft", lambda: child("graft", data, e, e)),
-        ("predict_eager", lambda: child("predict", data, "eager")),
-        ("predict_graft", lambda: child("predict", data, "graft")),
-    ):
-        print(f"running {name}...", file=sys.stderr)
-        results[name] = call()
-    pl, gr = results["plain"], results["graft"]
-    pe, pg = results["predict_eager"], results["predict_graft"]
+    folders = {"demo": data}
+    if "small" in args.sizes:
+        folders["small"] = small_folder(ROOT / ".cache" / "demo")
+    print(f"epochs: {e} frozen + {e} fine-tune; cpus: {os.cpu_count()}", file=sys.stderr)
+    results: dict = {}
+    for size in args.sizes:  # one after the other, each side in its own process
+        runs = results if size == "demo" else results.setdefault(size, {})
+        for name in ("plain", "graft"):
+            print(f"running {name} on {folders[size]}...", file=sys.stderr)
+            runs[name] = child(name, folders[size], e, e)
+    if "demo" in args.sizes:
+        for name, backend in (("predict_eager", "eager"), ("predict_graft", "graft")):
+            print(f"running {name}...", file=sys.stderr)
+            results[name] = child("predict", data, backend)
+    for size in args.sizes:
+        runs = results if size == "demo" else results[size]
+        print(f"\n{size} ({folders[size]}):")
+        print_table(runs, results if size == "demo" else None)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def print_table(runs: dict, predict: dict | None) -> None:
+    pl, gr = runs["plain"], runs["graft"]
     rows = [
         ("whole workflow wall time (s)", pl["wall_s"], gr["wall_s"], pl["wall_s"] / gr["wall_s"]),
         ("held-out test accuracy", pl["test_acc"], gr["test_acc"], None),
@@ -261,26 +309,33 @@ def main() -> None:
             pl["fine_tune_epoch_s"] / max(gr["fine_tune_epoch_s"], 1e-9),
         ),
         ("training peak RSS (MB)", pl["peak_rss_mb"], gr["peak_rss_mb"], None),
-        (
-            "predict img/s, batch 32",
-            pe["throughput_b32"],
-            pg["throughput_b32"],
-            pg["throughput_b32"] / pe["throughput_b32"],
-        ),
-        (
-            "predict latency p50, 1 image (ms)",
-            pe["latency_p50_ms"],
-            pg["latency_p50_ms"],
-            pe["latency_p50_ms"] / pg["latency_p50_ms"],
-        ),
-        (
-            "predict files/s end to end",
-            pe["files_per_s"],
-            pg["files_per_s"],
-            pg["files_per_s"] / pe["files_per_s"],
-        ),
-        ("predict peak RSS (MB)", pe["peak_rss_mb"], pg["peak_rss_mb"], None),
     ]
+    pe, pg = (predict["predict_eager"], predict["predict_graft"]) if predict else ({}, {})
+    rows += (
+        [
+            (
+                "predict img/s, batch 32",
+                pe["throughput_b32"],
+                pg["throughput_b32"],
+                pg["throughput_b32"] / pe["throughput_b32"],
+            ),
+            (
+                "predict latency p50, 1 image (ms)",
+                pe["latency_p50_ms"],
+                pg["latency_p50_ms"],
+                pe["latency_p50_ms"] / pg["latency_p50_ms"],
+            ),
+            (
+                "predict files/s end to end",
+                pe["files_per_s"],
+                pg["files_per_s"],
+                pg["files_per_s"] / pe["files_per_s"],
+            ),
+            ("predict peak RSS (MB)", pe["peak_rss_mb"], pg["peak_rss_mb"], None),
+        ]
+        if predict
+        else []
+    )
     print(f"\n{'':38} {'plain/eager':>12} {'graft':>12} {'ratio':>8}")
     for label, a, b, r in rows:
         ratio = f"{r:7.1f}x" if r is not None else ""
@@ -290,9 +345,10 @@ def main() -> None:
         f"\nfrozen epoch on cached features = {share:.2f}% "
         f"of a recomputed one; graft cache pass {gr['cache_s']:.1f} s"
     )
-    print(f"graft plan: {gr['plan']}\ngraft predict engine: {pg['engine']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"graft plan: {gr['plan']}")
+    print(f"graft timings: {gr.get('timings')}")
+    if predict:
+        print(f"graft predict engine: {pg['engine']}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from .errors import os_error_message
 from .io import atomic_save, atomic_write_json
 
 #: Bump when graft's transforms (or the cache layout) change what is stored.
-TRANSFORM_VERSION = 2
+TRANSFORM_VERSION = 3  # 3: colour jitter before the crop on small images
 #: images computed (and written as one shard) at a time
 CHUNK = 4096
 

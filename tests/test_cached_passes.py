@@ -91,3 +91,25 @@ def test_a_damaged_shard_of_one_view_is_made_again(tmp_path: Path) -> None:
     out = reader.get_or_compute_views(["a", "b"], shas, lambda ix: [m[ix] for m in made])
     assert out is not None and torch.equal(out[1], made[1]) and torch.equal(out[0], made[0])
     assert len(warnings) == 1 and "damaged" in warnings[0]
+
+
+def test_colour_changes_go_where_there_are_fewer_pixels() -> None:
+    from PIL import Image
+
+    from graft.loading import ColourAtSmallerSize
+
+    order: list[str] = []
+
+    def step(name: str, size: int | None = None):
+        def apply(im: Image.Image) -> Image.Image:
+            order.append(f"{name}@{im.width}")
+            return im.resize((size, size)) if size else im
+
+        return apply
+
+    both = ColourAtSmallerSize(step("crop", 128), step("colour"), 128)
+    both(Image.new("RGB", (40, 30)))  # a sprite: its 1,200 pixels, not the crop's 16,384
+    assert order == ["colour@40", "crop@40"]
+    order.clear()
+    both(Image.new("RGB", (500, 375)))  # a photo: the crop is the smaller
+    assert order == ["crop@500", "colour@128"]
