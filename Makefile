@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_speed.py --json runs/bench_speed.json
+	$(PY) benchmarks/bench_speed.py --sizes demo small --json runs/bench_speed.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check graft tests scripts benchmarks

@@ -87,15 +87,15 @@ def build_transform(
         colour = T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
         return T.Compose([ColourAtSmallerSize(geometric, colour, img_size), *finish])
     if augment == "strong":
-        return T.Compose(
+        geometric = T.Compose(
             [
                 T.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
                 T.RandomHorizontalFlip(),
                 T.RandAugment(num_ops=2, magnitude=9, fill=[255, 255, 255]),
-                T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05),
-                *finish,
             ]
         )
+        colour = T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05)
+        return T.Compose([ColourAtSmallerSize(geometric, colour, img_size), *finish])
     if augment == "domain":
         # For training on one kind of picture (game sprites, studio photos) and predicting
         # another (drawings, phone photos): what changes between sources is scale, colour,

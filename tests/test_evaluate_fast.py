@@ -182,3 +182,22 @@ def test_evaluate_files_scores_the_model_it_is_given(
             weight.mul_(-1)
     flipped = evaluate_files(model, data.paths, data.labels, classes)
     assert own["accuracy"] >= 0.6 > flipped["accuracy"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_confusion_matrix_and_scores_are_scikit_learns(seed: int) -> None:
+    """graft.metrics computes them itself (importing sklearn.metrics costs about 1.1 s);
+    scikit-learn is the reference, absent classes and never-predicted ones included."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    from graft.metrics import confusion_and_scores
+
+    rng = np.random.default_rng(seed)
+    k = 6
+    y = rng.integers(0, k - 1, 200)  # class 5 never occurs
+    pred = np.where(rng.random(200) < 0.6, y, rng.integers(0, k - 2, 200))  # 4, 5 rarely
+    matrix, p, r, f, s = confusion_and_scores(y, pred, k)
+    assert np.array_equal(matrix, confusion_matrix(y, pred, labels=list(range(k))))
+    expected = precision_recall_fscore_support(y, pred, labels=list(range(k)), zero_division=0)
+    for mine, theirs in zip((p, r, f, s), expected, strict=True):
+        assert np.allclose(mine, theirs, atol=1e-12)
