@@ -285,8 +285,10 @@ def main() -> None:
     if args.child:
         mode, *rest = args.child
         fn = {"plain": run_plain, "graft": run_graft}.get(mode)
-        numbers = [int(a) for a in rest[1:]]
-        result = fn(rest[0], *numbers) if fn else run_predict(rest[0], rest[1])
+        if fn:
+            result = fn(rest[0], *(int(a) for a in rest[1:]))
+        else:
+            result = run_predict(rest[0], rest[1])
         print(json.dumps(result))
         return
 
@@ -305,18 +307,26 @@ def main() -> None:
         folders["small"] = small_folder(ROOT / ".cache" / "demo")
     print(f"epochs: {e} frozen + {e} fine-tune; cpus: {os.cpu_count()}", file=sys.stderr)
     results: dict = {}
+
+    def save(figures: dict) -> None:  # after every child: a failure later keeps these
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2))
+
     for size in args.sizes:  # one after the other, each side in its own process
         runs = results if size == "demo" else results.setdefault(size, {})
         for name in ("plain", "graft"):
             print(f"running {name} on {folders[size]}...", file=sys.stderr)
             runs[name] = child(name, folders[size], e, e)
+            save(results)
         if args.views_too:
             print(f"running graft --views {args.views_too}...", file=sys.stderr)
             runs["graft_views"] = child("graft", folders[size], e, e, str(args.views_too))
+            save(results)
     if "demo" in args.sizes:
         for name, backend in (("predict_eager", "eager"), ("predict_graft", "graft")):
             print(f"running {name}...", file=sys.stderr)
             results[name] = child("predict", data, backend)
+            save(results)
     for size in args.sizes:
         runs = results if size == "demo" else results[size]
         print(f"\n{size} ({folders[size]}):")
