@@ -61,17 +61,18 @@ def extract(
                 # for a cache that must hold every image, so say which one.
                 index, reason = batch["failed"][0]
                 raise DataError(f"{dataset.paths[index]} could not be read any more: {reason}")
-            images = batch["images"]
-            flat = images.flatten(0, 1) if images.dim() == 5 else images
-            maps = torch.cat(
-                [runner(flat[i : i + RUN_BATCH]) for i in range(0, len(flat), RUN_BATCH)]
-            )
-            if images.dim() == 5:
-                maps = maps.unflatten(0, tuple(images.shape[:2]))
-            if out is None:
-                out = torch.empty((len(dataset), *maps.shape[1:]), dtype=torch.float32)
-            out[batch["index"]] = maps
-            advance(len(batch["index"]))
+            images, index = batch["images"], batch["index"]
+            views = images.shape[1] if images.dim() == 5 else 0
+            # rows of ``out`` flattened over views: where each row of the batch goes
+            rows = (index[:, None] * views + torch.arange(views)).flatten() if views else index
+            flat = images.flatten(0, 1) if views else images
+            for i in range(0, len(flat), RUN_BATCH):
+                maps = runner(flat[i : i + RUN_BATCH])
+                if out is None:
+                    per_view = (views,) if views else ()
+                    out = torch.empty((len(dataset), *per_view, *maps.shape[1:]))
+                (out.flatten(0, 1) if views else out)[rows[i : i + RUN_BATCH]] = maps
+            advance(len(index))
     assert out is not None
     return out
 
