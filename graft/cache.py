@@ -109,7 +109,8 @@ class FeatureCache:
                 with safe_open(str(shard), "pt") as fh:
                     meta = fh.metadata() or {}
                 hashes = json.loads(meta["hashes"])
-            except Exception:  # a damaged shard is only a miss
+            except Exception as exc:  # a damaged shard is only a miss, said and removed
+                self._discard(shard, f"unreadable: {exc}")
                 continue
             if "checksum" not in meta:
                 continue  # written before checksums: recomputed (and replaced) like a miss
@@ -197,6 +198,14 @@ class FeatureCache:
         assert out is not None or not shas
         return out if out is not None else torch.empty(0)
 
+    @staticmethod
+    def _missing(index: dict[str, tuple[Path, int]], shas: Sequence[str]) -> list[int]:
+        return [i for i, s in enumerate(shas) if s not in index]
+
+    def missing(self, view: str, shas: Sequence[str]) -> list[int]:
+        """Positions in ``shas`` of the images ``view`` has not stored."""
+        return self._missing(self._index(view), shas)
+
     def get_or_compute_views(
         self,
         views: Sequence[str],
@@ -210,8 +219,8 @@ class FeatureCache:
         misses the same images (a cold cache, a new seed): the caller asks view by view.
         Not for torchrun (rank 0 alone would compute)."""
         indexes = [self._index(v) for v in views]
-        missing = [i for i, s in enumerate(shas) if s not in indexes[0]]
-        if any([i for i, s in enumerate(shas) if s not in ix] != missing for ix in indexes[1:]):
+        missing = self._missing(indexes[0], shas)
+        if any(self._missing(ix, shas) != missing for ix in indexes[1:]):
             return None
         self.hits += len(views) * (len(shas) - len(missing))
         self.misses += len(views) * len(missing)

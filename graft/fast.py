@@ -83,8 +83,9 @@ class ExportPredictor(ScorePredictor):
         self.engine = engine
         self.runner = engine  # ``runner.name`` / ``runner.warm_up``, as Predictor has
         self.classes = list(info.classes)
-        # -1: half the cores, at least 2: Pillow and numpy release the GIL, and on 2 cores
-        # two threads fed OpenVINO 7% faster than one (benchmarks/bench_pipeline.py)
+        # -1: half the cores, at least 2: Pillow and numpy release the GIL; on 2 cores two
+        # threads fed OpenVINO 2% faster than one, within the run-to-run noise of ~5%
+        # (benchmarks/bench_pipeline.py): no loss, and more cores give more threads
         self.workers = workers if workers >= 0 else min(4, max(2, cpu_threads() // 2))
         self.tta = False
         self.notes: list[str] = []

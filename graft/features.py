@@ -147,28 +147,38 @@ class FrozenFeatures:
         self, data: ScanResult, indices: Sequence[int], n_views: int, label: str
     ) -> list[torch.Tensor]:
         """Augmented views 1 .. ``n_views - 1`` of ``data``'s images at ``indices``, through
-        the cache; a cold cache computes them in one pass, each image decoded once for all
-        of its views. (Under torchrun, or when the views miss different images, view by
-        view.)"""
+        the cache. Views that miss the same images (all of them on a cold cache; the new
+        ones after ``--views`` grew) are made in one pass, each image decoded once for all
+        of them; a view alone, and every view under torchrun, view by view."""
         indices, views = list(indices), list(range(1, n_views))
         shas = [data.sha256[i] for i in indices]
-        if len(views) > 1 and not (self.ddp is not None and self.ddp.active):
+        groups: dict[tuple[int, ...], list[int]] = {}
+        if not (self.ddp is not None and self.ddp.active):
+            for v in views:
+                groups.setdefault(tuple(self.cache.missing(self._name(v), shas)), []).append(v)
+        made: dict[int, torch.Tensor] = {}
+        for group in groups.values():
+            if len(group) < 2:
+                continue
             files = ImageViews(
                 [data.paths[i] for i in indices],
                 [data.labels[i] for i in indices],
                 self.transforms["augmented"],
                 self.img_size,
-                [[item_seed(h, v, self.seed) for v in views] for h in shas],
+                [[item_seed(h, v, self.seed) for v in group] for h in shas],
             )
-            text = f"{label} ({len(views)} per image, each image decoded once)"
+            text = f"{label} ({len(group)} per image, each image decoded once)"
             together = self.cache.get_or_compute_views(
-                [self._name(v) for v in views],
+                [self._name(v) for v in group],
                 shas,
-                lambda missing: self._extract(files.subset(missing), text).unbind(1),
+                lambda missing, f=files, t=text: self._extract(f.subset(missing), t).unbind(1),
             )
-            if together is not None:
-                return together
-        return [self.views(data, indices, v, f"{label} ({v}/{len(views)})") for v in views]
+            if together is not None:  # None: the cache changed under us; view by view
+                made.update(zip(group, together, strict=True))
+        return [
+            made[v] if v in made else self.views(data, indices, v, f"{label} ({v}/{len(views)})")
+            for v in views
+        ]
 
     def transient_views(
         self,

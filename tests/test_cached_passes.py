@@ -113,3 +113,51 @@ def test_colour_changes_go_where_there_are_fewer_pixels() -> None:
     order.clear()
     both(Image.new("RGB", (500, 375)))  # a photo: the crop is the smaller
     assert order == ["crop@500", "colour@128"]
+
+
+def test_a_shard_that_cannot_be_opened_is_said_removed_and_made_again(tmp_path: Path) -> None:
+    shas = [f"{i:064x}" for i in range(4)]
+    rows = torch.arange(8.0).reshape(4, 2)
+    FeatureCache(tmp_path, {"k": "cut"}, warn=lambda _: None).get_or_compute(
+        "v", shas, lambda ix: rows[ix]
+    )
+    shard = next(tmp_path.glob("*/view-v/*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated: its header no longer reads
+    warnings: list[str] = []
+    again = FeatureCache(tmp_path, {"k": "cut"}, warn=warnings.append)
+    assert torch.equal(again.get_or_compute("v", shas, lambda ix: rows[ix]), rows)
+    assert again.misses == 4 and len(warnings) == 1 and str(shard) in warnings[0]
+    assert "damaged" in warnings[0] and "unreadable" in warnings[0]
+
+
+def test_new_views_are_made_together_when_views_grow(shapes_dir: Path, tmp_path: Path) -> None:
+    """--views 3, then 5 on the same cache: views 1-2 are read, 3-4 made in one pass."""
+    import graft.features
+    from graft.backbones import get_spec
+    from graft.features import FrozenFeatures
+    from graft.model import ModelInfo, build_model
+
+    data = scan(shapes_dir)
+    spec = get_spec("efficientnet_lite0")
+    info = ModelInfo("efficientnet_lite0", 64, spec.mean, spec.std, tuple(data.classes))
+    model, source = build_model(info, True, None, False)
+    passes: list[tuple[str, int]] = []
+    real = graft.features.extract
+
+    def spy(runner, dataset, *args, **kwargs):  # type: ignore[no-untyped-def]
+        passes.append((type(dataset).__name__, len(getattr(dataset, "view_seeds", [[0]])[0])))
+        return real(runner, dataset, *args, **kwargs)
+
+    def frozen() -> FrozenFeatures:
+        return FrozenFeatures(model, source, cache_dir=str(tmp_path), augment="light")
+
+    idx = list(range(0, len(data.paths), 3))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(graft.features, "extract", spy)
+        three = frozen().augmented_views(data, idx, 3, "views")
+        assert passes == [("ImageViews", 2)]
+        passes.clear()
+        five = frozen().augmented_views(data, idx, 5, "views")
+        assert passes == [("ImageViews", 2)]  # views 3 and 4 together; 1 and 2 read back
+    assert len(five) == 4 and all(torch.equal(a, b) for a, b in zip(three, five[:2], strict=True))
+    assert not torch.equal(five[2], five[3])
