@@ -165,14 +165,20 @@ class ImageFiles(Dataset):
             return None, describe_decode_error(exc), i
         if self.seeds is None:
             return self.transform(image), self.labels[i], i
-        # Seed this image's augmentation without disturbing anyone else's random stream.
+        return self._seeded(image, [self.seeds[i]])[0], self.labels[i], i
+
+    def _seeded(self, image: Image.Image, seeds: Sequence[int]) -> list[torch.Tensor]:
+        """``transform(image)`` once per seed, each seeding the augmentation, without
+        disturbing anyone else's random stream."""
         state = random.getstate()
+        views = []
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seeds[i])
-            random.seed(self.seeds[i])
-            tensor = self.transform(image)
+            for seed in seeds:
+                torch.manual_seed(seed)
+                random.seed(seed)
+                views.append(self.transform(image))
         random.setstate(state)
-        return tensor, self.labels[i], i
+        return views
 
     def subset(self, indices: Sequence[int]) -> ImageFiles:
         pick = list(indices)
@@ -206,15 +212,7 @@ class ImageViews(ImageFiles):
             image = load_image(self.paths[i], self.size_hint)
         except Exception as exc:  # reported per file by the caller
             return None, describe_decode_error(exc), i
-        state = random.getstate()
-        views = []
-        with torch.random.fork_rng(devices=[]):
-            for seed in self.view_seeds[i]:  # each view exactly as ImageFiles seeds it
-                torch.manual_seed(seed)
-                random.seed(seed)
-                views.append(self.transform(image))
-        random.setstate(state)
-        return torch.stack(views), self.labels[i], i
+        return torch.stack(self._seeded(image, self.view_seeds[i])), self.labels[i], i
 
     def subset(self, indices: Sequence[int]) -> ImageViews:
         pick = list(indices)
