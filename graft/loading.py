@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -59,6 +60,27 @@ class ColourAtSmallerSize:
         return self.colour(self.geometric(im))
 
 
+class ToNormalizedTensor:
+    """``T.Compose([T.ToTensor(), T.Normalize(mean, std)])`` for 8-bit RGB images, bit for bit
+    the same numbers (the same operations in the same order) at half the cost: without
+    torchvision's per-call checks and logging it is 0.1 ms of the 0.2 ms per 128 px image,
+    paid for every cached view. Other modes go through ToTensor itself."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, im: Image.Image) -> torch.Tensor:
+        if im.mode == "RGB":
+            pixels = torch.from_numpy(np.array(im, dtype=np.uint8))
+            x = pixels.permute(2, 0, 1).contiguous().float().div_(255)
+        else:
+            from torchvision.transforms.functional import to_tensor
+
+            x = to_tensor(im)
+        return x.sub_(self.mean).div_(self.std)
+
+
 def build_transform(
     img_size: int,
     mean: Sequence[float],
@@ -78,7 +100,7 @@ def build_transform(
         inner = build_transform(img_size, mean, std, augment)
         return T.Compose([TrimBackground(), inner])
     size = (img_size, img_size)
-    finish = [T.ToTensor(), T.Normalize(mean, std)]
+    finish = [ToNormalizedTensor(mean, std)]
     if augment == "none":
         return T.Compose([T.Resize(size, antialias=True), *finish])
     if augment == "light":

@@ -112,6 +112,9 @@ class Features:
     unseen_labels: torch.Tensor | None = None
     #: the frozen part's runner and cache, for later passes over images (calibration)
     frozen: Any = None
+    #: pooled features of the clean training and validation images under the pretrained
+    #: top, where the duplicate audit already computed them (stage 1 starts from these)
+    pooled_clean: dict[str, torch.Tensor] | None = None
 
 
 def make_plan(run: Run, model: GraftModel, n_images: int) -> Plan:

@@ -128,8 +128,17 @@ def prepare_stage(
         model.freeze_backbone()
         train, val, unseen = features.train, features.val, features.unseen_maps
         if plan.cache_cut:  # pool the cut activations through the frozen top once
-            train = torch.stack([pool_cached(model, v, plan.extract_at, device) for v in train])
-            val = pool_cached(model, val, plan.extract_at, device)
+            known = features.pooled_clean or {}
+
+            def pool(maps: torch.Tensor, done: torch.Tensor | None = None) -> torch.Tensor:
+                return (
+                    done if done is not None else pool_cached(model, maps, plan.extract_at, device)
+                )
+
+            train = torch.stack(
+                [pool(v, known.get("train") if k == 0 else None) for k, v in enumerate(train)]
+            )
+            val = pool(val, known.get("val"))
             unseen = (
                 pool_cached(model, unseen, plan.extract_at, device) if unseen is not None else None
             )

@@ -311,6 +311,7 @@ def fill_caches(
     # Every image once, unaugmented: the validation/test inputs, view 0 of the training
     # images, and the embeddings the duplicate audit compares.
     clean = frozen.views(data, range(len(data.paths)))
+    pooled: torch.Tensor | None = None
     if not run.resume:
         embeddings = (
             clean if not plan.cache_cut else pool_cached(model, clean, plan.extract_at, device)
@@ -319,6 +320,7 @@ def fill_caches(
             split = audit_and_split(
                 run, data, embeddings.numpy(), split, weights_source, device, plan
             )
+        pooled = embeddings if plan.cache_cut else None
         del embeddings  # (it may be `clean` itself, which is let go below)
     idx = {s: split.indices(s) for s in ("train", "val", "test")}
     labels = {
@@ -352,6 +354,9 @@ def fill_caches(
     paths = {s: [data.paths[i] for i in ix] for s, ix in idx.items()}
     features = Features(paths, labels, train_views, val_maps, test_maps, weights, weights_note)
     features.frozen = frozen
+    if pooled is not None:  # the audit's pooled clean images: stage 1 need not pool them again
+        features.pooled_clean = {s: pooled[idx[s]] for s in ("train", "val")}
+        del pooled
     if config.unseen:
         watch_unseen(run, data, frozen, features)
     if device.channels_last:

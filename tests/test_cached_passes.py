@@ -161,3 +161,24 @@ def test_new_views_are_made_together_when_views_grow(shapes_dir: Path, tmp_path:
         assert passes == [("ImageViews", 2)]  # views 3 and 4 together; 1 and 2 read back
     assert len(five) == 4 and all(torch.equal(a, b) for a, b in zip(three, five[:2], strict=True))
     assert not torch.equal(five[2], five[3])
+
+
+def test_the_fused_normalisation_gives_torchvisions_numbers_exactly() -> None:
+    # The cache keys its rows by transform version: the fused ToTensor + Normalize must not
+    # change a single bit, or old caches would hold rows the new code cannot reproduce.
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from graft.loading import ToNormalizedTensor
+
+    rng = np.random.default_rng(0)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    reference = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    fused = ToNormalizedTensor(mean, std)
+    rgb = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), "RGB")
+    grey = Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8), "L")
+    assert torch.equal(fused(rgb), reference(rgb))
+    assert fused(rgb).shape == (3, 37, 53)
+    grey_reference = T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.5,))])
+    assert torch.equal(ToNormalizedTensor((0.5,), (0.5,))(grey), grey_reference(grey))
