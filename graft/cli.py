@@ -296,10 +296,16 @@ def _predict_to_file(args: argparse.Namespace, predictor: Any, paths: list[Path]
         f"({stats.per_second:.0f} images/s, {predictor.runner.name}).",
         file=sys.stderr,
     )
+    if stats.failed_before:
+        print(
+            f"{stats.failed_before} of the skipped file(s) could not be read by the earlier "
+            f"call (their rows in {_display(out)} say why); to try them again, delete those "
+            "rows or write to a new --out.",
+            file=sys.stderr,
+        )
     if stats.failed:
         print(f"{stats.failed} file(s) could not be read (their rows say why).", file=sys.stderr)
-        return PARTIAL_FAILURE_EXIT
-    return 0
+    return PARTIAL_FAILURE_EXIT if stats.failed or stats.failed_before else 0
 
 
 def _short_name(path: str, width: int = 28) -> str:

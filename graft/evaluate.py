@@ -326,6 +326,7 @@ def evaluate_run(
     # an eval-* folder graft writes in the run is graft's: --force replaces it, the report
     # shows it (one holding the user's other files was refused just above)
     claim = out.parent.resolve() == run.resolve() and out != run
+    _check_writable(out)  # before the scoring, which a refused write would throw away
     histogram = _histogram_target(out, other_images is not None)
     result, plain = _score(weights, info, job, tta, other_images)
     if histogram is not None:
@@ -343,6 +344,20 @@ def evaluate_run(
         RunDir(run).claim([FAMILIARITY_PNG])
     result["output_dir"] = str(out)
     return result
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an output folder this process cannot write to (a run on read-only media, a
+    shared run of another user), saying where else the evaluation can go."""
+    target = out if out.exists() else out.parent
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise SystemResourceError(
+            f"Cannot write the evaluation to {out}: {target} is not writable here (read-only "
+            "or another user's). Give another output folder: graft evaluate RUN --out DIR "
+            "(the run itself is only read)."
+        )
 
 
 @dataclass

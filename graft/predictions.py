@@ -184,6 +184,9 @@ class StreamStats:
     skipped: int  # already in the file from an earlier, interrupted call
     failed: int  # files that could not be read (written with their reason)
     seconds: float
+    #: of the skipped, those an earlier call could not read (their rows are errors): a
+    #: continued call that wrote no error itself still leaves them in the file
+    failed_before: int = 0
 
     @property
     def per_second(self) -> float:
@@ -236,8 +239,8 @@ def _is_prediction(row: object) -> bool:
     )
 
 
-def _jsonl_paths(out: Path, lines: list[str]) -> set[str]:
-    done: set[str] = set()
+def _jsonl_paths(out: Path, lines: list[str]) -> dict[str, bool]:
+    done: dict[str, bool] = {}
     bad: list[int] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -247,7 +250,7 @@ def _jsonl_paths(out: Path, lines: list[str]) -> set[str]:
         except ValueError:
             row = None
         if _is_prediction(row):
-            done.add(row["path"])
+            done[row["path"]] = bool(row.get("error"))
         else:
             bad.append(number)
     if bad and not done:
@@ -257,7 +260,7 @@ def _jsonl_paths(out: Path, lines: list[str]) -> set[str]:
     return done
 
 
-def _csv_paths(out: Path, text: str, header: list[str]) -> set[str]:
+def _csv_paths(out: Path, text: str, header: list[str]) -> dict[str, bool]:
     reader = csv.reader(io.StringIO(text))
     first = next(reader, None)
     if first is not None and first != header:
@@ -273,7 +276,7 @@ def _csv_paths(out: Path, text: str, header: list[str]) -> set[str]:
         raise _not_ours(
             out, f"was written with other columns ({len(first)}, not {len(header)}): {why}"
         )
-    done: set[str] = set()
+    done: dict[str, bool] = {}
     for row in reader:
         if len(row) != len(header):
             raise _not_ours(
@@ -282,7 +285,7 @@ def _csv_paths(out: Path, text: str, header: list[str]) -> set[str]:
                 f"{len(header)}; torn or edited)",
                 reader.line_num,
             )
-        done.add(row[0])
+        done[row[0]] = bool(row[2])  # the error column
     return done
 
 
@@ -295,16 +298,17 @@ def _torn_tail_ok(tail: str, fmt: str, header: list[str]) -> bool:
     return len(rows) <= 1 and all(len(r) <= len(header) for r in rows)
 
 
-def existing_results(out: Path, fmt: str, header: list[str]) -> tuple[set[str], int]:
-    """The paths an earlier ``graft predict --out`` already wrote to ``out``, and how many
-    bytes of it to keep (less than its size when the last line was torn by a crash).
+def existing_results(out: Path, fmt: str, header: list[str]) -> tuple[dict[str, bool], int]:
+    """The paths an earlier ``graft predict --out`` already wrote to ``out`` (each with
+    whether its row is an error: the file could not be read), and how many bytes of it to
+    keep (less than its size when the last line was torn by a crash).
 
     Reads only: a file that is not graft's own (another header, lines that are not
     predictions, a damaged line in the middle) is refused with a UsageError before
     anything is written, so a user's file is never changed."""
     try:
         if not out.exists():
-            return set(), 0
+            return {}, 0
         if not out.is_file():
             raise UsageError(f"--out {out} is not a file (a folder?): give a file name.")
         raw = out.read_bytes()
@@ -389,4 +393,7 @@ def stream_predictions(
             written += len(batch)
             if progress is not None:
                 progress(len(batch))
-    return StreamStats(written, len(paths) - len(todo), failed, time.perf_counter() - started)
+    failed_before = sum(done.get(str(p), False) for p in paths)
+    return StreamStats(
+        written, len(paths) - len(todo), failed, time.perf_counter() - started, failed_before
+    )

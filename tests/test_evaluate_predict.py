@@ -29,6 +29,32 @@ def test_evaluate_on_another_folder(trained_run: Path, unseen_dir: Path, tmp_pat
     assert (tmp_path / "ev" / "confusion_matrix.png").is_file()
 
 
+def test_a_run_that_cannot_be_written_is_evaluated_elsewhere(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    # A run on read-only media (as root, chmod would not stop the write: the check is
+    # os.access, patched here to refuse the run folder alone).
+    import os
+
+    import graft.evaluate
+    from graft.cli import main
+
+    real = os.access
+    refused = trained_run.resolve()
+    monkeypatch.setattr(
+        graft.evaluate.os,
+        "access",
+        lambda path, mode: False if Path(path).resolve() == refused else real(path, mode),
+    )
+    before = {p.name: p.stat().st_mtime_ns for p in trained_run.iterdir()}
+    assert main(["evaluate", str(trained_run)]) == 8  # the system refused, as for --out
+    err = capsys.readouterr().err
+    assert "is not writable here" in err and "--out DIR" in err
+    assert {p.name: p.stat().st_mtime_ns for p in trained_run.iterdir()} == before
+    assert main(["evaluate", str(trained_run), "--out", str(tmp_path / "ev")]) == 0
+    assert (tmp_path / "ev" / "evaluation.json").is_file()
+
+
 def test_evaluate_folder_with_an_unknown_class_names_it(
     trained_run: Path, unseen_dir: Path, tmp_path: Path
 ) -> None:

@@ -44,8 +44,12 @@ def test_csv_stream_and_guards(trained_run: Path, images: Path, tmp_path: Path, 
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 10 and {"class_2", "probability_2"} <= set(rows[0])
-    assert main(["predict", str(trained_run), str(images), "--out", str(out), "--top-k", "2"]) == 0
-    assert "10 image(s) were already in" in capsys.readouterr().err
+    # Continued with nothing left to do, the file still holds the broken image's error row:
+    # the exit says so (7), not "all well" (0), and says how to try it again.
+    assert main(["predict", str(trained_run), str(images), "--out", str(out), "--top-k", "2"]) == 7
+    err = capsys.readouterr().err
+    assert "10 image(s) were already in" in err
+    assert "1 of the skipped file(s) could not be read by the earlier call" in err
     with open(out, newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 10  # nothing repeated
     assert main(["predict", str(trained_run), str(images), "--out", str(out), "--top-k", "3"]) == 2
