@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"graft {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"graft {args.command}: interrupted.", file=sys.stderr)
+        print(f"graft {args.command}: interrupted.{_how_to_continue(args)}", file=sys.stderr)
         return 130
     except OSError as exc:  # the machine's refusal (disk full, read-only...), not a bug
         message = os_error_message(exc)
@@ -454,6 +454,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return SystemResourceError.exit_code
     except Exception as exc:  # a bug: say so in one line, keep the details
         return _bug(args.command, exc)
+
+
+def _how_to_continue(args: argparse.Namespace) -> str:
+    """After an interrupted ``graft train``: whether finished epochs were kept, and the
+    command that continues from them."""
+    run = getattr(args, "resume", None) or getattr(args, "out", None)
+    if args.command != "train" or not run:
+        return ""
+    from .rundir import RunDir
+
+    if RunDir(Path(run)).checkpoint.is_file():
+        return f" Its finished epochs are kept: `graft train --resume {run}` continues it."
+    return " No epoch had finished, so nothing was kept."
 
 
 def _stop_cleanly_on_sigterm() -> None:

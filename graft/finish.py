@@ -379,6 +379,8 @@ def finish(
             "familiarity": calibration.familiarity,
         },
         timings=run.timings,
+        # a resumed run times its continuation only: the interrupted process's time is gone
+        timings_of="the continuation (--resume)" if run.resume else "the whole run",
         epoch_seconds=_epoch_seconds(history),
     )
 
@@ -470,7 +472,7 @@ def report_result(run: Run, summary: Summary) -> None:
             f"With 'unknown': {o['coverage']:.1%} of the held-out images answered, "
             f"{o['answered_accuracy']:.1%} of those right ({o['unknown']} answered 'unknown')."
         )
-    run.reporter.info(describe_timings(run.timings))
+    run.reporter.info(describe_timings(run.timings, resumed=run.resume))
 
 
 #: the phases of a run in the order they happen (summary.json's ``timings``)
@@ -489,14 +491,16 @@ PHASES = (
 )
 
 
-def describe_timings(timings: dict[str, float]) -> str:
-    """``Time 48.2 s: scan 1.2 s, cache 28.7 s, ...``: where a run's time went."""
+def describe_timings(timings: dict[str, float], resumed: bool = False) -> str:
+    """``Time 48.2 s: scan 1.2 s, cache 28.7 s, ...``: where a run's time went (after
+    ``--resume``, the continuation's: the interrupted process's time is not counted)."""
     parts = [
         f"{name}\u00a0{timings[f'{name}_seconds']:.1f}\u00a0s"  # never wrapped apart
         for name in PHASES
         if timings.get(f"{name}_seconds", 0.0) >= 0.05
     ]
-    return f"Time {timings.get('total_seconds', 0.0):.1f} s: " + ", ".join(parts) + "."
+    what = "Time of this continuation" if resumed else "Time"
+    return f"{what} {timings.get('total_seconds', 0.0):.1f} s: " + ", ".join(parts) + "."
 
 
 def _epoch_seconds(history: list[EpochRecord]) -> dict[str, float]:

@@ -125,6 +125,7 @@ class Summary(TypedDict, total=False):
     open_set: dict[str, Any]
     calibration: dict[str, Any]
     timings: dict[str, float]
+    timings_of: str  # "the whole run", or "the continuation (--resume)"
     epoch_seconds: dict[str, float]
     wise: dict[str, Any] | None  # the weight-space mix (graft.wise), when --wise is on
 

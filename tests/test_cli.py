@@ -294,3 +294,37 @@ def test_predict_csv_has_the_columns_of_the_out_csv(trained_run, unseen_dir, tmp
     assert all(len(r) == 8 for r in shown + written)
     labels = [r[1] for r in shown[1:]]
     assert labels[-1] == "" and all(labels[:3])  # the answer or "unknown"; none for bad.png
+
+
+def test_an_interrupted_train_says_whether_and_how_it_can_continue(tmp_path: Path) -> None:
+    import graft.cli
+    from graft.rundir import RunDir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    args = argparse.Namespace(command="train", out=str(run), resume=None)
+    assert "nothing was kept" in graft.cli._how_to_continue(args)
+    RunDir(run).checkpoint.write_bytes(b"")  # an epoch had finished
+    assert f"graft train --resume {run}" in graft.cli._how_to_continue(args)
+    args = argparse.Namespace(command="train", out=None, resume=str(run))
+    assert f"graft train --resume {run}" in graft.cli._how_to_continue(args)
+    assert graft.cli._how_to_continue(argparse.Namespace(command="predict", out="x")) == ""
+
+
+def test_ctrl_c_during_train_exits_130_with_the_resume_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import graft.cli
+    from graft.rundir import RunDir
+
+    run = tmp_path / "run"
+
+    def interrupted(args) -> int:
+        run.mkdir()
+        RunDir(run).checkpoint.write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(graft.cli.COMMANDS, "train", interrupted)
+    assert main(["train", str(tmp_path), "--out", str(run)]) == 130
+    err = capsys.readouterr().err
+    assert "graft train: interrupted." in err and f"graft train --resume {run}" in err

@@ -84,6 +84,9 @@ def test_kill_during_fine_tuning_then_resume(
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     _same_result(run, uninterrupted)
     assert not list(run.glob(".*.tmp"))
+    # its timings are the continuation's, and say so
+    assert json.loads((run / "summary.json").read_text())["timings_of"].startswith("the contin")
+    assert json.loads((uninterrupted / "summary.json").read_text())["timings_of"] == "the whole run"
 
 
 def test_kill_early_then_resume(tmp_path: Path, shapes_dir: Path, uninterrupted: Path) -> None:

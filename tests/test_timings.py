@@ -27,3 +27,5 @@ def test_the_breakdown_is_printed_in_the_order_of_the_run() -> None:
         {"total_seconds": 10.0, "scan_seconds": 1.0, "cache_seconds": 6.0, "export_seconds": 0.01}
     )
     assert text.replace("\u00a0", " ") == "Time 10.0 s: scan 1.0 s, cache 6.0 s."
+    resumed = describe_timings({"total_seconds": 3.0, "frozen_seconds": 2.0}, resumed=True)
+    assert resumed.replace("\u00a0", " ") == "Time of this continuation 3.0 s: frozen 2.0 s."
