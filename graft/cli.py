@@ -38,6 +38,7 @@ from .cliparse import build_parser, config_from_args
 from .config import TrainConfig
 from .errors import (
     PARTIAL_FAILURE_EXIT,
+    DataError,
     GraftError,
     RunFolderError,
     SystemResourceError,
@@ -226,6 +227,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.paths)
     if not paths:
         raise UsageError("No images to predict: the folders given hold no image files.")
+    if not any(p.exists() for p in paths):  # one missing among others is that file's error
+        raise DataError(
+            f"No images to predict: {', '.join(map(str, args.paths[:3]))}"
+            f"{' ...' if len(args.paths) > 3 else ''} does not exist. Check the path."
+        )
     predictor = open_predictor(
         args.run,
         tta=args.tta,

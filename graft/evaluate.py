@@ -322,6 +322,11 @@ def evaluate_run(
     job = _job(run, folder, out_dir, list(info.classes), data_root, reporter)
     out = job.out
     if out != run and out.exists() and out.name not in (RunDir(run).owned() or []):
+        if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+            raise UsageError(
+                f"--out {out} is another run's folder: its own evaluation would be replaced "
+                f"by {run}'s. Choose a new or empty folder (or evaluate that run itself)."
+            )
         check_output_folder(out, "the evaluation folder")  # new, empty or an evaluation
     # an eval-* folder graft writes in the run is graft's: --force replaces it, the report
     # shows it (one holding the user's other files was refused just above)

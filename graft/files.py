@@ -70,6 +70,8 @@ def decode_error_kind(exc: BaseException) -> str:
 
 def describe_decode_error(exc: BaseException) -> str:
     """A short reason for the skipped-files list."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file (check the path)"
     text = str(exc) or type(exc).__name__
     kind = decode_error_kind(exc)
     if kind == "too_large":

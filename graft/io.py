@@ -28,8 +28,11 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except OSError:
+    except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
+        if exc.errno is not None and exc.filename == tmp:
+            # say which file could not be written, not the temporary one (gone now)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

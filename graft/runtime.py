@@ -101,10 +101,12 @@ def load_image(source: str | Path | bytes, size_hint: int | None = None) -> Imag
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grey: scale to 8 bits rather than clipping everything to white.
-        arr = np.asarray(im, dtype=np.float64)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit grey and 32-bit float (often 0-1): scale to 8 bits rather than clipping
+        # everything to white, or a float image's 0-1 to black.
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         peak = arr.max() if arr.size and arr.max() > 0 else 1.0
+        arr = np.clip(arr, 0.0, None)
         im = Image.fromarray((arr / peak * 255).astype(np.uint8), "L")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")

@@ -217,6 +217,13 @@ def load_data(run: Run, data_root: str | Path | None, force: bool) -> tuple[Scan
         return data, split
     assert data is not None
     run.dir.write_skipped(data.skipped)
+    if data.skipped:  # said here too, not only in skipped.csv
+        shown = "; ".join(f"{p}: {why}" for p, why in data.skipped[:5])
+        more = f"; and {len(data.skipped) - 5} more" if len(data.skipped) > 5 else ""
+        run.reporter.warn(
+            f"{len(data.skipped)} file(s) or row(s) could not be used and are left out "
+            f"(listed in {run.dir.path / 'skipped.csv'}): {shown}{more}"
+        )
     for warning in data.warnings:
         run.reporter.warn(warning)
     from .plots import plot_class_counts

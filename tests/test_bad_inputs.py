@@ -123,7 +123,41 @@ def test_awkward_images_decode_correctly(corpus_dataset: Path) -> None:
     assert np.asarray(load_image(odd / "sixteen-bit.png")).max() > 200  # scaled, not clipped
 
 
-def test_train_skips_and_lists_bad_files(corpus_dataset: Path, tmp_path: Path, capsys) -> None:
+def test_a_float_image_of_0_to_1_is_scaled_not_black(tmp_path: Path) -> None:
+    from graft.runtime import load_image
+
+    ramp = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (16, 1))
+    ramp[0, 0] = np.nan  # a hole in the data is black, not a failure
+    Image.fromarray(ramp, "F").save(tmp_path / "float.tiff")
+    pixels = np.asarray(load_image(tmp_path / "float.tiff"))
+    assert pixels.shape == (16, 64, 3) and pixels.max() == 255 and pixels[1, 0, 0] == 0
+    assert 120 <= pixels[1, 32, 0] <= 135  # the middle of the ramp is mid-grey
+
+
+def test_a_refused_write_names_the_file_not_its_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import graft.io
+
+    def refuse(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(graft.io.os, "replace", refuse)
+    target = tmp_path / "evaluation.json"
+    with pytest.raises(OSError) as caught:
+        graft.io.atomic_write_json(target, {"a": 1})
+    assert caught.value.filename == str(target) and caught.value.errno == errno.EPERM
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone too
+
+
+def test_train_skips_and_lists_bad_files(
+    corpus_dataset: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graft import TrainConfig, fit
+    from graft.progress import Reporter
+
     out = tmp_path / "run"
     code = main(
         [
@@ -139,6 +173,19 @@ def test_train_skips_and_lists_bad_files(corpus_dataset: Path, tmp_path: Path, c
     with open(out / "skipped.csv", encoding="utf-8", errors="surrogateescape") as fh:
         rows = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(fh)}
     assert set(rows) == {n for n, ok in EXPECTED.items() if not ok}
+    # said while it trains, not only in the file (a --quiet run stays quiet)
+    reporter = Reporter()
+    monkeypatch.setattr(reporter, "warn", lambda text: said.append(text))
+    said: list[str] = []
+    again = tmp_path / "run-again"
+    fit(
+        TrainConfig(**{**FAST, "epochs": 1, "fine_tune_epochs": 0}),
+        corpus_dataset,
+        again,
+        reporter=reporter,
+    )
+    left_out = [t for t in said if "could not be used and are left out" in t]
+    assert len(left_out) == 1 and str(again / "skipped.csv") in left_out[0]
     # the non-UTF-8 name made it through the split and back
     with open(out / "split.csv", encoding="utf-8", errors="surrogateescape") as fh:
         assert any(r["path"].endswith(os.fsdecode(NON_UTF8)) for r in csv.DictReader(fh))

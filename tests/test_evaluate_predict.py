@@ -55,6 +55,34 @@ def test_a_run_that_cannot_be_written_is_evaluated_elsewhere(
     assert (tmp_path / "ev" / "evaluation.json").is_file()
 
 
+def test_evaluate_out_into_another_runs_folder_is_refused(
+    trained_run: Path, tmp_path: Path, capsys
+) -> None:
+    from graft.cli import main
+
+    other = tmp_path / "other-run"
+    shutil.copytree(trained_run, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    assert main(["evaluate", str(trained_run), "--out", str(other)]) == 2
+    assert "is another run's folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
+
+
+def test_predict_on_paths_that_do_not_exist(
+    trained_run: Path, shapes_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from graft.cli import main
+
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", str(trained_run), str(tmp_path / "nope"), "--out", str(out)]) == 3
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
+    # one missing among real images is that file's own error row, in plain words
+    real = next(shapes_dir.rglob("*.png"))
+    assert main(["predict", str(trained_run), str(real), str(tmp_path / "gone.png"), "--json"]) == 7
+    rows = {Path(r["path"]).name: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["gone.png"]["error"] == "no such file (check the path)" and rows[real.name]["label"]
+
+
 def test_evaluate_folder_with_an_unknown_class_names_it(
     trained_run: Path, unseen_dir: Path, tmp_path: Path
 ) -> None:
@@ -75,7 +103,7 @@ def test_predict_gives_probabilities_and_a_per_file_error(
     predictor = Predictor.from_run(trained_run)
     preds = predictor.predict([*files, bad, tmp_path / "missing.png"], top_k=2)
     assert [p.error is None for p in preds] == [True] * len(files) + [False, False]
-    assert "not an image" in preds[-2].error and "No such file" in preds[-1].error
+    assert "not an image" in preds[-2].error and "no such file" in preds[-1].error
     for p in preds[:-2]:
         assert len(p.top) == 2 and p.top[0][1] >= p.top[1][1]
     probs, failed = predictor.predict_proba(files)
