@@ -227,18 +227,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.paths)
     if not paths:
         raise UsageError("No images to predict: the folders given hold no image files.")
-    if not any(p.exists() for p in paths):  # one missing among others is that file's error
-        raise DataError(
-            f"No images to predict: {', '.join(map(str, args.paths[:3]))}"
-            f"{' ...' if len(args.paths) > 3 else ''} does not exist. Check the path."
-        )
     predictor = open_predictor(
         args.run,
         tta=args.tta,
         workers=-1 if args.out else 0,
         unknown=args.unknown == "on",
         n_images=len(paths),
-    )
+    )  # first: a missing run is the first thing to say
+    if not any(p.exists() for p in paths):  # one missing among others is that file's error
+        raise DataError(
+            f"No images to predict: {', '.join(map(str, args.paths[:3]))}"
+            f"{' ...' if len(args.paths) > 3 else ''} does not exist. Check the path."
+        )
     if args.out:
         return _predict_to_file(args, predictor, paths)
     preds = predictor.predict(paths, args.top_k)
