@@ -291,8 +291,20 @@ def _predict_to_file(args: argparse.Namespace, predictor: Any, paths: list[Path]
     if out.suffix.lower() not in OUT_FORMATS:
         raise UsageError(f"--out {out}: use a .jsonl or .csv file name.")
     reporter = Reporter(verbose=True)
+    from .files import file_sha256
+    from .modelinfo import resolve_model_file
+
+    weights = resolve_model_file(args.run)
+    model = {
+        "model": str(weights.resolve()),
+        "weights_sha256": file_sha256(weights),
+        "tta": bool(args.tta),
+        "unknown": args.unknown,
+    }
     with reporter.bar("Predicting", len(paths)) as advance:
-        stats = stream_predictions(predictor, paths, out, args.top_k, args.batch_size, advance)
+        stats = stream_predictions(
+            predictor, paths, out, args.top_k, args.batch_size, advance, model=model
+        )
     if stats.skipped:
         print(
             f"{stats.skipped} image(s) were already in {_display(out)}: skipped.", file=sys.stderr

@@ -337,6 +337,32 @@ def _os_error(exc: OSError, action: str) -> GraftError:
     return UsageError(f"Could not {action}: {exc.strerror or exc}. Choose another --out.")
 
 
+def _stamp_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.graft.json")
+
+
+def _check_same_model(out: Path, model: dict[str, Any], continuing: bool) -> None:
+    """Refuse to continue ``out`` with another model than the one that began it (its
+    stamp, a hidden file beside it, says which): the file would mix two models' answers."""
+    stamp = _stamp_path(out)
+    if not continuing or not stamp.is_file():
+        return  # a new file, or one from before stamps: nothing to compare
+    try:
+        earlier = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(earlier, dict):
+        return
+    # the model's path only names it (a run folder may move); its weights' hash decides
+    differs = ", ".join(k for k in model if k != "model" and earlier.get(k) != model[k])
+    if differs:
+        raise UsageError(
+            f"--out {out} holds predictions of another model or setting ({differs} differ: "
+            f"begun with {earlier.get('model', '?')}); continuing would mix two models' "
+            "answers. Write to a new --out, or delete the file to start it again."
+        )
+
+
 def stream_predictions(
     predictor: ScorePredictor,
     paths: Sequence[Path],
@@ -344,6 +370,7 @@ def stream_predictions(
     top_k: int = 3,
     batch_size: int = 64,
     progress: Any = None,
+    model: dict[str, Any] | None = None,
 ) -> StreamStats:
     """Predict ``paths`` into ``out`` (``.jsonl``/``.ndjson`` or ``.csv``) as they are
     computed.
@@ -352,7 +379,8 @@ def stream_predictions(
     at most one batch; calling again with the same file continues where it stopped (paths
     already in the file are skipped, a torn last line is cut off). An existing file that
     graft did not write is refused and left as it was. ``progress(n)`` is called after
-    each batch.
+    each batch. ``model`` (which model and settings answer, e.g. its weights' hash) is
+    stamped beside ``out``, and a later call with another refuses to continue the file.
     """
     out = Path(out)
     batch_size = check_count("batch_size", batch_size)
@@ -365,6 +393,8 @@ def stream_predictions(
     k = min(top_k, len(predictor.classes))
     header = csv_header(k)
     done, keep = existing_results(out, fmt, header)  # validates before anything is written
+    if model is not None:
+        _check_same_model(out, model, continuing=keep > 0)
     todo = [p for p in paths if str(p) not in done]
     started = time.perf_counter()
     written = failed = 0
@@ -374,6 +404,10 @@ def stream_predictions(
             with open(out, "r+b") as raw:
                 raw.truncate(keep)  # only a torn last line (a crash mid-write) is cut
         fh = open(out, "a", newline="", encoding="utf-8", errors="surrogateescape")
+        if model is not None and keep == 0:
+            from .io import atomic_write_json
+
+            atomic_write_json(_stamp_path(out), model)
     except OSError as exc:
         raise _os_error(exc, f"write {out}") from exc
     with fh:

@@ -228,3 +228,34 @@ def test_an_out_path_that_cannot_be_a_file_is_a_usage_error(
     assert main(["predict", str(trained_run), str(images), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert str(out) in err and "unexpected" not in err
+
+
+def test_a_file_begun_by_another_model_is_not_continued(
+    trained_run: Path, images: Path, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    out = tmp_path / "preds.jsonl"
+    lines_of = lambda: out.read_text().splitlines()  # noqa: E731
+    first = [str(trained_run), str(images), "--out", str(out)]
+    # interrupted after three rows: the stamp beside the file says which model began it
+    assert main(["predict", *first]) == 7
+    stamp = json.loads((tmp_path / ".preds.jsonl.graft.json").read_text())
+    assert len(stamp["weights_sha256"]) == 64 and stamp["tta"] is False
+    out.write_text("\n".join(lines_of()[:3]) + "\n")
+    capsys.readouterr()
+    # the same model from a moved run folder continues it
+    moved = tmp_path / "moved-run"
+    shutil.copytree(trained_run, moved)
+    assert main(["predict", str(moved), str(images), "--out", str(out)]) == 7
+    assert len(lines_of()) == 10
+    # other settings, or other weights, are refused and the file is left as it is
+    before = out.read_bytes()
+    assert main(["predict", *first, "--tta"]) == 2
+    assert "another model or setting (tta differ" in capsys.readouterr().err
+    (tmp_path / ".preds.jsonl.graft.json").write_text(
+        json.dumps({**stamp, "weights_sha256": "0" * 64})
+    )
+    assert main(["predict", *first]) == 2
+    assert "weights_sha256 differ" in capsys.readouterr().err
+    assert out.read_bytes() == before
