@@ -158,9 +158,16 @@ def preprocess(
         if trim:
             im = trim_background(im)
         resized = im.resize((size, size), Image.Resampling.BILINEAR)
-        x = np.asarray(resized, dtype=np.float32) / np.float32(255.0)
-        batch[i] = ((x - m) / s).transpose(2, 0, 1)
+        batch[i] = normalised_chw(resized, m, s)
     return batch
+
+
+def normalised_chw(im: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """An 8-bit RGB image -> float32 ``[3, H, W]``, scaled to [0, 1] then normalised per
+    channel: torchvision's ToTensor + Normalize, the same operations in the same order, so
+    the same numbers bit for bit (training and the export see identical inputs)."""
+    x = np.asarray(im, dtype=np.float32) / np.float32(255.0)
+    return ((x - mean) / std).transpose(2, 0, 1)
 
 
 def split_output(

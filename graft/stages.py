@@ -128,17 +128,19 @@ def prepare_stage(
         model.freeze_backbone()
         train, val, unseen = features.train, features.val, features.unseen_maps
         if plan.cache_cut:  # pool the cut activations through the frozen top once
+            # the clean view and validation were pooled by the audit already, when it ran
             known = features.pooled_clean or {}
-
-            def pool(maps: torch.Tensor, done: torch.Tensor | None = None) -> torch.Tensor:
-                return (
-                    done if done is not None else pool_cached(model, maps, plan.extract_at, device)
-                )
-
             train = torch.stack(
-                [pool(v, known.get("train") if k == 0 else None) for k, v in enumerate(train)]
+                [
+                    known["train"]
+                    if k == 0 and "train" in known
+                    else pool_cached(model, v, plan.extract_at, device)
+                    for k, v in enumerate(train)
+                ]
             )
-            val = pool(val, known.get("val"))
+            val = known.get("val", None)
+            if val is None:
+                val = pool_cached(model, features.val, plan.extract_at, device)
             unseen = (
                 pool_cached(model, unseen, plan.extract_at, device) if unseen is not None else None
             )
