@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import subprocess
 import sys
 import tomllib
@@ -82,6 +83,21 @@ def test_a_missing_lower_bound_or_an_exact_pin_is_refused(text: str, message: st
     script = load_script()
     with pytest.raises(SystemExit, match=message):
         script.lower_bound(Requirement(text))  # type: ignore[attr-defined]
+
+
+def test_the_lock_writes_why_a_pin_is_held_above_it(tmp_path: Path) -> None:
+    script = load_script()
+    report = tmp_path / "report.json"
+    installs = [("numpy", "2.4.6"), ("ml_dtypes", "0.6.0"), ("graft", "0.1.0")]
+    report.write_text(
+        json.dumps({"install": [{"metadata": {"name": n, "version": v}} for n, v in installs]})
+    )
+    lines = script.lock(report).splitlines()  # type: ignore[attr-defined]
+    at = lines.index("ml_dtypes==0.6.0")
+    assert lines[at - 1].startswith("# ml_dtypes held: ") and "import" in lines[at - 1]
+    assert "numpy==2.4.6" in lines and not any(line.startswith("graft==") for line in lines)
+    held = (ROOT / "constraints.txt").read_text().splitlines()
+    assert held[held.index("ml_dtypes==0.6.0") - 1] == lines[at - 1]
 
 
 def test_the_lock_pins_every_dependency_inside_its_range() -> None:

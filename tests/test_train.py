@@ -323,3 +323,26 @@ def test_backbone_auto_probes_every_available_backbone(shapes_dir: Path, tmp_pat
     assert config["backbone"] == choice["chosen"] in choice["scores"]
     best = max(s["val_acc"] for s in choice["scores"].values())
     assert choice["scores"][choice["chosen"]]["val_acc"] == best
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_the_optimizer_is_fused_on_cpu_and_steps_like_the_plain_one(name: str) -> None:
+    from graft.loop import make_optimizer
+
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    frozen = torch.nn.Parameter(torch.randn(4), requires_grad=False)
+    results = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = make_optimizer([*params, frozen], name, 1e-2, 1e-4)
+        assert opt.param_groups[0]["fused"] is True and len(opt.param_groups[0]["params"]) == 2
+        opt.param_groups[0]["fused"] = fused or None  # the plain loop, for comparison
+        grads = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=grads)
+            opt.step()
+        results.append(params)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
