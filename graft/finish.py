@@ -22,7 +22,7 @@ from .loading import ImageFiles, build_transform
 from .model import GraftModel
 from .plan import Features, Plan, Run
 from .rundir import EpochRecord, Summary
-from .split import Split, class_shares, share_problems
+from .split import Split, class_shares, split_problems
 
 __all__ = [
     "Calibration",
@@ -361,14 +361,8 @@ def finish(
         unseen=unseen,
         diagnosis=diagnosis.to_dict(),
         class_shares=class_shares(split.subsets, data.labels, data.classes),
-        share_warnings=share_problems(
-            split.subsets,
-            data.labels,
-            data.classes,
-            config.test_size,
-            config.val_size,
-            split.groups if split.grouped else None,
-        ),
+        # for a dataset that came split, only the parts graft carved had a share to keep
+        share_warnings=split_problems(split, data, config),
         audit=rundir.read_optional(rundir.audit.name),
         test={k: test[k] for k in ("accuracy", "accuracy_ci95", "loss", "n")},
         open_set=test["open_set"],

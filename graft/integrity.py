@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -56,6 +56,9 @@ class SplitRows:
     hashes: list[str]
     groups: list[str]
     sha256: str
+    #: the part the user put each image in, for a dataset that came split (graft.layouts);
+    #: empty strings otherwise
+    given: list[str] = field(default_factory=list)
 
     def sizes(self) -> dict[str, int]:
         counts = Counter(self.subsets)
@@ -104,6 +107,7 @@ def read_split_rows(path: Path, classes: Sequence[str]) -> SplitRows:
             rows.subsets.append(row["subset"])
             rows.hashes.append(row["sha256"])
             rows.groups.append(row.get("group") or "")
+            rows.given.append(row.get("given_subset") or "")
     except csv.Error as exc:
         raise _damaged(path, f"it is not valid CSV ({exc})") from exc
     if not rows.relpaths:

@@ -41,8 +41,13 @@ def lr_find(
 
     reporter = reporter or Reporter()
     data = scan(root, progress=reporter.iter)
-    subsets = make_split(data.labels, data.classes, config.test_size, config.val_size, config.seed)
-    train = [i for i, s in enumerate(subsets) if s == "train"]
+    if data.given is not None:  # a dataset that came split: only its training images
+        train = [i for i, s in enumerate(data.given) if s == "train"]
+    else:
+        subsets = make_split(
+            data.labels, data.classes, config.test_size, config.val_size, config.seed
+        )
+        train = [i for i, s in enumerate(subsets) if s == "train"]
     features = FrozenFeatures.pretrained(config, data.classes, reporter)
     with torch.no_grad():
         feats = features.views(data, train)

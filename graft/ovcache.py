@@ -22,8 +22,9 @@ EfficientNet-Lite0; 93 MB for the seven shapes), which is what this module keeps
   level on the ``graft.ovcache`` logger).
 
 Location: ``$GRAFT_CACHE_DIR/openvino``, else ``$XDG_CACHE_HOME/graft/openvino``
-(``~/.cache/graft/openvino``). ``GRAFT_OPENVINO_CACHE=off`` (or ``0``) turns it off;
-deleting the folder at any time is safe.
+(``~/.cache/graft/openvino``). ``GRAFT_OPENVINO_CACHE=off`` (or ``0``) turns it off, a
+folder path puts it there (``on`` or ``1``: the default place); deleting the folder at any
+time is safe.
 """
 
 from __future__ import annotations
@@ -40,16 +41,22 @@ log = logging.getLogger(__name__)
 
 #: graph folders not used for this many days are removed when the cache is next written
 KEEP_DAYS = 30
-#: values of GRAFT_OPENVINO_CACHE that turn the cache off
+#: values of GRAFT_OPENVINO_CACHE that turn the cache off, and those that keep its default
+#: place (any other value is a folder)
 OFF = ("0", "off", "false", "no")
+ON = ("", "1", "on", "true", "yes")
 CHECKSUM = ".sha256"
 
 
 def cache_root() -> Path | None:
     """The folder of OpenVINO's compiled models, or None when ``GRAFT_OPENVINO_CACHE`` turns
-    the cache off. Beside graft's feature cache (graft.cache), under the same variables."""
-    if os.environ.get("GRAFT_OPENVINO_CACHE", "").strip().lower() in OFF:
+    the cache off. Beside graft's feature cache (graft.cache), under the same variables,
+    unless ``GRAFT_OPENVINO_CACHE`` names a folder."""
+    value = os.environ.get("GRAFT_OPENVINO_CACHE", "").strip()
+    if value.lower() in OFF:
         return None
+    if value.lower() not in ON:
+        return Path(value).expanduser()
     if os.environ.get("GRAFT_CACHE_DIR"):
         return Path(os.environ["GRAFT_CACHE_DIR"]) / "openvino"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

@@ -52,6 +52,20 @@ def plot_class_counts(counts: dict[str, int], path: Path) -> None:
     save_figure(fig, path)
 
 
+def by_stage(history: Sequence[Any], field: str) -> tuple[list[float], list[float]]:
+    """Steps and values of ``field`` with a gap (NaN) where the stage changes, so a plotted
+    line breaks between stages."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for i, r in enumerate(history):
+        if i and r.stage != history[i - 1].stage:
+            xs.append(r.step - 0.5)
+            ys.append(math.nan)
+        xs.append(r.step)
+        ys.append(getattr(r, field, math.nan))
+    return xs, ys
+
+
 def plot_learning_curves(
     history: Sequence[Any], path: Path, best_step: int | None = None, title: str = "Learning curves"
 ) -> None:
@@ -80,17 +94,17 @@ def plot_learning_curves(
         boundary = [r.step for r in history if r.stage == "fine-tune"]
         if boundary and boundary[0] > 1:
             ax.axvline(boundary[0] - 0.5, color="#888", ls="--", lw=1)
+        # Each stage's line stands alone: a probe's last L2 point and the first fine-tuning
+        # epoch are different kinds of step, and a segment between them would read as a trend.
         ax.plot(
-            steps,
-            [getattr(r, f"train_{key}") for r in history],
+            *by_stage(history, f"train_{key}"),
             "o-",
             ms=3,
             label=f"train {label}",
             color="#4c72b0",
         )
         ax.plot(
-            steps,
-            [getattr(r, f"val_{key}") for r in history],
+            *by_stage(history, f"val_{key}"),
             "s-",
             ms=3,
             label=f"validation {label}",
@@ -99,8 +113,7 @@ def plot_learning_curves(
         unseen = [getattr(r, f"unseen_{key}", float("nan")) for r in history]
         if any(np.isfinite(unseen)):
             ax.plot(
-                steps,
-                unseen,
+                *by_stage(history, f"unseen_{key}"),
                 "^--",
                 ms=4,
                 label=f"images from elsewhere {label}",

@@ -575,8 +575,7 @@ def data_from_split(
     check_split_images(
         rundir, root, [rows.relpaths[i] for i in keep], [rows.hashes[i] for i in keep], purpose
     )
-    with open(rundir.split, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        given = [r.get("given_subset") or "" for r in csv.DictReader(fh)]  # a dataset came split
+    given = rows.given  # a dataset that came split says where the user put each image
     data = ScanResult(
         root,
         list(config["classes"]),

@@ -42,7 +42,7 @@ from .model import GraftModel, ModelInfo, build_model
 from .plan import Features, Plan, Run, make_plan
 from .progress import Reporter
 from .rundir import CONFIG, SPLIT, EpochRecord, RunDir, Summary
-from .split import Split, split_problems
+from .split import Split
 from .stages import run_stages
 
 
@@ -163,8 +163,6 @@ def _fit(run: Run, data_root: str | Path | None, force: bool) -> TrainResult:
         )
     summary["backbone_choice"] = choice.to_dict() if choice is not None else None
     summary["wise"] = run.wise
-    if split.given is not None:  # the user's split: only the parts graft carved had a share
-        summary["share_warnings"] = split_problems(split, data, config)
     with run.phase("report"):
         from .report import write_report
 

@@ -338,3 +338,23 @@ def test_a_blank_split_cell_is_listed_with_what_to_do(tmp_path: Path) -> None:
         "labels.csv line 2: empty split (with a split column, every row names train, val or "
         "test; leave the column out to let graft split)"
     ]
+
+
+def test_lr_find_on_pre_split_folders_sees_only_their_training_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graft.features import FrozenFeatures
+    from graft.lr_find import lr_find
+
+    root = _presplit(tmp_path / "data", {"train": 8, "val": 3, "test": 3})
+    seen: list[str] = []
+    views = FrozenFeatures.views
+
+    def recording(self, data, indices, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.extend(data.relpath(data.paths[i]) for i in indices)
+        return views(self, data, indices, *args, **kwargs)
+
+    monkeypatch.setattr(FrozenFeatures, "views", recording)
+    result = lr_find(root, TrainConfig(img_size=64, batch_size=8), steps=12)
+    assert len(seen) == 24 and all(p.startswith("train/") for p in seen)
+    assert 0 < result["suggested_lr"] < 10

@@ -130,6 +130,18 @@ def test_off_writes_nothing(
     assert not root.exists()
 
 
+@pytest.mark.parametrize(
+    ("value", "where"), [("on", "default"), ("1", "default"), ("~/ov", "home")]
+)
+def test_a_folder_in_the_variable_is_where_the_cache_goes(
+    value: str, where: str, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GRAFT_OPENVINO_CACHE", value)
+    expected = root if where == "default" else tmp_path / "home" / "ov"
+    assert cache_root() == expected
+
+
 def test_graphs_unused_for_a_month_go_when_the_cache_is_written(
     trained_run: Path, root: Path, batch: np.ndarray
 ) -> None:

@@ -91,3 +91,21 @@ def test_report_renders_in_headless_chromium(trained_run: Path, tmp_path: Path) 
     image = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert image.shape == (2400, 412)
     assert image.std() > 20  # text, plots and tables, not an empty page
+
+
+def test_learning_curves_break_between_stages(tmp_path: Path) -> None:
+    """A probe's last L2 point and the first fine-tuning epoch are not joined by a line."""
+    import math
+
+    from graft.plots import by_stage, plot_learning_curves
+    from graft.rundir import EpochRecord
+
+    rows = [
+        EpochRecord("frozen", i, i, 0.5 / i, 0.9, 0.6 / i, 0.9, 0.0, 1.0, l2=10.0**-i)
+        for i in (1, 2, 3)
+    ] + [EpochRecord("fine-tune", i, 3 + i, 0.3, 0.95, 0.4, 0.95, 1e-5, 1.0) for i in (1, 2)]
+    xs, ys = by_stage(rows, "val_loss")
+    assert xs == [1, 2, 3, 3.5, 4, 5]
+    assert math.isnan(ys[3]) and ys[:3] == pytest.approx([0.6, 0.3, 0.2]) and ys[4:] == [0.4, 0.4]
+    plot_learning_curves(rows, tmp_path / "curves.png", best_step=3)
+    assert Image.open(tmp_path / "curves.png").size[0] > 800
