@@ -45,7 +45,7 @@ from .errors import (
     UsageError,
     os_error_message,
 )
-from .io import check_output_file, check_output_folder
+from .io import check_output_file, check_output_folder, shell_path
 from .io import display as _display
 
 # --------------------------------------------------------------------------- commands
@@ -160,7 +160,7 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig:
     if (run / "summary.json").is_file():
         raise UsageError(
             f"{run} is a finished run: nothing to resume. To train it again, run "
-            f"`graft train ROOT --out {run} --force`."
+            f"`graft train ROOT --out {shell_path(run)} --force`."
         )
     given = [
         "--" + f.name.replace("_", "-")
@@ -339,8 +339,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     config.check_paths()
     check_output_file(args.out, "--out", ".png")
     result = lr_find(args.root, config, args.out, reporter=Reporter(verbose=not args.json))
-    if args.json:
-        print(json.dumps(result, indent=2))
+    if args.json:  # how many images it learned from, not their list
+        print(json.dumps({**result, "train_images": len(result["train_images"])}, indent=2))
     else:
         print(
             f"Suggested learning rate for the head: {result['suggested_lr']:.1e} "
@@ -383,7 +383,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print("\n".join(describe_agreement(report)), file=sys.stderr)
     print(f"Exported {args.format}{' INT8' * args.int8}: {_display(out)}", file=sys.stderr)
     print(
-        f"Try it:  python {_display(out / 'graft_runtime.py')} {_display(out)} IMAGE",
+        f"Try it:  python {shell_path(out / 'graft_runtime.py')} {shell_path(out)} IMAGE",
         file=sys.stderr,
     )
     return 0
@@ -483,7 +483,9 @@ def _how_to_continue(args: argparse.Namespace) -> str:
     from .rundir import RunDir
 
     if RunDir(Path(run)).checkpoint.is_file():
-        return f" Its finished epochs are kept: `graft train --resume {run}` continues it."
+        return (
+            f" Its finished epochs are kept: `graft train --resume {shell_path(run)}` continues it."
+        )
     return " No epoch had finished, so nothing was kept."
 
 

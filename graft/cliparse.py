@@ -235,8 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    p = sub.add_parser("lr-find", help="plot loss against learning rate and suggest one")
-    p.add_argument("root", help="folder with one sub-folder per class")
+    p = sub.add_parser(
+        "lr-find",
+        help="plot loss against learning rate and suggest one",
+        description="Train the head on cached features of the training images (the split "
+        "graft train would make: the folder's own train/ when it came split) while the "
+        "learning rate grows, and suggest one.",
+    )
+    p.add_argument(
+        "root", help="folder with one sub-folder per class, or train/ (val/, test/) of them"
+    )
     p.add_argument("--out", default="lr_find.png", help="the plot (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the curve and suggestion as JSON")
     add_config_options(

@@ -224,11 +224,15 @@ class TrainConfig:
     optimizer: str = option(
         "adam",
         "optimizer of both stages (adamw: decoupled weight decay, 0.01 unless "
-        "--weight-decay is given)",
+        "--weight-decay is given, 0 included)",
         "both stages",
         choices=OPTIMIZERS,
     )
-    weight_decay: float = option(0.0, "weight decay of both stages' optimizer", "both stages")
+    weight_decay: float | None = option(
+        None,
+        "weight decay of both stages' optimizer (default: 0 for adam, 0.01 for adamw)",
+        "both stages",
+    )
     # --- stage 2: fine-tuning
     fine_tune_epochs: int = option(
         10,
@@ -403,6 +407,8 @@ class TrainConfig:
             raise bad("min_delta", self.min_delta, "use 0 (any drop counts) or a small loss")
         if self.l2sp < 0:
             raise bad("l2sp", self.l2sp, "use 0 (off) or a positive strength such as 0.01")
+        if self.weight_decay is None:  # the optimizer's own default, recorded as a number
+            self.weight_decay = 0.01 if self.optimizer == "adamw" else 0.0
         if self.weight_decay < 0:
             raise bad("weight_decay", self.weight_decay, "use 0 (off) or a small positive value")
         for name in ("lr", "fine_tune_lr"):

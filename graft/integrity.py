@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from .errors import DataError, RunFolderError
-from .io import display, read_json
+from .io import display, read_json, shell_path
 from .rundir import RunDir
 
 __all__ = [
@@ -236,9 +236,9 @@ def check_split_images(
     reused) without a word."""
     run = rundir.path
     moved = (
-        f"`graft train NEW_ROOT --resume {run}`"
+        f"`graft train NEW_ROOT --resume {shell_path(run)}`"
         if purpose == "resume"
-        else f"`graft evaluate {run} --data-root NEW_ROOT`"
+        else f"`graft evaluate {shell_path(run)} --data-root NEW_ROOT`"
     )
     if not root.is_dir():
         raise DataError(
@@ -268,7 +268,8 @@ def check_split_images(
             "originals, or start a new run with `graft train ROOT --out DIR`."
             if purpose == "resume"
             else "The held-out test set is no longer the one the run was measured on: "
-            f"restore the originals, or evaluate on a folder with `graft evaluate {run} FOLDER`."
+            "restore the originals, or evaluate on a folder with "
+            f"`graft evaluate {shell_path(run)} FOLDER`."
         )
         what = "split" if purpose == "resume" else "held-out test split"
         raise DataError(

@@ -82,6 +82,14 @@ def display(path: object) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def shell_path(path: object) -> str:
+    """A path as it must be typed in a shell command graft suggests (quoted when it has
+    spaces or other special characters), printable like :func:`display`."""
+    import shlex
+
+    return shlex.quote(display(path))
+
+
 def check_output_file(path: str | Path, option: str, suffix: str) -> Path:
     """``path`` may be written by graft as ``option`` (``--plot``, ``--out``): a file name
     ending in ``suffix`` that is new or was written by graft before. A folder, another kind

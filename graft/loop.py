@@ -275,5 +275,5 @@ def make_optimizer(params: Any, name: str, lr: float, weight_decay: float) -> to
     devices = {p.device.type for g in groups for p in g["params"]}
     fused = True if devices and devices <= {"cpu", "cuda"} else None
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay or 1e-2, fused=fused)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)

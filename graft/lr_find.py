@@ -32,25 +32,27 @@ def lr_find(
     steps: int = 100,
     reporter: Any = None,
 ) -> dict[str, Any]:
+    from .audit import audit_for_split
     from .data import scan
     from .features import FrozenFeatures
     from .loop import class_weights_for
     from .model import make_head
     from .progress import Reporter
-    from .split import make_split
+    from .split import choose_split
 
     reporter = reporter or Reporter()
     data = scan(root, progress=reporter.iter)
-    if data.given is not None:  # a dataset that came split: only its training images
-        train = [i for i, s in enumerate(data.given) if s == "train"]
-    else:
-        subsets = make_split(
-            data.labels, data.classes, config.test_size, config.val_size, config.seed
-        )
-        train = [i for i, s in enumerate(subsets) if s == "train"]
     features = FrozenFeatures.pretrained(config, data.classes, reporter)
     with torch.no_grad():
-        feats = features.views(data, train)
+        pooled = features.views(data, range(len(data.paths)))
+    # The split `graft train` would make with this config (its audit's near-copy groups, the
+    # folder's own split), so the finder never learns from a validation or test image.
+    embeddings = pooled.numpy()
+    split = choose_split(
+        config, data, audit_for_split(config, data, embeddings), reporter, embeddings
+    )
+    train = [i for i, s in enumerate(split.subsets) if s == "train"]
+    feats = pooled[train]
     y = torch.tensor([data.labels[i] for i in train])
     counts = [int((y == c).sum()) for c in range(len(data.classes))]
     weights, _ = class_weights_for(counts, config.class_weights)
@@ -99,6 +101,8 @@ def lr_find(
         "losses": losses,
         "backbone": config.backbone,
         "seed": config.seed,
+        # the images it learned from, as split.csv of a run with this config would list them
+        "train_images": [data.relpath(data.paths[i]) for i in train],
     }
     if out_png is not None:
         _plot(lrs, losses, suggested, Path(out_png))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -133,9 +134,28 @@ def _intact(blob: Path) -> bool:
     return expected == file_sha256(blob)
 
 
+def _is_graph_folder(folder: Path) -> bool:
+    """Whether ``folder`` is one graft made (:class:`CompiledCache`): named by 16 hex digits
+    of a graph's hash, holding only shape folders of blobs and their checksums. The cache's
+    root may be a folder the user named (``GRAFT_OPENVINO_CACHE``), so nothing else in it is
+    ever removed."""
+    if not re.fullmatch(r"[0-9a-f]{16}", folder.name) or folder.is_symlink():
+        return False
+    for shape in folder.iterdir():
+        if shape.is_symlink() or not shape.is_dir():
+            return False
+        if not (shape.name == "dynamic" or shape.name.isdigit()):
+            return False
+        for item in shape.iterdir():
+            if not item.is_file() or not item.name.endswith((".blob", ".blob" + CHECKSUM)):
+                return False
+    return True
+
+
 def prune(root: Path, keep: Path | None = None, days: float = KEEP_DAYS) -> list[Path]:
     """Remove the graph folders under ``root`` not used for ``days`` days (their
-    modification time, which each use refreshes), except ``keep``; returns them."""
+    modification time, which each use refreshes), except ``keep``; returns them. Only
+    folders graft made go (:func:`_is_graph_folder`)."""
     cutoff = time.time() - days * 86400
     removed = []
     try:
@@ -144,7 +164,7 @@ def prune(root: Path, keep: Path | None = None, days: float = KEEP_DAYS) -> list
         return []
     for folder in folders:
         try:
-            if folder.stat().st_mtime < cutoff:
+            if folder.stat().st_mtime < cutoff and _is_graph_folder(folder):
                 shutil.rmtree(folder)
                 removed.append(folder)
         except OSError as exc:  # another process, or a file made read-only: next time

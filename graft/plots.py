@@ -66,6 +66,16 @@ def by_stage(history: Sequence[Any], field: str) -> tuple[list[float], list[floa
     return xs, ys
 
 
+def x_label(history: Sequence[Any]) -> str:
+    """What a step of the curves is: a probe's L2 points (graft.probe), epochs, or both."""
+    probed = any(math.isfinite(getattr(r, "l2", math.nan)) for r in history)
+    epochs = any(not math.isfinite(getattr(r, "l2", math.nan)) for r in history)
+    if probed:
+        return "step: L2 path points, then epochs" if epochs else "step: L2 path points"
+    stages = {r.stage for r in history}
+    return "epoch (both stages)" if len(stages) > 1 else "epoch"
+
+
 def plot_learning_curves(
     history: Sequence[Any], path: Path, best_step: int | None = None, title: str = "Learning curves"
 ) -> None:
@@ -121,8 +131,7 @@ def plot_learning_curves(
             )
         if best_step:
             ax.axvline(best_step, color="#2a9d4b", lw=1.2, alpha=0.8, label="best (kept)")
-        probed = any(math.isfinite(getattr(r, "l2", math.nan)) for r in history)
-        ax.set_xlabel("step: L2 path points, then epochs" if probed else "epoch (both stages)")
+        ax.set_xlabel(x_label(history))
         if not ax.get_ylabel():
             ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -32,7 +32,7 @@ import numpy as np
 from PIL.Image import Image
 
 from .errors import DataError, RunFolderError
-from .io import display
+from .io import display, shell_path
 from .modelinfo import ModelInfo
 from .runtime import is_unknown, load_image, preprocess
 
@@ -89,14 +89,14 @@ def balanced_sample(labels: Sequence[int], n: int, seed: int) -> list[int]:
 
 
 def _without_int8(run: Path) -> str:
-    return f"or export without --int8 (`graft export {display(run)}`: fp32 needs no images)"
+    return f"or export without --int8 (`graft export {shell_path(run)}`: fp32 needs no images)"
 
 
 def _check_present(run: Path, root: Path, relpaths: Sequence[str]) -> None:
     """A :class:`DataError` saying how to go on unless every image is under ``root``."""
     why = "training images to calibrate on, test images to compare with fp32"
     moved = (
-        f"Point graft at their new location (`graft export {display(run)} --int8 --data-root "
+        f"Point graft at their new location (`graft export {shell_path(run)} --int8 --data-root "
         f"NEW_ROOT`), {_without_int8(run)}."
     )
     if not root.is_dir():

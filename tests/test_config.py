@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from graft import TrainConfig, UsageError
 
@@ -34,3 +35,15 @@ def test_numbers_are_normalised_and_unfreeze_takes_an_int() -> None:
     config = TrainConfig(lr=1, unfreeze=3)
     assert config.lr == 1.0 and isinstance(config.lr, float) and config.unfreeze == "3"
     assert TrainConfig(**TrainConfig().to_dict()) == TrainConfig()
+
+
+def test_weight_decay_defaults_per_optimizer_and_a_given_zero_stays_zero() -> None:
+    from graft.loop import make_optimizer
+
+    assert TrainConfig().weight_decay == 0.0
+    assert TrainConfig(optimizer="adamw").weight_decay == 0.01
+    off = TrainConfig(optimizer="adamw", weight_decay=0)
+    assert off.weight_decay == 0.0 and off.to_dict()["weight_decay"] == 0.0
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = make_optimizer([param], off.optimizer, 1e-3, off.weight_decay)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0

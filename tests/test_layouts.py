@@ -340,21 +340,20 @@ def test_a_blank_split_cell_is_listed_with_what_to_do(tmp_path: Path) -> None:
     ]
 
 
-def test_lr_find_on_pre_split_folders_sees_only_their_training_images(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_lr_find_learns_from_the_training_images_graft_train_would_use(
+    tmp_path: Path, shapes_dir: Path, trained_run: Path
 ) -> None:
-    from graft.features import FrozenFeatures
+    """The finder makes the split a run with the same config makes (near-copy groups, the
+    folder's own split), so it never learns from a validation or test image."""
     from graft.lr_find import lr_find
 
     root = _presplit(tmp_path / "data", {"train": 8, "val": 3, "test": 3})
-    seen: list[str] = []
-    views = FrozenFeatures.views
-
-    def recording(self, data, indices, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.extend(data.relpath(data.paths[i]) for i in indices)
-        return views(self, data, indices, *args, **kwargs)
-
-    monkeypatch.setattr(FrozenFeatures, "views", recording)
     result = lr_find(root, TrainConfig(img_size=64, batch_size=8), steps=12)
-    assert len(seen) == 24 and all(p.startswith("train/") for p in seen)
+    assert len(result["train_images"]) == 24
+    assert all(p.startswith("train/") for p in result["train_images"])
     assert 0 < result["suggested_lr"] < 10
+    # a plain folder: the same training images as the run trained with the same config
+    with open(trained_run / "split.csv", newline="") as fh:
+        trained = sorted(r["path"] for r in csv.DictReader(fh) if r["subset"] == "train")
+    result = lr_find(shapes_dir, TrainConfig(**FAST), steps=12)
+    assert sorted(result["train_images"]) == trained

@@ -154,3 +154,26 @@ def test_graphs_unused_for_a_month_go_when_the_cache_is_written(
     OpenVinoEngine(graph(trained_run), cache=True).run(batch)
     assert not old.exists() and recent.is_dir()
     assert len(blobs(root)) == 2  # the recent graph's and the one just compiled
+
+
+def test_a_folder_the_user_named_loses_nothing_of_theirs_to_pruning(
+    trained_run: Path, tmp_path: Path, batch: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GRAFT_OPENVINO_CACHE may name a folder that holds other things: old folders of the
+    user's, even one named like a graph or holding a blob among other files, stay."""
+    named = tmp_path / "models"
+    monkeypatch.setenv("GRAFT_OPENVINO_CACHE", str(named))
+    photos = named / "my_photos_2019"
+    lookalike = named / "0123456789abcdef"
+    mixed = named / "fedcba9876543210"
+    for folder, name in ((photos, "keep.txt"), (lookalike, "notes.txt"), (mixed / "1", "a.txt")):
+        folder.mkdir(parents=True)
+        (folder / name).write_text("mine")
+    (mixed / "1" / "x.blob").write_bytes(b"blob")
+    when = time.time() - (KEEP_DAYS + 60) * 86400
+    for folder in (photos, lookalike, mixed):
+        os.utime(folder, (when, when))
+    OpenVinoEngine(graph(trained_run), cache=True).run(batch)
+    assert (photos / "keep.txt").is_file() and (lookalike / "notes.txt").is_file()
+    assert (mixed / "1" / "a.txt").is_file()
+    assert [b for b in blobs(named) if mixed not in b.parents]  # the cache works there

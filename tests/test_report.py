@@ -97,7 +97,7 @@ def test_learning_curves_break_between_stages(tmp_path: Path) -> None:
     """A probe's last L2 point and the first fine-tuning epoch are not joined by a line."""
     import math
 
-    from graft.plots import by_stage, plot_learning_curves
+    from graft.plots import by_stage, plot_learning_curves, x_label
     from graft.rundir import EpochRecord
 
     rows = [
@@ -107,5 +107,7 @@ def test_learning_curves_break_between_stages(tmp_path: Path) -> None:
     xs, ys = by_stage(rows, "val_loss")
     assert xs == [1, 2, 3, 3.5, 4, 5]
     assert math.isnan(ys[3]) and ys[:3] == pytest.approx([0.6, 0.3, 0.2]) and ys[4:] == [0.4, 0.4]
+    assert x_label(rows) == "step: L2 path points, then epochs"
+    assert x_label(rows[:3]) == "step: L2 path points" and x_label(rows[3:]) == "epoch"
     plot_learning_curves(rows, tmp_path / "curves.png", best_step=3)
     assert Image.open(tmp_path / "curves.png").size[0] > 800

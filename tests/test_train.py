@@ -346,3 +346,18 @@ def test_the_optimizer_is_fused_on_cpu_and_steps_like_the_plain_one(name: str) -
         results.append(params)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_the_kept_epoch_is_the_lowest_loss_however_small(tmp_path: Path) -> None:
+    """Losses of 1e-6 .. 1e-7 on easy data: each lower one is kept, noise (1 ppm) is not."""
+    from graft.checkpoint import Best
+    from graft.rundir import EpochRecord
+
+    class Model(torch.nn.Linear):
+        def save(self, path: Path) -> None:
+            path.write_bytes(b"weights")
+
+    best = Best(Model(2, 2), tmp_path / "best.safetensors")  # type: ignore[arg-type]
+    for step, loss in enumerate([1.0e-6, 4.0e-7, 4.0e-7 * (1 - 1e-9), 1.3e-7, 2.0e-7], 1):
+        best.update(EpochRecord("fine-tune", step, step, 0.0, 1.0, loss, 1.0, 1e-5, 1.0))
+    assert best.step == 4 and best.loss == 1.3e-7
