@@ -84,6 +84,13 @@ def _param_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+def _declared_defaults() -> dict[str, Any]:
+    """TrainConfig's defaults as declared (a None stays None: weight decay is chosen by the
+    optimizer when the config is made, so a classifier with ``optimizer="adamw"`` gets
+    adamw's own)."""
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
 def _check_names(params: dict[str, Any]) -> None:
     unknown = sorted(set(params) - set(_param_names()))
     if unknown:
@@ -103,9 +110,9 @@ class ImageClassifier:
     def __init__(self, **params: Any):
         _check_names(params)
         TrainConfig(**params)  # fail early on bad parameters, with the CLI's messages
-        defaults = TrainConfig()
+        defaults = _declared_defaults()
         for name in _param_names():  # the objects given, as sklearn's clone checks
-            setattr(self, name, params[name] if name in params else getattr(defaults, name))
+            setattr(self, name, params[name] if name in params else defaults[name])
 
     def __getattr__(self, name: str) -> Any:
         # Learned attributes (classes_, run_dir_, ...) exist only after fit/load: say so.
@@ -131,8 +138,8 @@ class ImageClassifier:
         return self
 
     def _changed_params(self) -> dict[str, Any]:
-        defaults = TrainConfig()
-        return {k: v for k, v in self.get_params().items() if v != getattr(defaults, k)}
+        defaults = _declared_defaults()
+        return {k: v for k, v in self.get_params().items() if v != defaults[k]}
 
     def __repr__(self) -> str:
         from .notebook import params_text

@@ -208,6 +208,13 @@ def restore_checkpoint(
             _, index, name = key.split(".", 2)
             opt_state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    # The moments were saved contiguous; a channels_last parameter needs them in its own
+    # layout (the fused optimizers walk the memory of both in step).
+    for param, entry in optimizer.state.items():
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                if value.stride() != param.stride():
+                    entry[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
     torch.set_rng_state(tensors.get(f"rng.torch.rank{rank}", tensors["rng.torch"]))
     for name, generator in generators.items():
         generator.set_state(tensors[f"rng.{name}"])

@@ -201,3 +201,13 @@ def test_a_damaged_run_folder_still_shows(tmp_path: Path, summary: str) -> None:
     (run / "learning_curves.png").write_bytes(b"not a png")
     text = Parsed(classifier_html("ImageClassifier", {}, run, ["a", "b"])).all_text
     assert "a, b (2)" in text and str(run) in text and "held-out" not in text
+
+
+def test_a_classifier_with_adamw_gets_adamws_weight_decay_unless_given() -> None:
+    from graft import ImageClassifier, TrainConfig
+
+    clf = ImageClassifier(optimizer="adamw")
+    assert clf.weight_decay is None and "weight_decay" not in repr(clf)
+    assert TrainConfig(**clf.get_params()).weight_decay == 0.01
+    given = ImageClassifier(optimizer="adamw", weight_decay=0.0)
+    assert TrainConfig(**given.get_params()).weight_decay == 0.0
