@@ -63,10 +63,9 @@ def choose_backbone(
     """Embed every image with each backbone whose weights are here (through the feature
     cache), split on the first one's duplicate audit, and keep the backbone whose linear
     probe scores best on validation."""
-    from .audit import audit_for_split
     from .features import FrozenFeatures
     from .model import ModelInfo, build_model
-    from .split import choose_split
+    from .split import split_new_run
 
     embedded: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
@@ -99,8 +98,7 @@ def choose_backbone(
         seconds[name] = time.perf_counter() - t0
         del model
     first = next(iter(embedded))
-    report = audit_for_split(config, data, embedded[first])
-    split = choose_split(config, data, report, reporter, embedded[first])
+    split, _ = split_new_run(config, data, embedded[first], reporter)
     side = np.asarray(split.subsets)
     train, val = np.nonzero(side == "train")[0], np.nonzero(side == "val")[0]
     y = np.asarray(data.labels)

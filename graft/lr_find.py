@@ -32,13 +32,12 @@ def lr_find(
     steps: int = 100,
     reporter: Any = None,
 ) -> dict[str, Any]:
-    from .audit import audit_for_split
     from .data import scan
     from .features import FrozenFeatures
     from .loop import class_weights_for
     from .model import make_head
     from .progress import Reporter
-    from .split import choose_split
+    from .split import split_new_run
 
     reporter = reporter or Reporter()
     data = scan(root, progress=reporter.iter)
@@ -47,10 +46,7 @@ def lr_find(
         pooled = features.views(data, range(len(data.paths)))
     # The split `graft train` would make with this config (its audit's near-copy groups, the
     # folder's own split), so the finder never learns from a validation or test image.
-    embeddings = pooled.numpy()
-    split = choose_split(
-        config, data, audit_for_split(config, data, embeddings), reporter, embeddings
-    )
+    split, _ = split_new_run(config, data, pooled.numpy(), reporter)
     train = [i for i, s in enumerate(split.subsets) if s == "train"]
     feats = pooled[train]
     y = torch.tensor([data.labels[i] for i in train])

@@ -43,6 +43,7 @@ __all__ = [
     "make_split",
     "read_split",
     "share_problems",
+    "split_new_run",
     "write_split",
 ]
 
@@ -350,6 +351,17 @@ def read_split(
 
 
 # --------------------------------------------------------------------------- a run's split
+
+
+def split_new_run(
+    config: Any, data: ScanResult, embeddings: np.ndarray, reporter: Any
+) -> tuple[Split, Any]:
+    """The split of a new run and the duplicate audit it rests on, the same for training,
+    ``--backbone auto`` and lr-find: none learns from an image another holds out."""
+    from .audit import audit_for_split
+
+    report = audit_for_split(config, data, embeddings)
+    return choose_split(config, data, report, reporter, embeddings), report
 
 
 def choose_split(

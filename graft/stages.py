@@ -138,7 +138,7 @@ def prepare_stage(
                     for k, v in enumerate(train)
                 ]
             )
-            val = known.get("val", None)
+            val = known.get("val")
             if val is None:
                 val = pool_cached(model, features.val, plan.extract_at, device)
             unseen = (

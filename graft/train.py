@@ -395,12 +395,13 @@ def audit_and_split(
     """The duplicate audit on the clean pass, then the split (unless --backbone auto made
     it already); writes split.csv, audit.json, the example pairs and config.json."""
     from .audit import audit_for_split, check_split, draw_examples, explain
-    from .split import choose_split, write_split
+    from .split import split_new_run, write_split
 
     config, reporter, rundir = run.config, run.reporter, run.dir
-    report = audit_for_split(config, data, embeddings)
-    if not split.subsets:
-        split = choose_split(config, data, report, reporter, embeddings)
+    if split.subsets:  # --backbone auto made it on the same audit
+        report = audit_for_split(config, data, embeddings)
+    else:
+        split, report = split_new_run(config, data, embeddings, reporter)
     split_record = write_split(rundir.split, data, split.subsets, split.groups)
     check_split(report, split.subsets, data.given)  # and across the user's own split
     findings = explain(report, data.classes, data.labels, data.paths, data.root, data.layout)
