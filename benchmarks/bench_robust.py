@@ -21,7 +21,10 @@ Methods, each timed from a cold start:
 - ``lr``: EfficientNet-Lite0 frozen features at 128 px with graft's own preprocessing
   (``build_transform(trim=True)``, as ``graft train`` does by default), StandardScaler +
   LogisticRegression; C chosen on the val part from :data:`C_GRID`, then refit on
-  train + val and applied to test and OOD;
+  train + val and applied to test and OOD; every picture resized straight to 128 px, as
+  the usual recipe does (the "vs LR" reference);
+- ``lr-detail``: the same, with graft's ``--detail-size auto`` (pictures larger than the
+  folder's median size brought down to it first, graft.detail);
 - graft variants (:data:`VARIANTS`, plus ``--extra NAME=FLAGS``): ``python -m graft train
   DATA --out RUN --force FLAGS`` in a subprocess with its own empty ``GRAFT_CACHE_DIR``
   (cold feature cache: the wall time is what a first run costs). In-domain: the test
@@ -63,6 +66,8 @@ from robust_data import BUILDERS, BenchSet  # noqa: E402
 from graft.metrics import wilson  # noqa: E402
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+#: the logistic-regression rows: plain, and with graft's detail size (``--detail-size auto``)
+LR_METHODS = ("lr", "lr-detail")
 QUICK_FLAGS = ["--epochs", "1", "--fine-tune-epochs", "1"]
 
 
@@ -96,8 +101,10 @@ def score(correct: int, n: int) -> dict:
 # --------------------------------------------------------------------------- methods
 
 
-def run_lr(bset: BenchSet) -> dict:
-    """Frozen EfficientNet-Lite0 features + logistic regression (C on val, refit)."""
+def run_lr(bset: BenchSet, detail: bool = False) -> dict:
+    """Frozen EfficientNet-Lite0 features + logistic regression (C on val, refit); with
+    ``detail``, every picture is first brought down to the training images' median size as
+    graft's ``--detail-size auto`` does (graft.detail)."""
     import numpy as np
     import torch
     from sklearn.linear_model import LogisticRegression
@@ -106,6 +113,7 @@ def run_lr(bset: BenchSet) -> dict:
 
     from graft.backbones import get_spec
     from graft.data import ImageFiles, build_transform, make_loader, scan
+    from graft.detail import measure_detail
     from graft.model import create_backbone
 
     t0 = time.perf_counter()
@@ -114,7 +122,8 @@ def run_lr(bset: BenchSet) -> dict:
     spec = get_spec("efficientnet_lite0")
     backbone, _ = create_backbone(spec, img_size=128)
     backbone.eval()
-    tf = build_transform(128, spec.mean, spec.std, "none", trim=True)
+    size = measure_detail(data.paths, 128, trim=True) if detail else 0
+    tf = build_transform(128, spec.mean, spec.std, "none", trim=True, detail=size)
 
     @torch.no_grad()
     def feats(paths, labels) -> np.ndarray:
@@ -141,6 +150,7 @@ def run_lr(bset: BenchSet) -> dict:
         right = int((clf.predict(feats(ood.paths, ood.labels)) == np.asarray(ood.labels)).sum())
         result["ood"] = score(right, len(ood.paths))
     result.update(seconds=time.perf_counter() - t0, C=best, val_accuracy_by_C=val_acc)
+    result["detail_size"] = size
     return result
 
 
@@ -255,7 +265,7 @@ def main() -> int:
     ap.add_argument("--sets", nargs="+", choices=list(BUILDERS), default=list(BUILDERS))
     ap.add_argument(
         "--variants", nargs="+", default=None,
-        help=f"methods to run: lr, {', '.join(VARIANTS)} or an --extra name (default: all)",
+        help=f"methods: lr, lr-detail, {', '.join(VARIANTS)} or an --extra name (default: all)",
     )  # fmt: skip
     ap.add_argument(
         "--extra", action="append", default=[], metavar="NAME=FLAGS",
@@ -266,10 +276,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny sets, 1+1 epochs")
     args = ap.parse_args()
     variants = {**VARIANTS, **parse_extra(args.extra)}
-    methods = args.variants or ["lr", *variants]
-    unknown = [m for m in methods if m != "lr" and m not in variants]
+    methods = args.variants or [*LR_METHODS, *variants]
+    unknown = [m for m in methods if m not in LR_METHODS and m not in variants]
     if unknown:
-        sys.exit(f"Unknown variant(s) {', '.join(unknown)}: use lr, {', '.join(variants)}.")
+        sys.exit(
+            f"Unknown variant(s) {', '.join(unknown)}: use lr, lr-detail, {', '.join(variants)}."
+        )
     args.cache.mkdir(parents=True, exist_ok=True)
     sets: dict[str, BenchSet] = {}
     results: dict[str, dict[str, dict]] = {}
@@ -282,8 +294,8 @@ def main() -> int:
             print(f"-- {name} / {method} ...", flush=True)
             run = args.cache / ("runs-quick" if args.quick else "runs") / name / method
             try:
-                if method == "lr":
-                    r = run_lr(bset)
+                if method in LR_METHODS:
+                    r = run_lr(bset, detail=method == "lr-detail")
                 else:
                     r = run_graft(bset, variants[method], run, args.quick)
                     r["flags"] = variants[method]

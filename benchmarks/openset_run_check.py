@@ -59,7 +59,9 @@ def main() -> None:
     val = [root / r["path"] for r in rows if r["subset"] == "val"]
     test = [root / r["path"] for r in rows if r["subset"] == "test"]
     val_fam, test_fam = predictor.predict_scores(val)[1], predictor.predict_scores(test)[1]
-    strong = build_transform(info.img_size, info.mean, info.std, "strong", info.trim)
+    strong = build_transform(
+        info.img_size, info.mean, info.std, "strong", info.trim, info.detail_size
+    )
     shifted = []
     with torch.no_grad():
         for view in range(1, SHIFT_VIEWS + 1):

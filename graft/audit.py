@@ -572,7 +572,7 @@ def audit_dataset(
 
     from .features import FrozenFeatures
 
-    features = FrozenFeatures.pretrained(config, data.classes, reporter)
+    features = FrozenFeatures.pretrained(config, data, reporter)
     with torch.no_grad():
         emb = features.views(data, range(len(data.paths)))
     return audit(data.sha256, data.labels, emb.numpy(), config.dup_threshold)

@@ -352,9 +352,10 @@ def open_cache(
     cut: int,
     n_blocks: int,
     trim: bool = False,
+    detail: int = 0,
     warn: Callable[[str], None] | None = None,
 ) -> FeatureCache:
-    """The cache for one backbone/weights/size/cut(/trim); ``cache_dir=""`` keeps it in
+    """The cache for one backbone/weights/size/cut(/trim/detail); ``cache_dir=""`` keeps it in
     memory. ``warn`` reports damaged shards and failed writes (default: to stderr)."""
     root = None if cache_dir == "" else Path(cache_dir or default_cache_dir())
     parts: dict[str, Any] = {
@@ -365,4 +366,6 @@ def open_cache(
     }
     if trim:  # only then, so that existing caches keep their keys
         parts["trim"] = True
+    if detail > 0:
+        parts["detail"] = detail
     return FeatureCache(root, parts, warn)

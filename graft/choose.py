@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backbones import available_backbones, get_spec
+from .backbones import available_backbones
 from .data import ScanResult
 from .errors import UsageError, WeightsError
 from .split import Split
@@ -63,19 +63,18 @@ def choose_backbone(
     """Embed every image with each backbone whose weights are here (through the feature
     cache), split on the first one's duplicate audit, and keep the backbone whose linear
     probe scores best on validation."""
+    from .detail import new_model_info, resolve_detail
     from .features import FrozenFeatures
-    from .model import ModelInfo, build_model
+    from .model import build_model
     from .split import split_new_run
 
     embedded: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     skipped: dict[str, str] = {}
+    detail = resolve_detail(config.detail_size, data.paths, config.img_size, config.trim)
     for name in available_backbones():
-        spec = get_spec(name)
         t0 = time.perf_counter()
-        info = ModelInfo(
-            name, config.img_size, spec.mean, spec.std, tuple(data.classes), trim=config.trim
-        )
+        info = new_model_info(config, data, name, detail)
         try:
             model, source = build_model(info, True, None, allow_download=False)
         except (WeightsError, UsageError) as exc:  # no weights here, or not at this size

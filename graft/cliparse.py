@@ -26,6 +26,7 @@ SCAN_OPTIONS = (
     "allow_download",
     "img_size",
     "trim",
+    "detail_size",
     "dup_threshold",
     "cache_dir",
 )
@@ -41,6 +42,7 @@ LR_FIND_OPTIONS = (
     "val_size",
     "seed",
     "trim",
+    "detail_size",
     "class_weights",
     "cache_dir",
     "batch_size",

@@ -154,7 +154,7 @@ def _stage_int8(
         has_familiarity = model.familiarity is not None
 
         def fp32_scores(ims: list[Any]) -> tuple[Any, Any]:
-            x = preprocess(ims, info.img_size, info.mean, info.std, info.trim)
+            x = preprocess(ims, info.img_size, info.mean, info.std, info.trim, info.detail_size)
             return split_output(reference.run(x), len(info.classes), has_familiarity)
 
         report = agreement(fp32_scores, exported.predict_scores_images, images, info)
@@ -208,7 +208,10 @@ def export_metadata(
             "trim_rule": "when trim: crop the background (top-left pixel's colour, tolerance 12) "
             "to a square around the object with an 8% margin, unless it fills 90% of the frame",
             "resize": "whole image to size x size, bilinear with antialiasing (Pillow), no crop",
+            "detail_rule": "when detail_size > 0: after the trim, an image whose longest side "
+            "is larger is downscaled to it (bilinear with antialiasing, aspect kept)",
             "trim": info.trim,
+            "detail_size": info.detail_size,
             "size": info.img_size,
             "scale": "pixel / 255",
             "mean": list(info.mean),

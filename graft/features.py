@@ -106,8 +106,12 @@ class FrozenFeatures:
         self.reporter = reporter or Reporter()
         self.device = device or choose_device()
         self.transforms = {
-            "clean": build_transform(info.img_size, info.mean, info.std, "none", info.trim),
-            "augmented": build_transform(info.img_size, info.mean, info.std, augment, info.trim),
+            "clean": build_transform(
+                info.img_size, info.mean, info.std, "none", info.trim, info.detail_size
+            ),
+            "augmented": build_transform(
+                info.img_size, info.mean, info.std, augment, info.trim, info.detail_size
+            ),
         }
         self.cache: FeatureCache = open_cache(
             cache_dir,
@@ -117,6 +121,7 @@ class FrozenFeatures:
             self.cut,
             model.n_blocks,
             info.trim,
+            info.detail_size,
             warn=self.reporter.warn,
         )
         self.runner = make_runner(
@@ -125,18 +130,15 @@ class FrozenFeatures:
 
     @classmethod
     def pretrained(
-        cls, config: Any, classes: Sequence[str], reporter: Reporter | None = None
+        cls, config: Any, data: ScanResult, reporter: Reporter | None = None
     ) -> FrozenFeatures:
         """Pooled features of ``config``'s pretrained backbone, preprocessed as a run with
-        ``config`` would (size, normalisation, trim): for the audit of ``graft scan`` and
-        the learning-rate finder."""
-        from .backbones import get_spec
-        from .model import ModelInfo, build_model
+        ``config`` on ``data`` would (size, normalisation, trim, detail size): for the audit
+        of ``graft scan`` and the learning-rate finder."""
+        from .detail import new_model_info
+        from .model import build_model
 
-        spec = get_spec(config.backbone)
-        info = ModelInfo(
-            config.backbone, config.img_size, spec.mean, spec.std, tuple(classes), trim=config.trim
-        )
+        info = new_model_info(config, data)
         model, source = build_model(info, config.pretrained, config.weights, config.allow_download)
         return cls(model, source, cache_dir=config.cache_dir, seed=config.seed, reporter=reporter)
 

@@ -34,6 +34,18 @@ class TrimBackground:
         return trim_background(im)
 
 
+class CapDetail:
+    """A transform: :func:`graft.runtime.cap_detail` (a class, so workers can pickle it)."""
+
+    def __init__(self, detail: int):
+        self.detail = detail
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        from .runtime import cap_detail
+
+        return cap_detail(im, self.detail)
+
+
 class ColourAtSmallerSize:
     """Colour changes (per pixel) and geometric ones (crop, flip, rotation) in whichever
     order puts the colour changes on fewer pixels: first on a source smaller than the
@@ -84,18 +96,21 @@ def build_transform(
     std: Sequence[float],
     augment: str = "none",
     trim: bool = False,
+    detail: int = 0,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The preprocessing for one image; ``augment`` is only ever used for training images.
 
     Evaluation resizes the whole image to ``img_size`` x ``img_size`` (as the seed did), so
     nothing at the edges is cropped away. ``trim`` first crops a uniform background to a
-    square around the object, for training and prediction alike.
+    square around the object, and ``detail`` then brings a larger picture down to that many
+    pixels (graft.runtime.cap_detail), for training and prediction alike.
     """
     from torchvision import transforms as T
 
-    if trim:
+    if trim or detail > 0:
         inner = build_transform(img_size, mean, std, augment)
-        return T.Compose([TrimBackground(), inner])
+        first = [TrimBackground()] if trim else []
+        return T.Compose([*first, *([CapDetail(detail)] if detail > 0 else []), inner])
     size = (img_size, img_size)
     finish = [ToNormalizedTensor(mean, std)]
     if augment == "none":

@@ -41,7 +41,7 @@ def lr_find(
 
     reporter = reporter or Reporter()
     data = scan(root, progress=reporter.iter)
-    features = FrozenFeatures.pretrained(config, data.classes, reporter)
+    features = FrozenFeatures.pretrained(config, data, reporter)
     with torch.no_grad():
         pooled = features.views(data, range(len(data.paths)))
     # The split `graft train` would make with this config (its audit's near-copy groups, the

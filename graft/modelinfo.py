@@ -41,6 +41,10 @@ class ModelInfo:
     unknown_threshold: float = 0.0
     #: crop a uniform background around the object before resizing (graft.runtime)
     trim: bool = False
+    #: after the trim, larger pictures are first downscaled to this many pixels (their
+    #: longest side): the training images' typical size when they are smaller than the
+    #: input (graft.detail); 0 = never
+    detail_size: int = 0
     #: neighbours of the familiarity score (graft.familiarity); 0 = the model has none
     familiarity_k: int = 0
     #: below this familiarity an image is answered "unknown" (-1: never)
@@ -167,6 +171,7 @@ _FIELDS: dict[str, tuple[bool, Any, Callable[[Any], str]]] = {
     "temperature": (False, 1.0, _in_range(1e-3, 1e3, "a number between 0.001 and 1000")),
     "unknown_threshold": (False, 0.0, _in_range(0.0, 1.0, "a number in [0, 1]")),
     "trim": (False, False, _check_bool),
+    "detail_size": (False, 0, _in_range(0, 1024, "a whole number of pixels in 0..1024", True)),
     "familiarity_k": (False, 0, _in_range(0, 1000, "a whole number in 0..1000", True)),
     "familiarity_threshold": (False, -1.0, _in_range(-1.0, 1.0, "a number in [-1, 1]")),
 }

@@ -114,7 +114,12 @@ class Predictor(ScorePredictor):
         self.familiarity_threshold = self.info.familiarity_threshold if unknown else -1.0
         self.has_familiarity = model.familiarity is not None
         self.transform = build_transform(
-            self.info.img_size, self.info.mean, self.info.std, "none", self.info.trim
+            self.info.img_size,
+            self.info.mean,
+            self.info.std,
+            "none",
+            self.info.trim,
+            self.info.detail_size,
         )
         self.notes: list[str] = []
         graph = Probabilities(self.model)

@@ -48,6 +48,7 @@ CONFIG_KEYS = (
     "fine_tune_batch_size",
     "unfreeze",
     "trim",
+    "detail_size",
     "augment",
     "views",
     "fine_tune_head_lr",
@@ -104,6 +105,14 @@ def _figures(run: Path) -> dict[str, str | None]:
     return {name: _png(run / f"{name}.png") for name in FIGURES}
 
 
+def _with_measured(config: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with what ``auto`` came to where the summary says (the detail size)."""
+    measured = summary.get("detail_size")
+    if config.get("detail_size") == "auto" and isinstance(measured, int):
+        config = {**config, "detail_size": f"auto: {measured} px" if measured else "auto: none"}
+    return config
+
+
 def _report_context(run: Path) -> dict[str, Any]:
     """The values ``report.html.j2`` shows, read from the run folder."""
     rundir = RunDir(run)
@@ -116,6 +125,7 @@ def _report_context(run: Path) -> dict[str, Any]:
     bad += [k for k in ("backbone", "data_root") if not isinstance(config.get(k), str)]
     if bad:
         raise _damaged(rundir.config, f"{', '.join(bad)} missing or of the wrong type")
+    config = _with_measured(config, summary)
     return {
         "title": f"graft run: {run.name}",
         "summary": summary,

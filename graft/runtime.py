@@ -140,15 +140,33 @@ def trim_background(im: Image.Image, tolerance: int = 12, margin: float = 0.08) 
     return out
 
 
+def cap_detail(im: Image.Image, detail: int) -> Image.Image:
+    """Downscale ``im`` so that its longest side is at most ``detail`` pixels (bilinear,
+    antialiased, aspect kept); ``detail`` 0 or a smaller image: unchanged.
+
+    A model trained on small pictures (sprites, icons, thumbnails: ``detail`` is their
+    median size, graft.detail) has never seen more detail than they hold; a large picture
+    from elsewhere brought down to the same size looks like them again (measured in
+    BENCHMARKS.md, "Detail size")."""
+    side = max(im.size)
+    if detail <= 0 or side <= detail:
+        return im
+    ratio = detail / side
+    size = (max(1, round(im.width * ratio)), max(1, round(im.height * ratio)))
+    return im.resize(size, Image.Resampling.BILINEAR)
+
+
 def preprocess(
     images: Sequence[Image.Image],
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
     trim: bool = False,
+    detail: int = 0,
 ) -> np.ndarray:
     """RGB images -> a float32 NCHW batch: with ``trim``, uniform borders cropped first
-    (:func:`trim_background`); the whole image resized to ``size`` x ``size`` (bilinear with
+    (:func:`trim_background`); with ``detail``, brought down to at most that many pixels
+    (:func:`cap_detail`); the whole image resized to ``size`` x ``size`` (bilinear with
     antialiasing, as torchvision's ``Resize`` does on a PIL image), scaled to [0, 1], then
     normalised per channel."""
     m = np.asarray(mean, dtype=np.float32)
@@ -157,6 +175,7 @@ def preprocess(
     for i, im in enumerate(images):
         if trim:
             im = trim_background(im)
+        im = cap_detail(im, detail)
         resized = im.resize((size, size), Image.Resampling.BILINEAR)
         batch[i] = normalised_chw(resized, m, s)
     return batch
@@ -269,6 +288,7 @@ class ExportedModel:
             self.img_size: int = int(pre["size"])
             self.mean, self.std = [float(v) for v in pre["mean"]], [float(v) for v in pre["std"]]
             self.trim = bool(pre.get("trim", False))
+            self.detail = int(pre.get("detail_size", 0))
             self.classes: list[str] = [str(c) for c in self.meta["classes"]]
             self.unknown_threshold: float = float(self.meta.get("unknown_threshold", 0.0))
             familiarity = self.meta.get("familiarity")
@@ -360,7 +380,7 @@ class ExportedModel:
         if not images:
             empty = np.zeros(0, dtype=np.float32) if self.has_familiarity else None
             return np.zeros((0, len(self.classes)), dtype=np.float32), empty
-        x = preprocess(images, self.img_size, self.mean, self.std, self.trim)
+        x = preprocess(images, self.img_size, self.mean, self.std, self.trim, self.detail)
         return split_output(self._run(x), len(self.classes), self.has_familiarity)
 
     def predict_proba_images(self, images: Sequence[Image.Image]) -> np.ndarray:

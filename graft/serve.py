@@ -117,6 +117,7 @@ class ServedModel:
                 exported.mean,
                 exported.std,
                 exported.trim,
+                exported.detail,
             )[0]
             # what ExportedModel.predict_proba_images does after its own preprocess
             self.infer = lambda xs: np.asarray(exported._run(np.stack(xs)), dtype=np.float32)

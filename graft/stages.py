@@ -234,8 +234,12 @@ def fine_tune_inputs(
         )
         return batches, validate, watch
     info = model.info
-    train_tf = build_transform(info.img_size, info.mean, info.std, config.augment, info.trim)
-    eval_tf = build_transform(info.img_size, info.mean, info.std, "none", info.trim)
+    train_tf = build_transform(
+        info.img_size, info.mean, info.std, config.augment, info.trim, info.detail_size
+    )
+    eval_tf = build_transform(
+        info.img_size, info.mean, info.std, "none", info.trim, info.detail_size
+    )
     files = ImageFiles(features.paths["train"], labels["train"].tolist(), train_tf, config.img_size)
     batches_i = ImageBatches(
         files, config.fine_tune_batch_size, config.seed, run.workers,

@@ -38,7 +38,7 @@ from .features import FrozenFeatures, pool_cached
 from .finish import calibrate, describe_kept, export_for_predict, finish, report_result
 from .loading import default_workers
 from .loop import class_weights_for
-from .model import GraftModel, ModelInfo, build_model
+from .model import GraftModel, build_model
 from .plan import Features, Plan, Run, make_plan
 from .progress import Reporter
 from .rundir import CONFIG, SPLIT, EpochRecord, RunDir, Summary
@@ -162,6 +162,7 @@ def _fit(run: Run, data_root: str | Path | None, force: bool) -> TrainResult:
             onnx_path,
         )
     summary["backbone_choice"] = choice.to_dict() if choice is not None else None
+    summary["detail_size"] = model.info.detail_size  # what --detail-size auto came to
     summary["wise"] = run.wise
     with run.phase("report"):
         from .report import write_report
@@ -253,20 +254,16 @@ def _check_trainable(data: ScanResult) -> None:
 
 def build(run: Run, data: ScanResult) -> tuple[GraftModel, str, Device]:
     """The pretrained backbone with a new head, on the chosen device."""
-    from .backbones import get_spec
+    from .detail import new_model_info
 
     config = run.config
-    spec = get_spec(config.backbone)
-    info = ModelInfo(
-        config.backbone,
-        config.img_size,
-        spec.mean,
-        spec.std,
-        tuple(data.classes),
-        config.head,
-        config.dropout,
-        trim=config.trim,
-    )
+    info = new_model_info(config, data)
+    if info.detail_size:
+        run.reporter.info(
+            f"Detail size: pictures larger than {info.detail_size} px (the training images' "
+            "median size) are brought down to it before the network sees them, in training "
+            "and prediction alike (--detail-size off to keep every picture's detail)."
+        )
     model, weights_source = build_model(
         info, config.pretrained, config.weights, config.allow_download
     )

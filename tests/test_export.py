@@ -177,6 +177,40 @@ def test_trimmed_preprocessing_travels_with_the_model(
     assert trim_background(photo) is photo
 
 
+def test_the_detail_size_travels_with_the_model(
+    trained_run: Path, probe_images: list[Path], tmp_path: Path
+) -> None:
+    """Saved in the model and the export; PyTorch's transform, graft's fast predict and the
+    exported runtime bring a large picture down alike, and it changes what the model sees."""
+    import shutil
+    from dataclasses import replace
+
+    from graft.model import load_model
+    from graft.modelinfo import read_metadata
+    from graft.runtime import ExportedModel
+
+    measured = load_model(trained_run).info.detail_size
+    assert 0 < measured < 64  # the test shapes, trimmed, are smaller than the 64 px input
+    run = tmp_path / "detail"
+    shutil.copytree(trained_run, run)
+    (run / "model.onnx").unlink(missing_ok=True)
+    model = load_model(run)
+    model.info = replace(model.info, detail_size=16)
+    model.save(run / "model.safetensors")
+    assert json.loads(read_metadata(run / "model.safetensors")["detail_size"]) == 16
+
+    out = export_run(run, "onnx", tmp_path / "export")
+    assert json.loads((out / "graft.json").read_text())["preprocessing"]["detail_size"] == 16
+    exported = ExportedModel(out).predict_proba(probe_images)
+    fast, failed = Predictor.from_run(run).predict_proba(probe_images)
+    torch_path, _ = Predictor.from_run(run, backend="torch").predict_proba(probe_images)
+    assert not failed
+    assert np.abs(exported - fast).max() <= EXPORT_ATOL["onnx"]
+    assert np.abs(torch_path - fast).max() <= 1e-4
+    before, _ = Predictor.from_run(trained_run).predict_proba(probe_images)
+    assert np.abs(before - fast).max() > 1e-3
+
+
 def test_force_replaces_only_the_files_graft_wrote(trained_run: Path, tmp_path: Path) -> None:
     out = export_run(trained_run, "onnx", tmp_path / "exp")
     meta = json.loads((out / "graft.json").read_text())
