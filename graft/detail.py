@@ -34,14 +34,17 @@ DETAIL_SAMPLE = 200
 
 def measure_detail(paths: Sequence[Path], img_size: int, trim: bool) -> int:
     """The median longest side, in pixels (after the trim, when ``trim``), of up to
-    :data:`DETAIL_SAMPLE` of ``paths``; 0 when that is not under ``img_size`` (pictures at
-    least as large as the input: nothing to bring down). Unreadable files are passed over
-    (the scan reports them)."""
+    :data:`DETAIL_SAMPLE` of ``paths`` (evenly spaced in sorted order); 0 when that is not
+    under ``img_size`` (pictures at least as large as the input: nothing to bring down).
+    Unreadable files are passed over (the scan reports them)."""
     if not paths:
         return 0
-    step = max(1, len(paths) // DETAIL_SAMPLE)
+    # sorted: the same files give the same sample in any order (a resumed run's files come
+    # from its split.csv, and must measure what the first run measured)
+    ordered = sorted(paths)
+    step = max(1, len(ordered) // DETAIL_SAMPLE)
     sides: list[int] = []
-    for path in list(paths)[::step][:DETAIL_SAMPLE]:
+    for path in ordered[::step][:DETAIL_SAMPLE]:
         try:
             with Image.open(path) as header:
                 side = max(header.size)

@@ -36,6 +36,7 @@ def test_the_median_size_after_the_trim_and_none_for_large_pictures(tmp_path: Pa
     paths = sorted(small.iterdir())
     # trimmed: the object plus an 8% margin on each side; the canvas without the trim
     assert measure_detail(paths, 128, trim=True) == round(40 * 1.16)
+    assert measure_detail(paths[::-1], 128, trim=True) == round(40 * 1.16)  # any order
     assert measure_detail(paths, 128, trim=False) == 100
     assert measure_detail(paths, 64, trim=False) == 0  # not under the input size
     large = tmp_path / "large"

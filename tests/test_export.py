@@ -115,6 +115,7 @@ def test_model_card_states_data_metrics_and_limits(trained_run: Path, tmp_path: 
         "| circle |",
         "efficientnet_lite0",
         "graft_runtime.py",
+        f"brought down to {summary['detail_size']} px",  # the preprocessing, all of it
     ):
         assert needed in card, needed
 
