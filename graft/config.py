@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -350,8 +351,9 @@ class TrainConfig:
         def bad(option: str, value: Any, allowed: str) -> UsageError:
             return UsageError(f"--{option.replace('_', '-')} {value!r} is not valid: {allowed}.")
 
-        if isinstance(self.detail_size, int) and not isinstance(self.detail_size, bool):
-            self.detail_size = str(self.detail_size)  # detail_size=64 from the library
+        if isinstance(self.detail_size, numbers.Real) and not isinstance(self.detail_size, bool):
+            # detail_size=64 (or numpy's 64) from the library; 64.0 then fails the check below
+            self.detail_size = str(self.detail_size)
         if isinstance(self.unfreeze, int) and not isinstance(self.unfreeze, bool):
             self.unfreeze = str(self.unfreeze)  # unfreeze=2 from the library means "2"
         if isinstance(self.wise, int | float) and not isinstance(self.wise, bool):
@@ -423,6 +425,13 @@ class TrainConfig:
         if not _detail_ok(self.detail_size):
             raise bad(
                 "detail_size", self.detail_size, "use auto, off or a whole number of pixels 8..1024"
+            )
+        if self.detail_size.isdigit() and int(self.detail_size) >= self.img_size:
+            raise bad(
+                "detail_size",
+                self.detail_size,
+                f"use a size under --img-size {self.img_size} (pictures are resized to that "
+                "anyway), auto or off",
             )
         if self.weight_decay is None:  # the optimizer's own default, recorded as a number
             self.weight_decay = 0.01 if self.optimizer == "adamw" else 0.0
@@ -545,4 +554,5 @@ def _detail_ok(value: object) -> bool:
     if value in ("auto", "off"):
         return True
     text = str(value)
-    return text.isdigit() and 8 <= int(text) <= 1024
+    # isascii: str.isdigit() also takes "²" and other scripts' digits, which int() refuses
+    return text.isascii() and text.isdigit() and 8 <= int(text) <= 1024

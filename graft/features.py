@@ -139,6 +139,11 @@ class FrozenFeatures:
         from .model import build_model
 
         info = new_model_info(config, data)
+        if info.detail_size and reporter is not None:
+            reporter.info(
+                f"Detail size: pictures larger than {info.detail_size} px (the images' median "
+                "size) are brought down to it first, as training will (--detail-size)."
+            )
         model, source = build_model(info, config.pretrained, config.weights, config.allow_download)
         return cls(model, source, cache_dir=config.cache_dir, seed=config.seed, reporter=reporter)
 

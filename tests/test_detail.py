@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -57,9 +58,15 @@ def test_the_option_auto_off_or_pixels(tmp_path: Path) -> None:
     assert resolve_detail("64", paths, 128, trim=False) == 64
     assert resolve_detail("200", paths, 128, trim=False) == 0  # would change nothing
     assert TrainConfig(detail_size=64).detail_size == "64"  # a number from the library
-    for bad in ("big", "4", "-3", "2000", True):
-        with pytest.raises(UsageError, match="detail-size"):
+    assert TrainConfig(detail_size=np.int64(64)).detail_size == "64"
+    # "²" and "٣٢" are digits to str.isdigit() but not numbers to int()
+    for bad in ("big", "4", "-3", "2000", 64.0, "²", "٣٢"):
+        with pytest.raises(UsageError, match=r"detail-size .* use auto, off or a whole number"):
             TrainConfig(detail_size=bad)
+    with pytest.raises(UsageError, match="detail-size True is not valid: use text"):
+        TrainConfig(detail_size=True)
+    with pytest.raises(UsageError, match="under --img-size 64"):  # nothing to bring down
+        TrainConfig(detail_size="100", img_size=64)
 
 
 def test_the_run_says_what_auto_came_to(trained_run: Path) -> None:
