@@ -422,17 +422,7 @@ class TrainConfig:
             raise bad("min_delta", self.min_delta, "use 0 (any drop counts) or a small loss")
         if self.l2sp < 0:
             raise bad("l2sp", self.l2sp, "use 0 (off) or a positive strength such as 0.01")
-        if not _detail_ok(self.detail_size):
-            raise bad(
-                "detail_size", self.detail_size, "use auto, off or a whole number of pixels 8..1024"
-            )
-        if self.detail_size.isdigit() and int(self.detail_size) >= self.img_size:
-            raise bad(
-                "detail_size",
-                self.detail_size,
-                f"use a size under --img-size {self.img_size} (pictures are resized to that "
-                "anyway), auto or off",
-            )
+        self._check_detail(bad)
         if self.weight_decay is None:  # the optimizer's own default, recorded as a number
             self.weight_decay = 0.01 if self.optimizer == "adamw" else 0.0
         if self.weight_decay < 0:
@@ -448,6 +438,19 @@ class TrainConfig:
         from .tracking import parse_track
 
         parse_track(self.track)
+
+    def _check_detail(self, bad: Any) -> None:
+        if not _detail_ok(self.detail_size):
+            raise bad(
+                "detail_size", self.detail_size, "use auto, off or a whole number of pixels 8..1024"
+            )
+        if self.detail_size.isdigit() and int(self.detail_size) >= self.img_size:
+            raise bad(
+                "detail_size",
+                self.detail_size,
+                f"use a size under --img-size {self.img_size} (pictures are resized to that "
+                "anyway), auto or off",
+            )
 
     def _check_solver_schedule_wise(self, bad: Any) -> None:
         """--head-solver, --schedule, --warmup and --wise, and how they combine."""
