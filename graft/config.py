@@ -167,7 +167,7 @@ class TrainConfig:
         "training images' median size when it is under --img-size (sprites, icons, "
         "thumbnails; photos are left alone), 'off', or a number of pixels. A model trained "
         "on small pictures has never seen more detail than they hold (sprites -> artwork "
-        "took 58% to 70% with it, BENCHMARKS.md 'Detail size')",
+        "took 63% to 79% with it, BENCHMARKS.md 'Detail size')",
         "data",
         metavar="auto|off|N",
     )

@@ -42,9 +42,14 @@ def test_the_median_size_after_the_trim_and_none_for_large_pictures(tmp_path: Pa
     assert measure_detail(paths, 64, trim=False) == 0  # not under the input size
     large = tmp_path / "large"
     large.mkdir()
-    for i in range(3):  # judged by the header alone: at least twice the input size
+    for i in range(3):  # judged by the header alone: at least four times the input size
         Image.new("RGB", (900, 600), (i, i, i)).save(large / f"{i}.jpg")
     assert measure_detail(sorted(large.iterdir()), 128, trim=True) == 0
+    canvas = tmp_path / "canvas"  # small sprites on large canvases: measured after the trim
+    canvas.mkdir()
+    for i in range(3):
+        _sprite(canvas / f"{i}.png", 400, 40)
+    assert measure_detail(sorted(canvas.iterdir()), 128, trim=True) == round(40 * 1.16)
     (small / "broken.png").write_bytes(b"not an image")
     assert measure_detail(sorted(small.iterdir()), 128, trim=True) == round(40 * 1.16)
     assert measure_detail([], 128, trim=True) == 0
