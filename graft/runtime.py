@@ -303,13 +303,14 @@ class ExportedModel:
             if not (
                 self.classes
                 and 0 < self.img_size <= 4096
+                and 0 <= self.detail <= 4096
                 and len(self.mean) == len(self.std) == 3
                 and all(np.isfinite(self.mean))
                 and all(np.isfinite(s) and s > 0 for s in self.std)
                 and 0.0 <= self.unknown_threshold <= 1.0
                 and -1.0 <= self.familiarity_threshold <= 1.0
             ):
-                raise ValueError("classes, size, mean, std or a threshold out of range")
+                raise ValueError("classes, sizes, mean, std or a threshold out of range")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ExportError(f"{meta_path} is damaged ({exc!r}): {again}.") from exc
         if not model_path.is_file():

@@ -188,7 +188,7 @@ def test_the_detail_size_travels_with_the_model(
 
     from graft.model import load_model
     from graft.modelinfo import read_metadata
-    from graft.runtime import ExportedModel
+    from graft.runtime import ExportedModel, ExportError
 
     measured = load_model(trained_run).info.detail_size
     assert 0 < measured < 64  # the test shapes, trimmed, are smaller than the 64 px input
@@ -210,6 +210,11 @@ def test_the_detail_size_travels_with_the_model(
     assert np.abs(torch_path - fast).max() <= 1e-4
     before, _ = Predictor.from_run(trained_run).predict_proba(probe_images)
     assert np.abs(before - fast).max() > 1e-3
+    meta = json.loads((out / "graft.json").read_text())
+    meta["preprocessing"]["detail_size"] = -5  # an edited export is refused, not guessed
+    (out / "graft.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match=r"damaged.*sizes"):
+        ExportedModel(out)
 
 
 def test_force_replaces_only_the_files_graft_wrote(trained_run: Path, tmp_path: Path) -> None:
