@@ -73,7 +73,7 @@ def main() -> int:
 
     def batch(paths: list[str]) -> np.ndarray:
         images = [load_image(root / p, size) for p in paths]
-        return preprocess(images, size, info.mean, info.std, trim=info.trim)
+        return preprocess(images, info.preprocessing._replace(size=size))
 
     train = [r["path"] for r in rows if r["subset"] == "train"]
     random.Random(0).shuffle(train)

@@ -24,7 +24,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_robust import C_GRID, score  # noqa: E402
+from bench_robust import fit_lr, score  # noqa: E402
 from robust_data import BUILDERS  # noqa: E402
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -59,20 +59,9 @@ def features(name: str, paths: list, detail: int) -> tuple:
 
 
 def evaluate(x, y, part, xo, yo) -> dict:
-    """bench_robust's logistic regression: C on val, refit on train + val."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    def model(c: float):
-        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
-
-    tr, va, te = part == "train", part == "val", part == "test"
-    val_acc = {
-        c: float((model(c).fit(x[tr], y[tr]).predict(x[va]) == y[va]).mean()) for c in C_GRID
-    }
-    best = max(C_GRID, key=lambda c: (val_acc[c], -c))
-    clf = model(best).fit(x[tr | va], y[tr | va])
+    """bench_robust's logistic regression (fit_lr) on ``x``, scored on test and ``xo``."""
+    clf, best, _ = fit_lr(x, y, part)
+    te = part == "test"
     return {
         "in_domain": score(int((clf.predict(x[te]) == y[te]).sum()), int(te.sum())),
         "ood": score(int((clf.predict(xo) == yo).sum()), len(yo)),

@@ -75,7 +75,7 @@ def variants(run: Path, tmp: Path) -> dict[str, Any]:
 
     def scorer(run_batch: Callable[[np.ndarray], np.ndarray]) -> Callable:
         def score(ims: list) -> tuple:
-            x = preprocess(ims, info.img_size, info.mean, info.std, info.trim)
+            x = preprocess(ims, info.preprocessing)
             return split_output(run_batch(x), len(info.classes), model.familiarity is not None)
 
         return score

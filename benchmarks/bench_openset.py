@@ -87,7 +87,7 @@ def case_features(case: openset_data.Case) -> tuple[Sets, dict]:
     a new "others" folder costs only its own pass) under .cache/bench-openset/CASE."""
     import torch
 
-    from graft.data import build_transform
+    from graft.loading import transform_for
     from graft.model import load_model
 
     model_file = case.run / "model.safetensors"
@@ -103,7 +103,7 @@ def case_features(case: openset_data.Case) -> tuple[Sets, dict]:
     if len(sets) == len(wanted):
         return sets, meta
     t0 = time.perf_counter()
-    clean = build_transform(info.img_size, info.mean, info.std, "none", info.trim, info.detail_size)
+    clean = transform_for(info.preprocessing)
     classes = list(info.classes)
     if any(n not in sets for n in core):
         torch.manual_seed(0)  # the augmented views, in this order, are the seeded part
@@ -116,9 +116,7 @@ def case_features(case: openset_data.Case) -> tuple[Sets, dict]:
             sets[subset] = (f, z, np.array([classes.index(r["class"]) for r in chosen]))
         val_paths = [root / r["path"] for r in rows if r["subset"] == "val"]
         for aug in AUGS:
-            shift = build_transform(
-                info.img_size, info.mean, info.std, aug, info.trim, info.detail_size
-            )
+            shift = transform_for(info.preprocessing, aug)
             f, z = features_of(model, val_paths, shift, views=VIEWS)
             sets[f"{aug} val"] = (f, z, np.repeat(sets["val"][2], VIEWS))
         if case.unseen is not None:

@@ -54,6 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -101,15 +102,32 @@ def score(correct: int, n: int) -> dict:
 # --------------------------------------------------------------------------- methods
 
 
+def fit_lr(x: Any, y: Any, part: Any) -> tuple[Any, float, dict[float, float]]:
+    """The baseline every issue-16 target is measured against: StandardScaler + a logistic
+    regression, C chosen on the ``val`` rows from :data:`C_GRID` (ties: the stronger
+    regularisation), refit on ``train`` + ``val``. Returns (classifier, C, val accuracy
+    by C)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def model(c: float):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
+
+    tr, va = part == "train", part == "val"
+    val_acc = {
+        c: float((model(c).fit(x[tr], y[tr]).predict(x[va]) == y[va]).mean()) for c in C_GRID
+    }
+    best = max(C_GRID, key=lambda c: (val_acc[c], -c))
+    return model(best).fit(x[tr | va], y[tr | va]), best, val_acc
+
+
 def run_lr(bset: BenchSet, detail: bool = False) -> dict:
     """Frozen EfficientNet-Lite0 features + logistic regression (C on val, refit); with
     ``detail``, every picture is first brought down to the training images' median size as
     graft's ``--detail-size auto`` does (graft.detail)."""
     import numpy as np
     import torch
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     from graft.backbones import get_spec
     from graft.data import ImageFiles, build_transform, make_loader, scan
@@ -134,16 +152,8 @@ def run_lr(bset: BenchSet, detail: bool = False) -> dict:
 
     x, y = feats(data.paths, data.labels), np.asarray(data.labels)
     part = np.asarray(data.given)
-    tr, va, te = part == "train", part == "val", part == "test"
-
-    def model(c: float):
-        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
-
-    val_acc = {
-        c: float((model(c).fit(x[tr], y[tr]).predict(x[va]) == y[va]).mean()) for c in C_GRID
-    }
-    best = max(C_GRID, key=lambda c: (val_acc[c], -c))  # ties: the stronger regularisation
-    clf = model(best).fit(x[tr | va], y[tr | va])
+    clf, best, val_acc = fit_lr(x, y, part)
+    te = part == "test"
     result = {"in_domain": score(int((clf.predict(x[te]) == y[te]).sum()), int(te.sum()))}
     if bset.ood is not None:
         ood = scan(bset.ood, classes=data.classes)

@@ -28,8 +28,8 @@ def main() -> None:
     import torch
 
     from graft.cache import item_seed
-    from graft.data import build_transform
     from graft.familiarity import SHIFT_VIEWS, THRESHOLD_SLACK
+    from graft.loading import transform_for
     from graft.model import load_model
     from graft.predict import Predictor
     from graft.runtime import load_image
@@ -59,9 +59,7 @@ def main() -> None:
     val = [root / r["path"] for r in rows if r["subset"] == "val"]
     test = [root / r["path"] for r in rows if r["subset"] == "test"]
     val_fam, test_fam = predictor.predict_scores(val)[1], predictor.predict_scores(test)[1]
-    strong = build_transform(
-        info.img_size, info.mean, info.std, "strong", info.trim, info.detail_size
-    )
+    strong = transform_for(info.preprocessing, "strong")
     shifted = []
     with torch.no_grad():
         for view in range(1, SHIFT_VIEWS + 1):

@@ -63,7 +63,7 @@ def choose_backbone(
     """Embed every image with each backbone whose weights are here (through the feature
     cache), split on the first one's duplicate audit, and keep the backbone whose linear
     probe scores best on validation."""
-    from .detail import new_model_info, resolve_detail
+    from .detail import new_model_info
     from .features import FrozenFeatures
     from .model import build_model
     from .split import split_new_run
@@ -71,10 +71,9 @@ def choose_backbone(
     embedded: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    detail = resolve_detail(config.detail_size, data.paths, config.img_size, config.trim)
     for name in available_backbones():
         t0 = time.perf_counter()
-        info = new_model_info(config, data, name, detail)
+        info = new_model_info(config, data, name)
         try:
             model, source = build_model(info, True, None, allow_download=False)
         except (WeightsError, UsageError) as exc:  # no weights here, or not at this size

@@ -14,6 +14,7 @@ is only used when it is under the input size).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,8 +45,26 @@ def measure_detail(paths: Sequence[Path], img_size: int, trim: bool) -> int:
     # from its split.csv, and must measure what the first run measured)
     ordered = sorted(paths)
     step = max(1, len(ordered) // DETAIL_SAMPLE)
+    sample = ordered[::step][:DETAIL_SAMPLE]
+    return _median_side(tuple((Path(p), _stamp(p)) for p in sample), img_size, trim)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return (-1, -1)
+    return (st.st_mtime_ns, st.st_size)
+
+
+# Remembered per file version (path, mtime, size): ``--backbone auto`` and the run it
+# chooses, or scan and the audit, measure the same folder in one process.
+@functools.lru_cache(maxsize=8)
+def _median_side(
+    sample: tuple[tuple[Path, tuple[int, int]], ...], img_size: int, trim: bool
+) -> int:
     sides: list[int] = []
-    for path in ordered[::step][:DETAIL_SAMPLE]:
+    for path, _ in sample:
         try:
             with Image.open(path) as header:
                 side = max(header.size)
@@ -76,19 +95,24 @@ def resolve_detail(option: str, paths: Sequence[Path], img_size: int, trim: bool
 
 
 def new_model_info(
-    config: Any, data: ScanResult, backbone: str | None = None, detail: int | None = None
+    config: Any, data: ScanResult, backbone: str | None = None, reporter: Any = None
 ) -> ModelInfo:
     """The description of a new model of ``config`` (or of ``backbone``) for ``data``'s
     classes: the backbone's normalisation, the trim, and the detail size measured on
-    ``data`` (or ``detail``, already measured), so that training, the audit, the
-    learning-rate finder and ``--backbone auto`` see the same pixels and share the cache."""
+    ``data``, so that training, the audit, the learning-rate finder and ``--backbone auto``
+    see the same pixels and share the cache. With a ``reporter``, says the detail size."""
     from .backbones import get_spec
     from .modelinfo import ModelInfo
 
     name = backbone or config.backbone
     spec = get_spec(name)
-    if detail is None:
-        detail = resolve_detail(config.detail_size, data.paths, config.img_size, config.trim)
+    detail = resolve_detail(config.detail_size, data.paths, config.img_size, config.trim)
+    if detail and reporter is not None:
+        reporter.info(
+            f"Detail size: pictures larger than {detail} px (the images' median size) are "
+            "brought down to it before the network sees them, in training and prediction "
+            "alike (--detail-size off keeps every picture's detail)."
+        )
     return ModelInfo(
         name,
         config.img_size,

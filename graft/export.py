@@ -154,7 +154,7 @@ def _stage_int8(
         has_familiarity = model.familiarity is not None
 
         def fp32_scores(ims: list[Any]) -> tuple[Any, Any]:
-            x = preprocess(ims, info.img_size, info.mean, info.std, info.trim, info.detail_size)
+            x = preprocess(ims, info.preprocessing)
             return split_output(reference.run(x), len(info.classes), has_familiarity)
 
         report = agreement(fp32_scores, exported.predict_scores_images, images, info)

@@ -98,9 +98,7 @@ class ExportPredictor(ScorePredictor):
         """One image (a path or its bytes) -> the network's input ``[3, size, size]``."""
         info = self.info
         image = load_image(source, info.img_size)
-        return preprocess([image], info.img_size, info.mean, info.std, info.trim, info.detail_size)[
-            0
-        ]
+        return preprocess([image], info.preprocessing)[0]
 
     def _decode(self, path: str | Path) -> np.ndarray | str:
         try:

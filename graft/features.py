@@ -26,7 +26,7 @@ from .data import ScanResult
 from .device import Device, choose_device
 from .engines import Runner, make_runner
 from .errors import DataError
-from .loading import ImageFiles, ImageViews, build_transform, make_loader
+from .loading import ImageFiles, ImageViews, make_loader, transform_for
 from .model import GraftModel
 from .predictions import ScorePredictor
 from .progress import Reporter
@@ -106,12 +106,8 @@ class FrozenFeatures:
         self.reporter = reporter or Reporter()
         self.device = device or choose_device()
         self.transforms = {
-            "clean": build_transform(
-                info.img_size, info.mean, info.std, "none", info.trim, info.detail_size
-            ),
-            "augmented": build_transform(
-                info.img_size, info.mean, info.std, augment, info.trim, info.detail_size
-            ),
+            "clean": transform_for(info.preprocessing),
+            "augmented": transform_for(info.preprocessing, augment),
         }
         self.cache: FeatureCache = open_cache(
             cache_dir,
@@ -138,12 +134,7 @@ class FrozenFeatures:
         from .detail import new_model_info
         from .model import build_model
 
-        info = new_model_info(config, data)
-        if info.detail_size and reporter is not None:
-            reporter.info(
-                f"Detail size: pictures larger than {info.detail_size} px (the images' median "
-                "size) are brought down to it first, as training will (--detail-size)."
-            )
+        info = new_model_info(config, data, reporter=reporter)
         model, source = build_model(info, config.pretrained, config.weights, config.allow_download)
         return cls(model, source, cache_dir=config.cache_dir, seed=config.seed, reporter=reporter)
 

@@ -18,7 +18,7 @@ from .data import ScanResult
 from .device import Device
 from .familiarity import FamiliarityFit
 from .features import logits_cached
-from .loading import ImageFiles, build_transform
+from .loading import ImageFiles, transform_for
 from .model import GraftModel
 from .plan import Features, Plan, Run
 from .rundir import EpochRecord, Summary
@@ -56,9 +56,7 @@ def calibrate(
     stale_cache = _cache_is_stale(config, plan)
     if stale_cache:
         info = model.info
-        eval_tf = build_transform(
-            info.img_size, info.mean, info.std, "none", info.trim, info.detail_size
-        )
+        eval_tf = transform_for(info.preprocessing)
         val_logits = _logits_from_images(model, features.paths["val"], eval_tf, device, run.workers)
     else:
         val_logits = logits_cached(model, features.val, plan.extract_at, device)
@@ -116,7 +114,7 @@ def _fit_familiarity(
             f"{config.unknown_keep:.0%} of the reference images answered, so most images of "
             "the classes will be 'unknown' too (0.95 is the default; 0 turns the score off)."
         )
-    clean = build_transform(info.img_size, info.mean, info.std, "none", info.trim, info.detail_size)
+    clean = transform_for(info.preprocessing)
     train_y = features.labels["train"].tolist()
     rows = balanced_sample(train_y, BANK_CAP, config.seed)
 
@@ -166,9 +164,7 @@ def _shifted_features(
     info, seed = model.info, run.config.seed
     chosen = balanced_sample(features.labels["val"].tolist(), SHIFT_MAX_IMAGES, seed)
     paths = [features.paths["val"][i] for i in chosen]
-    shift = build_transform(
-        info.img_size, info.mean, info.std, SHIFT_AUGMENT, info.trim, info.detail_size
-    )
+    shift = transform_for(info.preprocessing, SHIFT_AUGMENT)
     frozen = features.frozen
     if frozen is not None and not _cache_is_stale(run.config, plan):
         # The frozen blocks are those of the cache: its fast runner makes every view of an

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .files import describe_decode_error
-from .runtime import load_image, normalised_chw
+from .runtime import Preprocessing, load_image, normalised_chw
 
 # --------------------------------------------------------------------------- transforms
 
@@ -88,6 +88,15 @@ class ToNormalizedTensor:
         from torchvision.transforms.functional import normalize, to_tensor
 
         return normalize(to_tensor(im), self.mean.tolist(), self.std.tolist())
+
+
+def transform_for(
+    pre: Preprocessing, augment: str = "none"
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The torchvision transform for one image of a model whose inputs ``pre`` describes
+    (``ModelInfo.preprocessing``): the same steps as graft.runtime.preprocess, plus the
+    augmentation for training images."""
+    return build_transform(pre.size, pre.mean, pre.std, augment, pre.trim, pre.detail)
 
 
 def build_transform(

@@ -15,10 +15,13 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import RunFolderError, WeightsError
 from .files import file_sha256
+
+if TYPE_CHECKING:
+    from .runtime import Preprocessing
 
 FORMAT_VERSION = "1"
 
@@ -49,6 +52,14 @@ class ModelInfo:
     familiarity_k: int = 0
     #: below this familiarity an image is answered "unknown" (-1: never)
     familiarity_threshold: float = -1.0
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How an image becomes this model's input (graft.runtime.preprocess,
+        graft.loading.transform_for)."""
+        from .runtime import Preprocessing
+
+        return Preprocessing(self.img_size, self.mean, self.std, self.trim, self.detail_size)
 
     def to_metadata(self) -> dict[str, str]:
         data = asdict(self)

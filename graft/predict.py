@@ -19,7 +19,7 @@ from PIL import Image
 
 from ._malloc import tune_malloc
 from .errors import WeightsError
-from .loading import ImageFiles, build_transform, make_loader
+from .loading import ImageFiles, make_loader, transform_for
 from .model import GraftModel, load_model
 from .modelinfo import fresh_onnx_path, stamp_onnx
 from .predictions import (  # re-exported: graft.predict is where users look for them
@@ -113,14 +113,7 @@ class Predictor(ScorePredictor):
         self.unknown_threshold = self.info.unknown_threshold if unknown else 0.0
         self.familiarity_threshold = self.info.familiarity_threshold if unknown else -1.0
         self.has_familiarity = model.familiarity is not None
-        self.transform = build_transform(
-            self.info.img_size,
-            self.info.mean,
-            self.info.std,
-            "none",
-            self.info.trim,
-            self.info.detail_size,
-        )
+        self.transform = transform_for(self.info.preprocessing)
         self.notes: list[str] = []
         graph = Probabilities(self.model)
         if backend == "torch":

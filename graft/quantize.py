@@ -184,7 +184,7 @@ def decoded(paths: Sequence[Path], info: ModelInfo, size: int = BATCH) -> Iterat
 def batches(paths: Sequence[Path], info: ModelInfo, size: int = BATCH) -> Iterator[np.ndarray]:
     """Preprocessed inputs, ``size`` images at a time, exactly as graft predicts them."""
     for images in decoded(paths, info, size):
-        yield preprocess(images, info.img_size, info.mean, info.std, info.trim, info.detail_size)
+        yield preprocess(images, info.preprocessing)
 
 
 # --------------------------------------------------------------------------- quantization

@@ -28,7 +28,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageChops, ImageOps
@@ -156,26 +156,36 @@ def cap_detail(im: Image.Image, detail: int) -> Image.Image:
     return im.resize(size, Image.Resampling.BILINEAR)
 
 
-def preprocess(
-    images: Sequence[Image.Image],
-    size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    trim: bool = False,
-    detail: int = 0,
-) -> np.ndarray:
-    """RGB images -> a float32 NCHW batch: with ``trim``, uniform borders cropped first
-    (:func:`trim_background`); with ``detail``, brought down to at most that many pixels
-    (:func:`cap_detail`); the whole image resized to ``size`` x ``size`` (bilinear with
-    antialiasing, as torchvision's ``Resize`` does on a PIL image), scaled to [0, 1], then
-    normalised per channel."""
-    m = np.asarray(mean, dtype=np.float32)
-    s = np.asarray(std, dtype=np.float32)
+# A NamedTuple, not a dataclass: graft_runtime.py must also load when imported from a file
+# path without a sys.modules entry, where dataclass fails on string annotations.
+class Preprocessing(NamedTuple):
+    """How a picture becomes the network's input, everywhere it is made: training,
+    prediction, serving and the exported runtime (one description, so that no call site
+    can forget a step). ``size``: the square input; ``mean``/``std``: per channel, on
+    [0, 1] values; ``trim``: crop a uniform background first (:func:`trim_background`);
+    ``detail``: then bring a larger picture down to that many pixels (:func:`cap_detail`,
+    0 = never)."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    trim: bool = False
+    detail: int = 0
+
+
+def preprocess(images: Sequence[Image.Image], pre: Preprocessing) -> np.ndarray:
+    """RGB images -> a float32 NCHW batch as ``pre`` describes: trimmed, detail-capped,
+    the whole image resized to ``size`` x ``size`` (bilinear with antialiasing, as
+    torchvision's ``Resize`` does on a PIL image), scaled to [0, 1], then normalised per
+    channel."""
+    m = np.asarray(pre.mean, dtype=np.float32)
+    s = np.asarray(pre.std, dtype=np.float32)
+    size = pre.size
     batch = np.empty((len(images), 3, size, size), dtype=np.float32)
     for i, im in enumerate(images):
-        if trim:
+        if pre.trim:
             im = trim_background(im)
-        im = cap_detail(im, detail)
+        im = cap_detail(im, pre.detail)
         resized = im.resize((size, size), Image.Resampling.BILINEAR)
         batch[i] = normalised_chw(resized, m, s)
     return batch
@@ -313,6 +323,9 @@ class ExportedModel:
                 raise ValueError("classes, sizes, mean, std or a threshold out of range")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ExportError(f"{meta_path} is damaged ({exc!r}): {again}.") from exc
+        self.preprocessing = Preprocessing(
+            self.img_size, tuple(self.mean), tuple(self.std), self.trim, self.detail
+        )
         if not model_path.is_file():
             raise ExportError(f"{model_path} is missing: {again}.")
         try:
@@ -381,7 +394,7 @@ class ExportedModel:
         if not images:
             empty = np.zeros(0, dtype=np.float32) if self.has_familiarity else None
             return np.zeros((0, len(self.classes)), dtype=np.float32), empty
-        x = preprocess(images, self.img_size, self.mean, self.std, self.trim, self.detail)
+        x = preprocess(images, self.preprocessing)
         return split_output(self._run(x), len(self.classes), self.has_familiarity)
 
     def predict_proba_images(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -111,14 +111,7 @@ class ServedModel:
             # an INT8 export: its agreement with fp32 on the held-out split (graft.quantize)
             self.precision = str(exported.meta.get("precision", "fp32"))
             self.int8 = exported.meta.get("int8")
-            self.prepare = lambda raw: preprocess(
-                [exported.decode(raw)],
-                exported.img_size,
-                exported.mean,
-                exported.std,
-                exported.trim,
-                exported.detail,
-            )[0]
+            self.prepare = lambda raw: preprocess([exported.decode(raw)], exported.preprocessing)[0]
             # what ExportedModel.predict_proba_images does after its own preprocess
             self.infer = lambda xs: np.asarray(exported._run(np.stack(xs)), dtype=np.float32)
             self.folder = self.source

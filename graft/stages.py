@@ -17,7 +17,7 @@ from .checkpoint import Best, load_checkpoint, restore_checkpoint, save_checkpoi
 from .device import Device
 from .errors import DivergedError
 from .features import pool_cached
-from .loading import ImageFiles, build_transform
+from .loading import ImageFiles, transform_for
 from .loop import (
     NO_EVAL,
     CachedBatches,
@@ -234,12 +234,8 @@ def fine_tune_inputs(
         )
         return batches, validate, watch
     info = model.info
-    train_tf = build_transform(
-        info.img_size, info.mean, info.std, config.augment, info.trim, info.detail_size
-    )
-    eval_tf = build_transform(
-        info.img_size, info.mean, info.std, "none", info.trim, info.detail_size
-    )
+    train_tf = transform_for(info.preprocessing, config.augment)
+    eval_tf = transform_for(info.preprocessing)
     files = ImageFiles(features.paths["train"], labels["train"].tolist(), train_tf, config.img_size)
     batches_i = ImageBatches(
         files, config.fine_tune_batch_size, config.seed, run.workers,

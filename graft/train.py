@@ -257,13 +257,7 @@ def build(run: Run, data: ScanResult) -> tuple[GraftModel, str, Device]:
     from .detail import new_model_info
 
     config = run.config
-    info = new_model_info(config, data)
-    if info.detail_size:
-        run.reporter.info(
-            f"Detail size: pictures larger than {info.detail_size} px (the training images' "
-            "median size) are brought down to it before the network sees them, in training "
-            "and prediction alike (--detail-size off to keep every picture's detail)."
-        )
+    info = new_model_info(config, data, reporter=run.reporter)
     model, weights_source = build_model(
         info, config.pretrained, config.weights, config.allow_download
     )
