@@ -223,6 +223,14 @@ class TrainConfig:
         "stage 1: frozen backbone",
         choices=HEAD_SOLVERS,
     )
+    refit: bool = option(
+        True,
+        "when the model kept is the frozen-stage linear probe, solve it once more on the "
+        "training and validation images together at the L2 validation chose (as "
+        "scikit-learn's LogisticRegressionCV refits); the temperature and thresholds stay "
+        "those fitted on validation, the test split takes no part",
+        "stage 1: frozen backbone",
+    )
     schedule: str = option(
         "constant",
         "learning-rate schedule of each Adam stage, per step: constant, cosine (linear "

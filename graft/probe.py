@@ -50,13 +50,15 @@ def probe_path(
     max_iter: int = 100,
     max_rows: int = 32768,
     seed: int = 0,
+    start: ProbePoint | None = None,
 ) -> Iterator[ProbePoint]:
     """Solve the multinomial logistic regression on ``views[K, N, D]`` (every view is a
     training row with its image's label) for each L2 strength in ``path``, strong to weak.
 
-    Deterministic: full-batch L-BFGS from zeros, warm-started along the path. At most
-    ``max_rows`` rows take part (every full pass costs rows x features x classes): every
-    image's clean view (view 0) first, then augmented views drawn at random (seeded)."""
+    Deterministic: full-batch L-BFGS from zeros (or from ``start``'s solution: a refit on
+    more rows), warm-started along the path. At most ``max_rows`` rows take part (every
+    full pass costs rows x features x classes): every image's clean view (view 0) first,
+    then augmented views drawn at random (seeded)."""
     k, n, d = views.shape
     x = views.reshape(k * n, d)
     y = labels.repeat(k)
@@ -79,6 +81,10 @@ def probe_path(
     classes = int(labels.max()) + 1 if class_weight is None else len(class_weight)
     w = torch.zeros(classes, d, requires_grad=True)
     b = torch.zeros(classes, requires_grad=True)
+    if start is not None:  # raw -> standardised: W x + b = (W s) z + (b + W m)
+        with torch.no_grad():
+            w.copy_(start.weight * std)
+            b.copy_(start.bias + start.weight @ mean)
     for l2 in path:
         optimizer = torch.optim.LBFGS(
             [w, b],

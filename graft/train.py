@@ -41,6 +41,7 @@ from .loop import class_weights_for
 from .model import GraftModel, build_model
 from .plan import Features, Plan, Run, make_plan
 from .progress import Reporter
+from .refit import refit_probe
 from .rundir import CONFIG, SPLIT, EpochRecord, RunDir, Summary
 from .split import Split
 from .stages import run_stages
@@ -143,6 +144,12 @@ def _fit(run: Run, data_root: str | Path | None, force: bool) -> TrainResult:
     with run.phase("calibration"):
         kept = describe_kept(run, plan, best)
         calibration = calibrate(run, model, device, plan, features)
+        refit = refit_probe(run, model, device, plan, features, history, best)
+        if refit is not None:
+            kept += (
+                f"; its linear head then solved again on training + validation images "
+                f"(L2 {refit['l2']:g})"
+            )
     model.eval()
     with run.phase("export"):
         onnx_path = export_for_predict(run, model)
@@ -164,6 +171,7 @@ def _fit(run: Run, data_root: str | Path | None, force: bool) -> TrainResult:
     summary["backbone_choice"] = choice.to_dict() if choice is not None else None
     summary["detail_size"] = model.info.detail_size  # what --detail-size auto came to
     summary["wise"] = run.wise
+    summary["refit"] = refit
     with run.phase("report"):
         from .report import write_report
 

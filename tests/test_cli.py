@@ -189,7 +189,7 @@ def test_train_help_shows_the_config_defaults(capsys, monkeypatch):
         elif value not in (None, ""):
             assert f"(default: {value})" in block, block
             checked += 1
-    assert checked == 33  # the others: 7 fields default to None, track to "", 2 switches
+    assert checked == 34  # the others: 7 fields default to None, track to "", 2 switches
     sections = {s.split(":\n")[0]: s for s in text.split("\n\n")}
     assert "--patience" in sections["both stages"] and "--min-delta" in sections["both stages"]
     assert "--epochs" in sections["stage 1: frozen backbone"]

@@ -193,6 +193,43 @@ def test_probe_stage_writes_one_row_per_l2_and_is_deterministic(
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     summary = json.loads((a.run_dir / "summary.json").read_text())
     assert summary["test"]["accuracy"] > 0.8  # the shapes are easy
+    # the frozen-stage probe is kept, so it was solved again on train + validation at the
+    # L2 validation chose; without the refit, the same run differs only in the head
+    kept_l2 = next(float(r["l2"]) for r in rows if int(r["step"]) == summary["best"]["step"])
+    refit = summary["refit"]
+    assert refit["l2"] == kept_l2 and refit["validation_images"] > 0
+    assert "solved again on training + validation" in summary["kept"]
+    c = fit(TrainConfig(**{**cfg.__dict__, "refit": False}), shapes_dir, tmp_path / "c")
+    assert json.loads((c.run_dir / "summary.json").read_text())["refit"] is None
+    wc = load_file(str(c.run_dir / "model.safetensors"))
+    changed = {k for k in wa if not torch.equal(wa[k], wc[k])}
+    assert changed and all(k.startswith("head.") for k in changed), changed
+    meta_a, meta_c = (_metadata(r / "model.safetensors") for r in (a.run_dir, c.run_dir))
+    assert meta_a["temperature"] == meta_c["temperature"]
+    assert meta_a["unknown_threshold"] == meta_c["unknown_threshold"]
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        return fh.metadata()
+
+
+def test_refit_from_a_solution_reaches_the_solution_on_all_rows() -> None:
+    """The refit starts from the train-only solution and ends where a solve from zeros on
+    train + validation ends (the problem is convex): same predictions, loss within 1e-4."""
+    x, y = _blobs(240, 0)
+    xv, yv = _blobs(60, 1)
+    first = next(probe_path(x[None], y, path=(1e-2,)))
+    both_x, both_y = torch.cat([x, xv])[None], torch.cat([y, yv])
+    warm = next(probe_path(both_x, both_y, path=(1e-2,), start=first))
+    cold = next(probe_path(both_x, both_y, path=(1e-2,)))
+    assert warm.train_loss == pytest.approx(cold.train_loss, abs=1e-4)
+    logits = [both_x[0] @ p.weight.T + p.bias for p in (warm, cold)]
+    assert torch.equal(logits[0].argmax(1), logits[1].argmax(1))
+    assert warm.iterations <= cold.iterations
+    assert not torch.allclose(warm.weight, first.weight)  # the validation rows moved it
 
 
 def test_dense_head_keeps_adam_epochs(tmp_path: Path, shapes_dir: Path) -> None:
