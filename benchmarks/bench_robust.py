@@ -68,7 +68,9 @@ from graft.metrics import wilson  # noqa: E402
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 #: the logistic-regression rows: plain, and with graft's detail size (``--detail-size auto``)
-LR_METHODS = ("lr", "lr-detail")
+#: lr-detail: on pictures brought down to the detail size as graft does; lr-detail-train:
+#: the same, refit on the training part only (what graft's head learnt from before --refit)
+LR_METHODS = ("lr", "lr-detail", "lr-detail-train")
 QUICK_FLAGS = ["--epochs", "1", "--fine-tune-epochs", "1"]
 
 
@@ -102,11 +104,13 @@ def score(correct: int, n: int) -> dict:
 # --------------------------------------------------------------------------- methods
 
 
-def fit_lr(x: Any, y: Any, part: Any) -> tuple[Any, float, dict[float, float]]:
+def fit_lr(
+    x: Any, y: Any, part: Any, with_val: bool = True
+) -> tuple[Any, float, dict[float, float]]:
     """The baseline every issue-16 target is measured against: StandardScaler + a logistic
     regression, C chosen on the ``val`` rows from :data:`C_GRID` (ties: the stronger
-    regularisation), refit on ``train`` + ``val``. Returns (classifier, C, val accuracy
-    by C)."""
+    regularisation), refit on ``train`` + ``val`` (``train`` only without ``with_val``).
+    Returns (classifier, C, val accuracy by C)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -119,10 +123,11 @@ def fit_lr(x: Any, y: Any, part: Any) -> tuple[Any, float, dict[float, float]]:
         c: float((model(c).fit(x[tr], y[tr]).predict(x[va]) == y[va]).mean()) for c in C_GRID
     }
     best = max(C_GRID, key=lambda c: (val_acc[c], -c))
-    return model(best).fit(x[tr | va], y[tr | va]), best, val_acc
+    rows = tr | va if with_val else tr
+    return model(best).fit(x[rows], y[rows]), best, val_acc
 
 
-def run_lr(bset: BenchSet, detail: bool = False) -> dict:
+def run_lr(bset: BenchSet, detail: bool = False, with_val: bool = True) -> dict:
     """Frozen EfficientNet-Lite0 features + logistic regression (C on val, refit); with
     ``detail``, every picture is first brought down to the training images' median size as
     graft's ``--detail-size auto`` does (graft.detail)."""
@@ -152,7 +157,7 @@ def run_lr(bset: BenchSet, detail: bool = False) -> dict:
 
     x, y = feats(data.paths, data.labels), np.asarray(data.labels)
     part = np.asarray(data.given)
-    clf, best, val_acc = fit_lr(x, y, part)
+    clf, best, val_acc = fit_lr(x, y, part, with_val)
     te = part == "test"
     result = {"in_domain": score(int((clf.predict(x[te]) == y[te]).sum()), int(te.sum()))}
     if bset.ood is not None:
@@ -275,7 +280,7 @@ def main() -> int:
     ap.add_argument("--sets", nargs="+", choices=list(BUILDERS), default=list(BUILDERS))
     ap.add_argument(
         "--variants", nargs="+", default=None,
-        help=f"methods: lr, lr-detail, {', '.join(VARIANTS)} or an --extra name (default: all)",
+        help=f"methods: {', '.join([*LR_METHODS, *VARIANTS])} or an --extra name (default: all)",
     )  # fmt: skip
     ap.add_argument(
         "--extra", action="append", default=[], metavar="NAME=FLAGS",
@@ -290,7 +295,7 @@ def main() -> int:
     unknown = [m for m in methods if m not in LR_METHODS and m not in variants]
     if unknown:
         sys.exit(
-            f"Unknown variant(s) {', '.join(unknown)}: use lr, lr-detail, {', '.join(variants)}."
+            f"Unknown variant(s) {', '.join(unknown)}: use {', '.join([*LR_METHODS, *variants])}."
         )
     args.cache.mkdir(parents=True, exist_ok=True)
     sets: dict[str, BenchSet] = {}
@@ -305,7 +310,7 @@ def main() -> int:
             run = args.cache / ("runs-quick" if args.quick else "runs") / name / method
             try:
                 if method in LR_METHODS:
-                    r = run_lr(bset, detail=method == "lr-detail")
+                    r = run_lr(bset, method != "lr", with_val=method != "lr-detail-train")
                 else:
                     r = run_graft(bset, variants[method], run, args.quick)
                     r["flags"] = variants[method]
