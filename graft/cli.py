@@ -188,12 +188,31 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig:
         raise RunFolderError(f"{saved} is damaged ({exc}); the run cannot be resumed.") from exc
 
 
+def _warn_if_unfinished(command: str, run: str | Path) -> None:
+    """A run folder whose training was interrupted holds its last kept epoch, not the
+    finished model (no temperature, "unknown" thresholds or refit yet): say so before
+    using it, as ``graft report`` does."""
+    from .rundir import RunDir
+
+    path = Path(run)
+    folder = RunDir(path)
+    if path.is_dir() and folder.config.is_file() and not folder.summary.is_file():
+        print(
+            f"graft {command}: warning: {_display(path)} has no summary.json: its training did "
+            "not finish, so this is its last kept epoch, not the finished model (no "
+            "temperature, 'unknown' thresholds or refit yet). "
+            f"`graft train --resume {shell_path(path)}` finishes it.",
+            file=sys.stderr,
+        )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
     from .progress import Reporter
 
     if args.out:
         check_output_folder(args.out, "--out")
+    _warn_if_unfinished("evaluate", args.run)
 
     result = evaluate_run(
         args.run,
@@ -227,6 +246,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.paths)
     if not paths:
         raise UsageError("No images to predict: the folders given hold no image files.")
+    _warn_if_unfinished("predict", args.run)
     predictor = open_predictor(
         args.run,
         tta=args.tta,
@@ -364,6 +384,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
+    _warn_if_unfinished("export", args.run)
+
     if args.int8:
         print(
             "Quantizing to INT8: calibrating on up to 128 training images of the run, then "
@@ -407,6 +429,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)  # every line on stderr in one format, from here on
     say = logging.getLogger("graft.serve").info
     keys = load_api_keys(args.api_key, args.api_key_file, os.environ.get("GRAFT_API_KEY"))
+    _warn_if_unfinished("serve", args.source)
     say("Loading %s...", _display(Path(args.source)))
     # the model loads here; it warms up once the server listens (/readyz says when)
     server, sock = build_server(
@@ -486,7 +509,11 @@ def _how_to_continue(args: argparse.Namespace) -> str:
         return (
             f" Its finished epochs are kept: `graft train --resume {shell_path(run)}` continues it."
         )
-    return " No epoch had finished, so nothing was kept."
+    return (
+        " Nothing was kept: no checkpoint had been written yet (the first comes after a "
+        "finished epoch, or once stage 1's linear probe has solved its whole L2 path). Run "
+        "the same command again."
+    )
 
 
 def _stop_cleanly_on_sigterm() -> None:

@@ -12,7 +12,8 @@ first solution had not seen; fitted again on images the refit learnt from, they 
 it overconfident. The held-out test split takes no part, so its accuracy stays honest.
 Validation images have no cached augmented views: their clean view stands in for each.
 
-Not done when fine-tuning is kept (its epochs were chosen on validation, and training
+Also done when WiSE-FT keeps 0 x the fine-tuned weights (the frozen-stage model). Not
+done when fine-tuning is kept (its epochs were chosen on validation, and training
 again on it would need as many epochs without a way to stop), nor for a dense head.
 """
 
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .probe import ProbePoint, probe_path, set_linear
+from .probe import ProbePoint, choose_point, probe_path, set_linear
 from .stages import uses_probe
 
 if TYPE_CHECKING:
@@ -51,12 +52,20 @@ def refit_probe(
     and save the model; None (nothing changed) when the model kept is not such a probe or
     ``--no-refit``. Returns what the summary records."""
     config = run.config
-    if not config.refit or best.stage != "frozen":
+    # WiSE-FT at 0 keeps the frozen-stage weights too (0 x the fine-tuned ones)
+    frozen_mix = best.stage == "wise" and (run.wise or {}).get("alpha") == 0
+    if not config.refit or not (best.stage == "frozen" or frozen_mix):
         return None
     if not uses_probe(config.head_solver, config.head):
         return None
-    chosen = next((r for r in history if r.stage == "frozen" and r.step == best.step), None)
-    if chosen is None or math.isnan(chosen.l2):
+    frozen = [r for r in history if r.stage == "frozen"]
+    if not frozen:
+        return None
+    if frozen_mix:  # the probe's own choice (graft.stages.run_probe)
+        chosen = frozen[choose_point([r.val_loss for r in frozen], config.min_delta)]
+    else:
+        chosen = next((r for r in frozen if r.step == best.step), frozen[-1])
+    if math.isnan(chosen.l2):
         return None
     t0 = time.perf_counter()
     train, val = features.train, features.val

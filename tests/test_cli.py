@@ -9,6 +9,7 @@ import io
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -298,6 +299,24 @@ def test_predict_csv_has_the_columns_of_the_out_csv(trained_run, unseen_dir, tmp
     assert labels[-1] == "" and all(labels[:3])  # the answer or "unknown"; none for bad.png
 
 
+def test_an_unfinished_run_is_used_with_a_warning(
+    tmp_path: Path, trained_run: Path, shapes_dir: Path, capsys
+) -> None:
+    """An interrupted run's model.safetensors is its last kept epoch, uncalibrated:
+    predict, evaluate and export say so (and how to finish it); a finished run says nothing."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    image = next(shapes_dir.rglob("*.png"))
+    assert main(["predict", str(trained_run), str(image)]) == 0
+    assert "did not finish" not in capsys.readouterr().err
+    (run / "summary.json").unlink()
+    for argv in (["predict", str(run), str(image)], ["export", str(run)]):
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert "has no summary.json: its training did not finish" in err, err
+        assert f"graft train --resume {run}" in err
+
+
 def test_an_interrupted_train_says_whether_and_how_it_can_continue(tmp_path: Path) -> None:
     import graft.cli
     from graft.rundir import RunDir
@@ -305,7 +324,7 @@ def test_an_interrupted_train_says_whether_and_how_it_can_continue(tmp_path: Pat
     run = tmp_path / "run"
     run.mkdir()
     args = argparse.Namespace(command="train", out=str(run), resume=None)
-    assert "nothing was kept" in graft.cli._how_to_continue(args)
+    assert "Nothing was kept" in graft.cli._how_to_continue(args)
     RunDir(run).checkpoint.write_bytes(b"")  # an epoch had finished
     assert f"graft train --resume {run}" in graft.cli._how_to_continue(args)
     args = argparse.Namespace(command="train", out=None, resume=str(run))

@@ -90,7 +90,9 @@ def test_mix_gives_the_endpoints_exactly() -> None:
 def test_wise_at_the_ends_keeps_the_frozen_stage_or_the_fine_tuned_model(
     tmp_path: Path, shapes_dir: Path, alpha: str
 ) -> None:
-    cfg = TrainConfig(**{**FAST, "fine_tune_epochs": 2, "patience": 0, "wise": alpha})
+    # (no refit: the weights are the mix itself)
+    options = {"fine_tune_epochs": 2, "patience": 0, "wise": alpha, "refit": False}
+    cfg = TrainConfig(**{**FAST, **options})
     out = tmp_path / "run"
     summary = fit(cfg, shapes_dir, out).summary
     assert summary["wise"]["alpha"] == float(alpha)
@@ -105,6 +107,19 @@ def test_wise_at_the_ends_keeps_the_frozen_stage_or_the_fine_tuned_model(
     assert any(not torch.equal(kept[k[len(other) :]], v) for k, v in ckpt.items()
                if k.startswith(other))  # fmt: skip
     assert "WiSE-FT" in summary["kept"]
+
+
+def test_wise_at_zero_keeps_the_frozen_stage_probe_and_refits_it(
+    tmp_path: Path, shapes_dir: Path
+) -> None:
+    cfg = TrainConfig(**{**FAST, "fine_tune_epochs": 2, "patience": 0, "wise": "0"})
+    summary = fit(cfg, shapes_dir, tmp_path / "run").summary
+    assert summary["refit"] is not None and "solved again" in summary["kept"]
+    kept = load_file(str(tmp_path / "run" / "model.safetensors"))
+    ckpt = load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
+    anchor = {k[7:]: v for k, v in ckpt.items() if k.startswith("anchor.")}
+    changed = {k for k, v in anchor.items() if not torch.equal(kept[k], v)}
+    assert changed and all(k.startswith("head.") for k in changed), changed
 
 
 def test_wise_auto_tries_every_share_and_keeps_the_lowest_validation_loss(
