@@ -46,10 +46,13 @@ from demo_data import ANIMATED, ARTWORK, fetch_package, frames_on_white, svg_on_
 FIRST, LAST = 152, 251
 
 
-def build(cache: Path, per_class: int) -> tuple[Path, Path, Path]:
-    """Sprites folder, artwork folder and a groups CSV (path -> animation)."""
-    tag = f"{FIRST}-{LAST}-{per_class}"
-    sprites, artwork = cache / f"sprites-{tag}", cache / f"artwork-{FIRST}-{LAST}"
+def build(
+    cache: Path, per_class: int, first: int = FIRST, last: int = LAST
+) -> tuple[Path, Path, Path]:
+    """Sprites folder, artwork folder and a groups CSV (path -> animation) of Pokémon
+    ``first``-``last`` (animated sprites exist up to 649)."""
+    tag = f"{first}-{last}-{per_class}"
+    sprites, artwork = cache / f"sprites-{tag}", cache / f"artwork-{first}-{last}"
     groups = cache / f"groups-{tag}.csv"
     if (cache / f".built-{tag}").exists():
         return sprites, artwork, groups
@@ -59,7 +62,7 @@ def build(cache: Path, per_class: int) -> tuple[Path, Path, Path]:
     with tarfile.open(tgz) as tar:
         for m in tar:
             stem = Path(m.name).stem
-            if not stem.isdigit() or not FIRST <= int(stem) <= LAST:
+            if not stem.isdigit() or not first <= int(stem) <= last:
                 continue
             if m.name.startswith(ANIMATED) and m.name.endswith(".gif"):
                 variant = Path(m.name).parent.relative_to(ANIMATED).as_posix().replace("/", "-")
