@@ -108,10 +108,11 @@ def new_model_info(
     spec = get_spec(name)
     detail = resolve_detail(config.detail_size, data.paths, config.img_size, config.trim)
     if detail and reporter is not None:
+        why = "the images' median size" if config.detail_size == "auto" else "--detail-size"
         reporter.info(
-            f"Detail size: pictures larger than {detail} px (the images' median size) are "
-            "brought down to it before the network sees them, in training and prediction "
-            "alike (--detail-size off keeps every picture's detail)."
+            f"Detail size: pictures larger than {detail} px ({why}) are brought down to it "
+            "before the network sees them, in training and prediction alike (--detail-size "
+            "off keeps every picture's detail)."
         )
     return ModelInfo(
         name,
