@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["L2_PATH", "ProbePoint", "choose_point", "probe_path", "set_linear"]
+__all__ = ["L2_PATH", "ProbePoint", "choose_point", "head_linear", "probe_path", "set_linear"]
 
 #: L2 strengths (per-image mean loss + l2/2 * ||W||^2 on standardised features), strong to
 #: weak; scikit-learn's C = 1 / (l2 * n_images)
@@ -137,9 +137,14 @@ def choose_point(val_losses: list[float], min_delta: float) -> int:
     return next(i for i, loss in enumerate(val_losses) if loss <= lowest + min_delta)
 
 
+def head_linear(head: nn.Module) -> nn.Linear:
+    """The head's (last) linear layer: the one a probe solves."""
+    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+
+
 def set_linear(head: nn.Module, point: ProbePoint) -> None:
     """Load a probe's solution into the head's (last) linear layer."""
-    linear = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    linear = head_linear(head)
     with torch.no_grad():
         linear.weight.copy_(point.weight.to(linear.weight))
         linear.bias.copy_(point.bias.to(linear.bias))

@@ -24,9 +24,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from .probe import ProbePoint, choose_point, probe_path, set_linear
+from .probe import ProbePoint, choose_point, head_linear, probe_path, set_linear
 from .stages import uses_probe
 
 if TYPE_CHECKING:
@@ -76,7 +75,7 @@ def refit_probe(
         val = pool_cached(model, val, plan.extract_at, device)
     views = torch.cat([train.float(), val.float()[None].expand(train.shape[0], *val.shape)], 1)
     labels = torch.cat([features.labels["train"], features.labels["val"]])
-    linear = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1]
+    linear = head_linear(model.head)
     first = ProbePoint(
         chosen.l2, linear.weight.detach().float().cpu(), linear.bias.detach().float().cpu(),
         chosen.train_loss, chosen.train_acc, 0,
