@@ -47,6 +47,7 @@ from .errors import (
 )
 from .io import check_output_file, check_output_folder, shell_path
 from .io import display as _display
+from .rundir import RunDir
 
 # --------------------------------------------------------------------------- commands
 
@@ -157,7 +158,7 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig:
             f"Nothing to resume: {saved} does not exist. Start a run with "
             "`graft train ROOT --out DIR`."
         )
-    if (run / "summary.json").is_file():
+    if RunDir(run).finished:
         raise UsageError(
             f"{run} is a finished run: nothing to resume. To train it again, run "
             f"`graft train ROOT --out {shell_path(run)} --force`."
@@ -192,11 +193,8 @@ def _warn_if_unfinished(command: str, run: str | Path) -> None:
     """A run folder whose training was interrupted holds its last kept epoch, not the
     finished model (no temperature, "unknown" thresholds or refit yet): say so before
     using it, as ``graft report`` does."""
-    from .rundir import RunDir
-
     path = Path(run)
-    folder = RunDir(path)
-    if path.is_dir() and folder.config.is_file() and not folder.summary.is_file():
+    if RunDir(path).unfinished:
         print(
             f"graft {command}: warning: {_display(path)} has no summary.json: its training did "
             "not finish, so this is its last kept epoch, not the finished model (no "
@@ -373,7 +371,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
     run = Path(args.run)
-    if not (run / "summary.json").is_file():
+    if not RunDir(run).finished:
         raise RunFolderError(f"{run} has no summary.json: it is not a finished graft run.")
     if args.out:
         check_output_file(args.out, "--out", ".html")
@@ -503,8 +501,6 @@ def _how_to_continue(args: argparse.Namespace) -> str:
     run = getattr(args, "resume", None) or getattr(args, "out", None)
     if args.command != "train" or not run:
         return ""
-    from .rundir import RunDir
-
     if RunDir(Path(run)).checkpoint.is_file():
         return (
             f" Its finished epochs are kept: `graft train --resume {shell_path(run)}` continues it."

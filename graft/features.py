@@ -24,7 +24,7 @@ import torch
 from .cache import FeatureCache, item_seed, open_cache
 from .data import ScanResult
 from .device import Device, choose_device
-from .engines import Runner, make_runner
+from .engines import Runner, TorchRunner, make_runner, wanted_engine
 from .errors import DataError
 from .loading import ImageFiles, ImageViews, make_loader, transform_for
 from .model import GraftModel
@@ -37,6 +37,13 @@ __all__ = ["CachedScores", "FrozenFeatures", "extract", "logits_cached", "pool_c
 #: rows per call of the frozen network: OpenVINO's static shapes ran the lite0 frozen part
 #: at 128 px 10% faster at 16 than at 64 here (the activations stay in the core's caches)
 RUN_BATCH = 16
+
+#: A job of the frozen part smaller than this many images at 128 px (scaled by the input's
+#: area) runs on PyTorch: exporting the part to ONNX and compiling it for OpenVINO costs
+#: about 1.1 s here, which the faster engine wins back only after about 250 images at
+#: 128 px (850 at 64 px, 60 at 224; BENCHMARKS.md "Which engine for a small job").
+#: ``GRAFT_ENGINE`` set to an engine uses that engine for every job.
+FAST_ENGINE_MIN_IMAGES = 250
 
 
 @torch.no_grad()
@@ -120,9 +127,40 @@ class FrozenFeatures:
             info.detail_size,
             warn=self.reporter.warn,
         )
-        self.runner = make_runner(
-            model.frozen_part(self.cut), info.img_size, self.device, notes=notes
-        )
+        self._part = model.frozen_part(self.cut)
+        self._notes = notes
+        self._fast: Runner | None = None
+        self._torch = TorchRunner(self._part, self.device)
+        #: the engines that ran jobs so far (their names, in order of first use)
+        self.engines_used: list[str] = []
+
+    @property
+    def runner(self) -> Runner:
+        """The fastest engine for the frozen part (exported and compiled on first use)."""
+        if self._fast is None:
+            notes: list[str] = []  # an engine that failed to load (the next one ran)
+            self._fast = make_runner(self._part, self.img_size, self.device, notes=notes)
+            for note in notes:
+                self.reporter.warn(note)
+            if self._notes is not None:
+                self._notes.extend(notes)
+        return self._fast
+
+    def runner_for(self, images: int) -> Runner:
+        """The engine for a job of ``images`` passes: PyTorch when the job is too small to
+        pay for the export and compile (:data:`FAST_ENGINE_MIN_IMAGES`), unless
+        ``GRAFT_ENGINE`` names an engine. By the job's size alone, so the same job runs on
+        the same engine in a resumed run as in the uninterrupted one."""
+        work = images * (self.img_size / 128) ** 2
+        if work < FAST_ENGINE_MIN_IMAGES and not wanted_engine():
+            runner = self._torch
+            if self.device.channels_last:  # as the fast engine's export leaves it
+                self._part.to(memory_format=torch.channels_last)
+        else:
+            runner = self.runner
+        if runner.name not in self.engines_used:
+            self.engines_used.append(runner.name)
+        return runner
 
     @classmethod
     def pretrained(
@@ -191,7 +229,9 @@ class FrozenFeatures:
         return self._extract(ImageViews(paths, None, transform, self.img_size, seeds), label)
 
     def _extract(self, files: ImageFiles, label: str) -> torch.Tensor:
-        return extract(self.runner, files, 64, self.workers, self.seed, self.reporter, label)
+        views = len(files.view_seeds[0]) if isinstance(files, ImageViews) and len(files) else 1
+        runner = self.runner_for(len(files) * views)
+        return extract(runner, files, 64, self.workers, self.seed, self.reporter, label)
 
     def views(
         self,

@@ -198,6 +198,19 @@ class RunDir:
     def report(self) -> Path:
         return self.path / REPORT
 
+    # ------------------------------------------------------------------ state
+    @property
+    def finished(self) -> bool:
+        """Its training ended: summary.json is written last, after calibration and the
+        evaluation on the test split."""
+        return self.summary.is_file()
+
+    @property
+    def unfinished(self) -> bool:
+        """Training started here (config.json) but did not end: the folder holds the last
+        kept epoch, uncalibrated; ``graft train --resume`` finishes it."""
+        return self.config.is_file() and not self.finished
+
     # ------------------------------------------------------------------ creating
     def prepare(self, force: bool) -> list[str]:
         """Create the folder for a new run and return the names already in it (the user's,

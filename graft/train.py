@@ -295,7 +295,6 @@ def fill_caches(
     reporter.info("Plan: " + plan.text)
     t0 = time.perf_counter()
     model.eval()
-    notes: list[str] = []
     frozen = FrozenFeatures(
         model,
         weights_source,
@@ -307,11 +306,7 @@ def fill_caches(
         device=device,
         reporter=reporter,
         ddp=run.ddp,
-        notes=notes,
     )
-    for note in notes:
-        reporter.warn(note)
-    reporter.info(f"Frozen forward passes: {frozen.runner.name}")
     # Every image once, unaugmented: the validation/test inputs, view 0 of the training
     # images, and the embeddings the duplicate audit compares.
     clean = frozen.views(data, range(len(data.paths)))
@@ -365,6 +360,10 @@ def fill_caches(
         watch_unseen(run, data, frozen, features)
     if device.channels_last:
         model.to(memory_format=torch.channels_last)
+    reporter.info(
+        "Frozen forward passes: "
+        + (" and ".join(frozen.engines_used) or "none (every output came from the cache)")
+    )
     cache = frozen.cache
     reporter.info(
         f"Feature cache: {cache.hits} reused, {cache.misses} computed "

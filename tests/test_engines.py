@@ -65,6 +65,41 @@ def test_fast_frozen_features_match_pytorch(shapes_dir: Path, monkeypatch) -> No
             assert diff < ONNX_ATOL, (wanted, cut, diff)
 
 
+def test_a_small_job_runs_on_pytorch_and_a_large_one_on_the_fast_engine(
+    shapes_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exporting and compiling the frozen part costs about a second: a job too small to
+    win it back runs eagerly; the choice goes by the job's size alone (a resumed run makes
+    it as the uninterrupted one did), and GRAFT_ENGINE, when set, decides every job."""
+    from graft.backbones import get_spec
+    from graft.features import FAST_ENGINE_MIN_IMAGES, FrozenFeatures
+    from graft.model import ModelInfo, build_model
+
+    monkeypatch.delenv("GRAFT_ENGINE", raising=False)
+    data = scan(shapes_dir)
+    spec = get_spec("efficientnet_lite0")
+    info = ModelInfo("efficientnet_lite0", 64, spec.mean, spec.std, tuple(data.classes))
+    model, source = build_model(info, True, None, False)
+    frozen = FrozenFeatures(model, source)
+    # at 64 px an image is a quarter of the work of one at 128 px
+    small, large = 4 * FAST_ENGINE_MIN_IMAGES - 1, 4 * FAST_ENGINE_MIN_IMAGES
+    assert isinstance(frozen.runner_for(small), TorchRunner)
+    assert frozen.engines_used == [frozen.runner_for(small).name]
+    assert isinstance(frozen.runner_for(large), OpenVinoRunner)
+    assert isinstance(frozen.runner_for(small), TorchRunner)  # by size, not by history
+    assert len(frozen.engines_used) == 2
+    monkeypatch.setenv("GRAFT_ENGINE", "openvino")
+    assert isinstance(frozen.runner_for(1), OpenVinoRunner)
+    monkeypatch.setenv("GRAFT_ENGINE", "torch")
+    fresh = FrozenFeatures(model, source)
+    assert isinstance(fresh.runner_for(10 * large), TorchRunner)
+    # the two engines give the same features
+    files = ImageFiles(data.paths[:8], None, build_transform(64, spec.mean, spec.std), 64)
+    x = torch.stack([files[i][0] for i in range(8)])
+    diff = (frozen.runner_for(large)(x) - frozen.runner_for(small)(x)).abs().max().item()
+    assert diff < ONNX_ATOL
+
+
 def test_openvino_pads_ragged_batches_to_static_shapes(tmp_path: Path) -> None:
     backbone, _ = create_backbone("efficientnet_lite0")
     part = FrozenPart(backbone, 9).eval()
