@@ -86,7 +86,8 @@ class Familiarity(nn.Module):
         with torch.autocast(device_type=features.device.type, enabled=False):
             f = F.normalize(features.float(), dim=1)
             similarity = f @ self.bank.t()
-            return similarity.topk(self.k, dim=1).values[:, -1]
+            # a cosine: rounding can take an image's match with itself to 1.0000001
+            return similarity.topk(self.k, dim=1).values[:, -1].clamp(-1.0, 1.0)
 
 
 def balanced_sample(labels: Sequence[int], cap: int, seed: int = 0) -> np.ndarray:

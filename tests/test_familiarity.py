@@ -385,3 +385,14 @@ def test_a_damaged_export_description_is_refused_at_load(
     with pytest.raises(ExportError, match=r"graft\.json"):
         ExportedModel(out)
     assert runtime_main([str(out), str(out / "graft.json")]) == 6
+
+
+def test_familiarity_is_a_cosine_in_minus_one_to_one() -> None:
+    """A training image's match with itself is 1, never 1.0000001 (float rounding of the
+    normalised dot product), so printed and compared familiarities stay in [-1, 1]."""
+    bank = torch.nn.functional.normalize(
+        torch.randn(300, 1280, generator=torch.Generator().manual_seed(0)), dim=1
+    )
+    score = Familiarity(bank, k=1)(bank * 3.7)
+    assert float(score.max()) <= 1.0 and float(score.min()) >= 0.999
+    assert float(Familiarity(bank, k=1)(-bank).min()) >= -1.0
