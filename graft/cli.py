@@ -485,6 +485,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"graft {args.command}: interrupted.{_how_to_continue(args)}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read stdout went away (`graft evaluate RUN | head -1`): not a bug, and
+        # nothing left to say. Exit as a process killed by SIGPIPE would, with stdout
+        # pointed at /dev/null so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:  # the machine's refusal (disk full, read-only...), not a bug
         message = os_error_message(exc)
         if message is None or os.environ.get("GRAFT_DEBUG"):

@@ -11,11 +11,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console as _RichConsole
 from rich.markup import escape
 from rich.table import Table
 
 from .io import display as _display
+
+
+class Console(_RichConsole):
+    """rich's Console, except where stdout's reader went away (`graft evaluate RUN |
+    head -1`): rich would exit 1, which graft's exit codes keep for its own bugs; the
+    BrokenPipeError goes to graft.cli.main instead, which exits as SIGPIPE would (141)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
 
 
 def display(text: object) -> str:

@@ -355,3 +355,19 @@ def test_ctrl_c_during_train_exits_130_with_the_resume_hint(
     assert main(["train", str(tmp_path), "--out", str(run)]) == 130
     err = capsys.readouterr().err
     assert "graft train: interrupted." in err and f"graft train --resume {run}" in err
+
+
+def test_a_closed_output_pipe_is_not_reported_as_a_bug(trained_run: Path) -> None:
+    """`graft evaluate RUN | head -1`: the reader goes away before graft has printed; rich
+    alone would exit 1 (graft's code for its own bugs). graft exits 141, as SIGPIPE would,
+    without a word on stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "graft", "evaluate", str(trained_run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before graft prints anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "bug" not in err and "Traceback" not in err
