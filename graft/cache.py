@@ -183,6 +183,7 @@ class FeatureCache:
             missing = ddp.broadcast(missing)
         self.hits += len(shas) - len(missing)
         self.misses += len(missing)
+        missing, copies = _first_of_each(shas, missing)
         out = self._compute(view, shas, missing, compute, ddp, chunk, None)
         damaged: list[int] = []
         if main:
@@ -192,7 +193,10 @@ class FeatureCache:
         if damaged:
             self.hits -= len(damaged)
             self.misses += len(damaged)
+            damaged, more = _first_of_each(shas, damaged)
+            copies += more
             out = self._compute(view, shas, damaged, compute, ddp, chunk, out)
+        _copy_rows(out, copies)
         if distributed:  # the other ranks hold nothing (or a part) until rank 0's arrives
             return ddp.broadcast(out)  # type: ignore[no-any-return]
         assert out is not None or not shas
@@ -224,6 +228,7 @@ class FeatureCache:
             return None
         self.hits += len(views) * (len(shas) - len(missing))
         self.misses += len(views) * len(missing)
+        missing, copies = _first_of_each(shas, missing)
         outs: list[torch.Tensor | None] = [None] * len(views)
         for start in range(0, len(missing), chunk):
             part = missing[start : start + chunk]
@@ -236,12 +241,15 @@ class FeatureCache:
         result = []
         for k, view in enumerate(views):
             out, damaged = self._read_stored(indexes[k], shas, outs[k])
+            again: list[tuple[int, int]] = []
             if damaged:  # its images again, all views made, this one kept
                 self.hits -= len(damaged)
                 self.misses += len(damaged)
+                damaged, again = _first_of_each(shas, damaged)
                 out = self._compute(
                     view, shas, damaged, lambda ix, k=k: compute(ix)[k], None, chunk, out
                 )
+            _copy_rows(out, copies + again)
             result.append(out if out is not None else torch.empty(0))
         return result
 
@@ -304,6 +312,32 @@ class FeatureCache:
             dest = torch.tensor([i for i, _ in pairs])
             out[dest] = stored[torch.tensor([r for _, r in pairs])]
         return out, sorted(damaged)
+
+
+def _first_of_each(
+    shas: Sequence[str], indices: list[int]
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """``indices`` with one image per content hash (the first), and (copy, first) pairs for
+    the rest. An exact copy of an image is computed once: computed again in another batch
+    (another position, another engine) its row could differ in the last bits from the one
+    the cache keeps for that hash, and a run on a cold cache would then see other numbers
+    than the same run on a warm one."""
+    first: dict[str, int] = {}
+    unique: list[int] = []
+    copies: list[tuple[int, int]] = []
+    for i in indices:
+        j = first.setdefault(shas[i], i)
+        if j == i:
+            unique.append(i)
+        else:
+            copies.append((i, j))
+    return unique, copies
+
+
+def _copy_rows(out: torch.Tensor | None, copies: list[tuple[int, int]]) -> None:
+    if out is not None and copies:
+        dest, src = zip(*copies, strict=True)
+        out[list(dest)] = out[list(src)]
 
 
 def _rows_problem(shard: Path, meta: dict[str, str], rows: torch.Tensor) -> str:
