@@ -40,8 +40,9 @@ RUN_BATCH = 16
 
 #: A job of the frozen part smaller than this many images at 128 px (scaled by the input's
 #: area) runs on PyTorch: exporting the part to ONNX and compiling it for OpenVINO costs
-#: about 1.1 s here, which the faster engine wins back only after about 250 images at
-#: 128 px (850 at 64 px, 60 at 224; BENCHMARKS.md "Which engine for a small job").
+#: 0.8-1.0 s here, which the faster engine wins back only after about 216 images at 128 px
+#: (766 at 64 px, 93 at 224: 191-285 in 128 px units; BENCHMARKS.md "Which engine for a
+#: small job").
 #: ``GRAFT_ENGINE`` set to an engine uses that engine for every job.
 FAST_ENGINE_MIN_IMAGES = 250
 
