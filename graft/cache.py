@@ -183,7 +183,6 @@ class FeatureCache:
             missing = ddp.broadcast(missing)
         self.hits += len(shas) - len(missing)
         self.misses += len(missing)
-        missing, copies = _first_of_each(shas, missing)
         out = self._compute(view, shas, missing, compute, ddp, chunk, None)
         damaged: list[int] = []
         if main:
@@ -193,10 +192,7 @@ class FeatureCache:
         if damaged:
             self.hits -= len(damaged)
             self.misses += len(damaged)
-            damaged, more = _first_of_each(shas, damaged)
-            copies += more
             out = self._compute(view, shas, damaged, compute, ddp, chunk, out)
-        _copy_rows(out, copies)
         if distributed:  # the other ranks hold nothing (or a part) until rank 0's arrives
             return ddp.broadcast(out)  # type: ignore[no-any-return]
         assert out is not None or not shas
@@ -240,16 +236,14 @@ class FeatureCache:
                 outs[k][part] = fresh[k]  # type: ignore[index]
         result = []
         for k, view in enumerate(views):
+            _copy_rows(outs[k], copies)
             out, damaged = self._read_stored(indexes[k], shas, outs[k])
-            again: list[tuple[int, int]] = []
             if damaged:  # its images again, all views made, this one kept
                 self.hits -= len(damaged)
                 self.misses += len(damaged)
-                damaged, again = _first_of_each(shas, damaged)
                 out = self._compute(
                     view, shas, damaged, lambda ix, k=k: compute(ix)[k], None, chunk, out
                 )
-            _copy_rows(out, copies + again)
             result.append(out if out is not None else torch.empty(0))
         return result
 
@@ -264,8 +258,9 @@ class FeatureCache:
         out: torch.Tensor | None,
     ) -> torch.Tensor | None:
         """``compute`` the rows of ``indices`` into ``out`` (allocated on first need), one
-        stored shard per ``chunk``."""
+        stored shard per ``chunk``; each content hash once (:func:`_first_of_each`)."""
         distributed = ddp is not None and ddp.active
+        indices, copies = _first_of_each(shas, indices)
         for start in range(0, len(indices), chunk):
             part = indices[start : start + chunk]
             if distributed:
@@ -279,6 +274,7 @@ class FeatureCache:
             if out is None:
                 out = torch.empty((len(shas), *fresh.shape[1:]), dtype=fresh.dtype)
             out[part] = fresh
+        _copy_rows(out, copies)
         return out
 
     def _read_stored(

@@ -105,7 +105,6 @@ class FrozenFeatures:
         device: Device | None = None,
         reporter: Reporter | None = None,
         ddp: Any = None,
-        notes: list[str] | None = None,
     ):
         info = model.info
         self.cut = model.n_blocks if cut is None else cut
@@ -129,7 +128,6 @@ class FrozenFeatures:
             warn=self.reporter.warn,
         )
         self._part = model.frozen_part(self.cut)
-        self._notes = notes
         self._fast: Runner | None = None
         self._torch = TorchRunner(self._part, self.device)
         #: the engines that ran jobs so far (their names, in order of first use)
@@ -143,8 +141,6 @@ class FrozenFeatures:
             self._fast = make_runner(self._part, self.img_size, self.device, notes=notes)
             for note in notes:
                 self.reporter.warn(note)
-            if self._notes is not None:
-                self._notes.extend(notes)
         return self._fast
 
     def runner_for(self, images: int) -> Runner:
