@@ -187,16 +187,17 @@ def preprocess(images: Sequence[Image.Image], pre: Preprocessing) -> np.ndarray:
             im = trim_background(im)
         im = cap_detail(im, pre.detail)
         resized = im.resize((size, size), Image.Resampling.BILINEAR)
-        batch[i] = normalised_chw(resized, m, s)
+        normalise_into(batch[i : i + 1], np.asarray(resized)[None], m, s)
     return batch
 
 
-def normalised_chw(im: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """An 8-bit RGB image -> float32 ``[3, H, W]``, scaled to [0, 1] then normalised per
-    channel: torchvision's ToTensor + Normalize, the same operations in the same order, so
-    the same numbers bit for bit (training and the export see identical inputs)."""
-    x = np.asarray(im, dtype=np.float32) / np.float32(255.0)
-    return ((x - mean) / std).transpose(2, 0, 1)
+def normalise_into(out: np.ndarray, rgb: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+    """``out[n, c] = (rgb[n, ..., c] / 255 - mean[c]) / std[c]``, in place: planar, so each
+    step runs over whole channels (broadcasting over a last axis of 3 was 3x slower)."""
+    out[...] = rgb.transpose(0, 3, 1, 2)
+    out /= np.float32(255.0)
+    out -= mean[:, None, None]
+    out /= std[:, None, None]
 
 
 def split_output(

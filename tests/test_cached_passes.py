@@ -212,3 +212,23 @@ def test_the_fused_normalisation_gives_torchvisions_numbers_exactly() -> None:
     assert fused(rgb).shape == (3, 37, 53)
     grey_reference = T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.5,))])
     assert torch.equal(ToNormalizedTensor((0.5,), (0.5,))(grey), grey_reference(grey))
+
+
+def test_the_exports_preprocessing_gives_the_training_transforms_numbers_exactly() -> None:
+    # predict/serve (graft.runtime, numpy, no torch) and training (graft.loading, torch)
+    # normalise with separate code: the network must see the same inputs bit for bit.
+    import numpy as np
+    from PIL import Image
+
+    from graft.runtime import Preprocessing, preprocess
+
+    rng = np.random.default_rng(1)
+    pre = Preprocessing(size=48, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+        for h, w in ((48, 48), (31, 70), (90, 40))
+    ]
+    batch = preprocess(images, pre)
+    train = build_transform(pre.size, pre.mean, pre.std, "none")
+    for row, image in zip(batch, images, strict=True):
+        assert torch.equal(torch.from_numpy(row), train(image))
