@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -558,6 +558,27 @@ def audit_for_split(config: Any, data: Any, embeddings: np.ndarray) -> AuditRepo
     clusterings the default split may try (``config.group_threshold`` upwards)."""
     rungs = grouping_ladder(config.group_threshold, config.dup_threshold)
     return audit(data.sha256, data.labels, embeddings, config.dup_threshold, looser=rungs)
+
+
+def joined_audits(reports: Sequence[AuditReport]) -> AuditReport:
+    """One audit whose clusters join those of every report (at its threshold and at each
+    looser one) over the same images: a pair that any of the embeddings calls near-copies
+    stays on one side of a split made on it. ``--backbone auto`` splits on it, so the
+    audit of whichever backbone it then keeps finds nothing straddling. Pairs and exact
+    groups are the first report's."""
+    first = reports[0]
+
+    def union(columns: list[Sequence[int]]) -> list[int]:
+        labels = np.arange(first.n)
+        for col in columns:
+            _merge(labels, np.arange(first.n), np.asarray(col, dtype=np.int64))
+        return [int(c) for c in labels]
+
+    return replace(
+        first,
+        clusters=union([r.clusters for r in reports]),
+        looser={t: union([r.looser[t] for r in reports]) for t in first.looser},
+    )
 
 
 def audit_dataset(

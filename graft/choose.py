@@ -3,8 +3,8 @@
 Every backbone whose weights are on this machine (EfficientNet-Lite0/1/2 always; VGG16 when
 its weights are in the torch cache; every timm model in the Hugging Face cache: nothing is
 downloaded) embeds every image once through the feature cache, so a second run on the same
-data costs seconds. The split is made first, from the duplicate audit
-on the first backbone's features (near-duplicate clusters kept on one side, as in any run),
+data costs seconds. The split is made first, from the duplicate audits of all of them
+(near-duplicate clusters, as any backbone sees them, kept on one side, as in any run),
 and the probe (a logistic regression on pooled features) trains on the training part and is
 scored on the validation part only: the test part plays no role in the choice, and the run
 goes on with exactly this split.
@@ -61,12 +61,13 @@ def choose_backbone(
     config: Any, data: ScanResult, reporter: Any, workers: int = 0, ddp: Any = None
 ) -> Choice:
     """Embed every image with each backbone whose weights are here (through the feature
-    cache), split on the first one's duplicate audit, and keep the backbone whose linear
+    cache), split on their duplicate audits joined, and keep the backbone whose linear
     probe scores best on validation."""
+    from .audit import audit_for_split, joined_audits
     from .detail import new_model_info
     from .features import FrozenFeatures
     from .model import build_model
-    from .split import split_new_run
+    from .split import choose_split
 
     embedded: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
@@ -95,8 +96,10 @@ def choose_backbone(
             embedded[name] = features.views(data, everything, label=label).numpy()
         seconds[name] = time.perf_counter() - t0
         del model
-    first = next(iter(embedded))
-    split, _ = split_new_run(config, data, embedded[first], reporter)
+    # Split on every backbone's near-copies at once: whichever the probe keeps, its own
+    # audit in the run then finds no pair of near-copies on two sides.
+    report = joined_audits([audit_for_split(config, data, x) for x in embedded.values()])
+    split = choose_split(config, data, report, reporter, next(iter(embedded.values())))
     side = np.asarray(split.subsets)
     train, val = np.nonzero(side == "train")[0], np.nonzero(side == "val")[0]
     y = np.asarray(data.labels)

@@ -233,3 +233,40 @@ def test_default_split_climbs_the_ladder_until_clusters_split() -> None:
         _cluster_split(replace(tight, group_by="auto"), data, report, Reporter())
     with pytest.raises(UsageError, match="group"):
         TrainConfig(group_threshold=0.3)
+
+
+def test_a_split_on_joined_audits_keeps_every_backbones_near_copies_together() -> None:
+    # --backbone auto splits before it knows which backbone it keeps: backbone A sees
+    # images 3 and 40 as near-copies, backbone B sees 7 and 50 (and 50 and 61). Split on
+    # either audit alone, the other's pairs may straddle; split on both joined, none does.
+    from types import SimpleNamespace
+
+    from graft.audit import joined_audits
+    from graft.progress import Reporter
+    from graft.split import choose_split
+
+    rng = np.random.default_rng(0)
+    n, labels = 90, [i % 3 for i in range(90)]
+    shas = [str(i) for i in range(n)]
+    a, b = rng.normal(size=(n, 64)), rng.normal(size=(n, 64))
+    a[40] = a[3] + 0.01 * rng.normal(size=64)
+    for i, j in ((7, 50), (50, 61)):
+        b[j] = b[i] + 0.01 * rng.normal(size=64)
+    labels[40], labels[50], labels[61] = labels[3], labels[7], labels[7]
+    config = TrainConfig()
+    reports = [audit(shas, labels, x, config.dup_threshold, looser=[0.9]) for x in (a, b)]
+    joined = joined_audits(reports)
+    assert joined.clusters[3] == joined.clusters[40]
+    assert joined.clusters[7] == joined.clusters[50] == joined.clusters[61]
+    assert joined.clusters_at(0.9)[3] == joined.clusters_at(0.9)[40]
+    assert joined.n_clusters_multi == 2 and reports[0].n_clusters_multi == 1
+    data = SimpleNamespace(labels=labels, classes=list(CLASSES), layout="class folders")
+    for seed in range(4):  # on several splits, not on one lucky one
+        split = choose_split(replace(config, seed=seed), data, joined, Reporter(), a)
+        for report in reports:
+            check_split(report, split.subsets)
+            assert len(report.straddling) == 0, seed
+        # what --backbone auto did before: split on the first backbone's audit alone
+        alone = choose_split(replace(config, seed=seed), data, reports[0], Reporter(), a)
+        check_split(reports[1], alone.subsets)
+        assert len(reports[1].straddling) > 0, seed
