@@ -382,30 +382,31 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    _warn_if_unfinished("export", args.run)
+    if not args.quiet:
+        _warn_if_unfinished("export", args.run)
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(text, file=sys.stderr)
 
     if args.int8:
-        print(
+        say(
             "Quantizing to INT8: calibrating on up to 128 training images of the run, then "
-            "comparing with fp32 on its held-out test split...",
-            file=sys.stderr,
+            "comparing with fp32 on its held-out test split..."
         )
     out = export_run(
         args.run, args.format, args.out, args.force, int8=args.int8, data_root=args.data_root
     )
     for f in sorted(out.iterdir()):
-        print(f"  {f.name:<20} {f.stat().st_size / 1e6:8.2f} MB", file=sys.stderr)
+        say(f"  {f.name:<20} {f.stat().st_size / 1e6:8.2f} MB")
     if args.int8:
         from .export import METADATA_FILE
         from .quantize import describe_agreement
 
         report = json.loads((out / METADATA_FILE).read_text())["int8"]
-        print("\n".join(describe_agreement(report)), file=sys.stderr)
-    print(f"Exported {args.format}{' INT8' * args.int8}: {_display(out)}", file=sys.stderr)
-    print(
-        f"Try it:  python {shell_path(out / 'graft_runtime.py')} {shell_path(out)} IMAGE",
-        file=sys.stderr,
-    )
+        say("\n".join(describe_agreement(report)))
+    say(f"Exported {args.format}{' INT8' * args.int8}: {_display(out)}")
+    say(f"Try it:  python {shell_path(out / 'graft_runtime.py')} {shell_path(out)} IMAGE")
     return 0
 
 

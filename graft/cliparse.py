@@ -286,6 +286,7 @@ def _add_export_parser(sub: Any) -> None:
         default=None,
         help="with --int8: where the run's images are now, if they moved since training",
     )
+    p.add_argument("--quiet", action="store_true", help="print only errors")
 
 
 def _add_unknown_option(p: argparse.ArgumentParser) -> None:

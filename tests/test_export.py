@@ -134,7 +134,9 @@ def test_export_never_overwrites_silently(trained_run: Path, tmp_path: Path, cap
     (other / "notes.txt").write_text("keep me")
     assert main(["export", str(trained_run), "--out", str(other), "--force"]) == 5
     assert (other / "notes.txt").read_text() == "keep me"
-    assert main(["export", str(trained_run), "--out", str(out), "--force"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(trained_run), "--out", str(out), "--force", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""  # --quiet: errors only
     assert not list(tmp_path.glob(".exp.*"))  # no staging folder left behind
 
 
