@@ -385,7 +385,9 @@ class ImageClassifier:
             _copy_tree(source, path)
         except OSError as exc:
             RunDir(path).discard_new(before, created)  # no half-copied run left behind
+            RunDir(path).restore_replaced()  # and the one it was replacing put back
             raise _os_error(exc, f"save the run to {path}") from exc
+        RunDir(path).drop_replaced()
         return path
 
     @classmethod

@@ -508,7 +508,13 @@ def _how_to_continue(args: argparse.Namespace) -> str:
     run = getattr(args, "resume", None) or getattr(args, "out", None)
     if args.command != "train" or not run:
         return ""
-    if RunDir(Path(run)).checkpoint.is_file():
+    folder = RunDir(Path(run))
+    if folder.finished:  # only --force reaches a finished run: it put that one back
+        return (
+            " Nothing of the new run was kept (it had no checkpoint yet); the run that "
+            "--force was replacing is back in place, as it was."
+        )
+    if folder.checkpoint.is_file():
         return (
             f" Its finished epochs are kept: `graft train --resume {shell_path(run)}` continues it."
         )

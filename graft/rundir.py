@@ -44,6 +44,9 @@ REPORT = "report.html"
 #: what graft wrote in the folder (relative names); --force removes these and nothing else
 MANIFEST = "graft-files.json"
 
+#: where --force keeps the run it replaces until the new run can take its place
+REPLACED = ".graft-replaced"
+
 # Run-folder files graft owns; --force removes exactly these, never anything else.
 RUN_FILES = (
     CONFIG,
@@ -233,13 +236,40 @@ class RunDir:
                     f"files with graft's names ({', '.join(clash[:4])}), so --force will not "
                     "touch it. Choose another --out."
                 )
-            for name in owned or []:  # a folder of only other files: nothing is removed
-                self._remove(name)
-            (out / MANIFEST).unlink(missing_ok=True)
+            # The run being replaced is set aside, not removed, until the new one can take
+            # its place (:meth:`drop_replaced`, :meth:`restore_replaced`): an interrupted
+            # --force must not leave the folder with neither.
+            aside = out / REPLACED
+            names = [*(owned or []), MANIFEST]  # only other files: nothing moves
+            if aside.is_dir() and not (self.checkpoint.is_file() or self.finished):
+                # a replacement killed before its first checkpoint: what it set aside is
+                # still the run to keep; its own files go
+                for name in names:
+                    self._remove(name)
+            else:
+                self._remove(REPLACED)  # (one a finished replacement did not get to drop)
+                for name in names:
+                    if (out / name).exists() or (out / name).is_symlink():
+                        aside.mkdir(exist_ok=True)
+                        (out / name).replace(aside / name)
             for leftover in out.glob(".*.tmp"):  # half-written files of a killed run
                 leftover.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         return sorted(p.name for p in out.iterdir())
+
+    def drop_replaced(self) -> None:
+        """The new run has taken the folder: the run --force replaced is removed."""
+        self._remove(REPLACED)
+
+    def restore_replaced(self) -> None:
+        """The new run left nothing (:meth:`discard_new` removed it): the run --force was
+        replacing is put back as it was."""
+        aside = self.path / REPLACED
+        if not aside.is_dir():
+            return
+        for entry in aside.iterdir():
+            entry.replace(self.path / entry.name)
+        aside.rmdir()
 
     def owned(self) -> list[str] | None:
         """The names graft wrote here: the manifest's, or for a run made before manifests

@@ -95,6 +95,7 @@ def fit(
         result = _fit(run, data_root, force)
         if ddp.main:
             run.dir.claim_new(run.user_files)
+            run.dir.drop_replaced()
         return result
     except BaseException:
         tracker.abort()
@@ -108,14 +109,16 @@ def fit(
 
 def _after_failure(run: Run) -> None:
     """A run that failed before its first epoch leaves nothing behind (the corrected
-    command needs no --force); one that trained keeps its files for --resume and records
-    them as graft's."""
+    command needs no --force) and puts back the run --force was replacing; one that
+    trained keeps its files for --resume, records them as graft's, and has replaced it."""
     if not run.ddp.main or run.user_files is None or not run.dir.path.is_dir():
         return
     if run.resume or run.dir.checkpoint.is_file():
         run.dir.claim_new(run.user_files)
+        run.dir.drop_replaced()
     else:
         run.dir.discard_new(run.user_files, created=run.created)
+        run.dir.restore_replaced()
 
 
 def _fit(run: Run, data_root: str | Path | None, force: bool) -> TrainResult:

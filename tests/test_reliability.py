@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import math
 import os
 import shutil
@@ -221,7 +222,6 @@ def test_force_replaces_only_graft_files(small: Path, tmp_path: Path) -> None:
     for name, text in mine.items():
         assert (out / name).read_text() == text, name
     assert not any((out / n).exists() for n in graft_eval)  # the old model's results went
-    import json
 
     owned = json.loads((out / MANIFEST).read_text())["files"]
     assert "model.safetensors" in owned and "notes.txt" not in owned
@@ -473,6 +473,47 @@ def test_force_removes_what_a_killed_run_left_half_written(small: Path, tmp_path
     leftover.write_bytes(b"")
     assert _train(small, out, "--force") == 0
     assert not leftover.exists()
+
+
+def test_an_interrupted_force_puts_the_replaced_run_back(
+    small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    # Found by the twelfth session's hostile pass: Ctrl+C early in a --force retrain left
+    # the folder empty, the finished run it was replacing gone and nothing to resume.
+    import graft.train
+
+    out = tmp_path / "run"
+    assert _train(small, out) == 0
+    assert main(["evaluate", str(out), str(small)]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # before the first checkpoint of the new run
+
+    with monkeypatch.context() as m:
+        m.setattr(graft.train, "fill_caches", interrupted)
+        assert _train(small, out, "--force", "--seed", "5") == 130
+    assert "back in place" in capsys.readouterr().err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # every file of the finished run, byte for byte, nothing else
+    assert main(["predict", str(out), str(next(small.rglob("*.png")))]) == 0
+    # kill -9 of a replacement (nothing unwinds): the run it set aside is still the one
+    # kept by the next --force that is interrupted
+    aside = out / ".graft-replaced"
+    aside.mkdir()
+    for p in list(out.iterdir()):
+        if p != aside:
+            p.replace(aside / p.name)
+    (out / "config.json").write_text('{"seed": 5}')  # the killed run's start
+    with monkeypatch.context() as m:
+        m.setattr(graft.train, "fill_caches", interrupted)
+        assert _train(small, out, "--force", "--seed", "5") == 130
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    # a replacement that finishes takes the folder and leaves nothing set aside
+    assert _train(small, out, "--force", "--seed", "5") == 0
+    assert not (out / ".graft-replaced").exists()
+    assert json.loads((out / "config.json").read_text())["seed"] == 5
 
 
 # --------------------------------------------------------------- the hostile pass of 1871cf6
