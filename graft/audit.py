@@ -519,7 +519,7 @@ def plot_pairs(
     """Example pairs side by side (three pairs a row), with subset and similarity."""
     from .data import load_image
     from .io import display
-    from .plots import save_figure, subplots
+    from .plots import quiet_glyphs, save_figure, subplots
 
     pairs = list(pairs)[:12]  # a picture of examples, never of everything
     if not pairs:
@@ -549,7 +549,7 @@ def plot_pairs(
             color="#cf222e",
         )
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    quiet_glyphs(fig.tight_layout)()  # file names in scripts the font lacks
     save_figure(fig, out)
 
 

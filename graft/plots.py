@@ -7,10 +7,12 @@ atomically as PNG.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import matplotlib
 import matplotlib.ticker
@@ -21,6 +23,23 @@ from .io import atomic_save
 
 STAGE_COLOURS = {"frozen": "#e8f0fe", "fine-tune": "#fef3e2"}
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def quiet_glyphs(fn: F) -> F:
+    """Class and file names in scripts the font lacks (CJK, emoji) are drawn as boxes;
+    matplotlib's warning for each missing glyph would reach the user's terminal as a raw
+    Python warning. Silenced here only, not in the process (a notebook's own plots keep
+    theirs)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
 
 def subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
     """``pyplot.subplots`` without pyplot: a Figure of its own, drawn by Agg when saved.
@@ -30,6 +49,7 @@ def subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[F
     return fig, fig.subplots(*grid, **kwargs)
 
 
+@quiet_glyphs
 def save_figure(fig: Any, path: Path) -> None:
     atomic_save(
         Path(path),
@@ -39,6 +59,7 @@ def save_figure(fig: Any, path: Path) -> None:
     )
 
 
+@quiet_glyphs
 def plot_class_counts(counts: dict[str, int], path: Path) -> None:
     """Horizontal bars: class names stay readable however many or long they are."""
     names, values = list(counts)[::-1], list(counts.values())[::-1]
@@ -76,6 +97,7 @@ def x_label(history: Sequence[Any]) -> str:
     return "epoch (both stages)" if len(stages) > 1 else "epoch"
 
 
+@quiet_glyphs
 def plot_learning_curves(
     history: Sequence[Any], path: Path, best_step: int | None = None, title: str = "Learning curves"
 ) -> None:
@@ -159,6 +181,7 @@ def plot_learning_curves(
     save_figure(fig, path)
 
 
+@quiet_glyphs
 def plot_confusion_matrix(
     matrix: np.ndarray, classes: Sequence[str], path: Path, title: str = "Confusion matrix"
 ) -> None:
@@ -189,6 +212,7 @@ def plot_confusion_matrix(
     save_figure(fig, path)
 
 
+@quiet_glyphs
 def plot_prediction_grid(
     items: Sequence[tuple[Any, str, str, bool | None]], path: Path, cols: int = 5
 ) -> None:
@@ -209,6 +233,7 @@ def plot_prediction_grid(
     save_figure(fig, path)
 
 
+@quiet_glyphs
 def plot_reliability(calib: dict, path: Path, title: str = "Calibration") -> None:
     """Reliability diagram: how often predictions of each confidence were right."""
     fig, ax = subplots(figsize=(4.8, 4.4))
@@ -251,6 +276,7 @@ def plot_reliability(calib: dict, path: Path, title: str = "Calibration") -> Non
     save_figure(fig, path)
 
 
+@quiet_glyphs
 def plot_top_losses(items: Sequence[dict], path: Path, cols: int = 4) -> None:
     """The most confidently wrong images, with predicted / true class and probability."""
     from .data import load_image
@@ -284,6 +310,7 @@ def plot_top_losses(items: Sequence[dict], path: Path, cols: int = 4) -> None:
     save_figure(fig, path)
 
 
+@quiet_glyphs
 def plot_familiarity(inside: np.ndarray, outside: np.ndarray, stats: dict, path: Path) -> None:
     """The score of in-class images against that of ``--others`` images (images of none of
     the classes), each side normalised to its own count so that a few hundred others and a

@@ -111,3 +111,30 @@ def test_learning_curves_break_between_stages(tmp_path: Path) -> None:
     assert x_label(rows[:3]) == "step: L2 path points" and x_label(rows[3:]) == "epoch"
     plot_learning_curves(rows, tmp_path / "curves.png", best_step=3)
     assert Image.open(tmp_path / "curves.png").size[0] > 800
+
+
+def test_names_in_scripts_the_font_lacks_draw_without_raw_warnings(tmp_path: Path) -> None:
+    # Found by the twelfth session's hostile pass: a class or file named in CJK printed
+    # matplotlib's "Glyph ... missing from font" warnings on the user's terminal.
+    import warnings
+
+    import numpy as np
+
+    from graft.audit import plot_pairs
+    from graft.plots import plot_class_counts, plot_confusion_matrix
+
+    names = ["名前", "ピカチュウ", "cat"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        plot_class_counts(dict(zip(names, [3, 4, 5], strict=True)), tmp_path / "counts.png")
+        plot_confusion_matrix(np.eye(3, dtype=int), names, tmp_path / "confusion.png")
+        image = tmp_path / "図.png"
+        from PIL import Image
+
+        Image.new("RGB", (16, 16), "red").save(image)
+        plot_pairs([(0, 0, 1.0)], [image], None, tmp_path / "pairs.png")
+    assert all(
+        (tmp_path / f).stat().st_size > 0 for f in ("counts.png", "confusion.png", "pairs.png")
+    )
+    # and the filter was local: the process's own warnings are untouched
+    assert not any("Glyph" in str(f[2]) for f in warnings.filters if f[1] is not None)
