@@ -97,6 +97,7 @@ class AuditReport:
     straddling: Pairs = field(default_factory=Pairs)
     #: the pairs of ``straddling`` on two sides of the split the user made (graft.layouts)
     straddling_given: Pairs = field(default_factory=Pairs)
+    clusters_of: str = ""  # whose near-copies ``clusters`` are, when not one embedding's
 
     @property
     def n_clusters_multi(self) -> int:
@@ -519,7 +520,7 @@ def plot_pairs(
     """Example pairs side by side (three pairs a row), with subset and similarity."""
     from .data import load_image
     from .io import display
-    from .plots import quiet_glyphs, save_figure, subplots
+    from .plots import save_figure, subplots, tight_layout
 
     pairs = list(pairs)[:12]  # a picture of examples, never of everything
     if not pairs:
@@ -549,7 +550,7 @@ def plot_pairs(
             color="#cf222e",
         )
     fig.suptitle(title, fontsize=11)
-    quiet_glyphs(fig.tight_layout)()  # file names in scripts the font lacks
+    tight_layout(fig)
     save_figure(fig, out)
 
 
@@ -560,24 +561,24 @@ def audit_for_split(config: Any, data: Any, embeddings: np.ndarray) -> AuditRepo
     return audit(data.sha256, data.labels, embeddings, config.dup_threshold, looser=rungs)
 
 
-def joined_audits(reports: Sequence[AuditReport]) -> AuditReport:
-    """One audit whose clusters join those of every report (at its threshold and at each
-    looser one) over the same images: a pair that any of the embeddings calls near-copies
-    stays on one side of a split made on it. ``--backbone auto`` splits on it, so the
-    audit of whichever backbone it then keeps finds nothing straddling. Pairs and exact
-    groups are the first report's."""
+def joined_audits(reports: Sequence[AuditReport], clusters_of: str = "") -> AuditReport:
+    """One audit whose clusters (at each threshold) join those of every report on the same
+    images: near-copies to any of the embeddings stay on one side of a split made on it, so
+    ``--backbone auto``'s kept backbone finds none straddling. Pairs and exact groups are
+    the first report's; ``clusters_of`` says whose the clusters are (the split's note)."""
     first = reports[0]
 
     def union(columns: list[Sequence[int]]) -> list[int]:
-        labels = np.arange(first.n)
-        for col in columns:
-            _merge(labels, np.arange(first.n), np.asarray(col, dtype=np.int64))
-        return [int(c) for c in labels]
+        labels, every = np.arange(first.n), np.arange(first.n)
+        for col in columns:  # each image joined to its cluster's representative
+            _merge(labels, every, np.asarray(col, dtype=np.int64))
+        return labels.tolist()
 
     return replace(
         first,
         clusters=union([r.clusters for r in reports]),
         looser={t: union([r.looser[t] for r in reports]) for t in first.looser},
+        clusters_of=clusters_of,
     )
 
 

@@ -98,14 +98,10 @@ def choose_backbone(
         del model
     # Split on every backbone's near-copies at once: whichever the probe keeps, its own
     # audit in the run then finds no pair of near-copies on two sides.
-    report = joined_audits([audit_for_split(config, data, x) for x in embedded.values()])
+    # (the clusters' count is then not the kept backbone's audit's: the note says whose)
+    whose = f"that any of the {len(embedded)} probed backbones finds" if len(embedded) > 1 else ""
+    report = joined_audits([audit_for_split(config, data, x) for x in embedded.values()], whose)
     split = choose_split(config, data, report, reporter, next(iter(embedded.values())))
-    if len(embedded) > 1:  # its count is not the kept backbone's audit's: say whose it is
-        split.note = split.note.replace(
-            "clusters of near-copies ",
-            f"clusters of near-copies that any of the {len(embedded)} probed backbones finds ",
-            1,
-        )
     side = np.asarray(split.subsets)
     train, val = np.nonzero(side == "train")[0], np.nonzero(side == "val")[0]
     y = np.asarray(data.labels)

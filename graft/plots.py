@@ -7,12 +7,12 @@ atomically as PNG.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import matplotlib
 import matplotlib.ticker
@@ -23,22 +23,16 @@ from .io import atomic_save
 
 STAGE_COLOURS = {"frozen": "#e8f0fe", "fine-tune": "#fef3e2"}
 
-F = TypeVar("F", bound=Callable[..., Any])
 
-
-def quiet_glyphs(fn: F) -> F:
+@contextlib.contextmanager
+def _quiet_glyphs() -> Iterator[None]:
     """Class and file names in scripts the font lacks (CJK, emoji) are drawn as boxes;
     matplotlib's warning for each missing glyph would reach the user's terminal as a raw
-    Python warning. Silenced here only, not in the process (a notebook's own plots keep
-    theirs)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
-            return fn(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
+    Python warning. Silenced where graft's figures are drawn (laid out, saved) only, not
+    in the process (a notebook's own plots keep theirs)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+        yield
 
 
 def subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
@@ -49,17 +43,21 @@ def subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[F
     return fig, fig.subplots(*grid, **kwargs)
 
 
-@quiet_glyphs
+def tight_layout(fig: Any) -> None:
+    with _quiet_glyphs():
+        fig.tight_layout()
+
+
 def save_figure(fig: Any, path: Path) -> None:
-    atomic_save(
-        Path(path),
-        lambda tmp: fig.savefig(
-            tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": "graft"}
-        ),
-    )
+    with _quiet_glyphs():
+        atomic_save(
+            Path(path),
+            lambda tmp: fig.savefig(
+                tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": "graft"}
+            ),
+        )
 
 
-@quiet_glyphs
 def plot_class_counts(counts: dict[str, int], path: Path) -> None:
     """Horizontal bars: class names stay readable however many or long they are."""
     names, values = list(counts)[::-1], list(counts.values())[::-1]
@@ -97,7 +95,6 @@ def x_label(history: Sequence[Any]) -> str:
     return "epoch (both stages)" if len(stages) > 1 else "epoch"
 
 
-@quiet_glyphs
 def plot_learning_curves(
     history: Sequence[Any], path: Path, best_step: int | None = None, title: str = "Learning curves"
 ) -> None:
@@ -181,7 +178,6 @@ def plot_learning_curves(
     save_figure(fig, path)
 
 
-@quiet_glyphs
 def plot_confusion_matrix(
     matrix: np.ndarray, classes: Sequence[str], path: Path, title: str = "Confusion matrix"
 ) -> None:
@@ -212,7 +208,6 @@ def plot_confusion_matrix(
     save_figure(fig, path)
 
 
-@quiet_glyphs
 def plot_prediction_grid(
     items: Sequence[tuple[Any, str, str, bool | None]], path: Path, cols: int = 5
 ) -> None:
@@ -229,11 +224,10 @@ def plot_prediction_grid(
     for ax, (image, line1, line2, correct) in zip(axes.flat, items, strict=False):
         ax.imshow(image)
         ax.set_title(f"{line1}\n{line2}", fontsize=9, color=colours[correct])
-    fig.tight_layout()
+    tight_layout(fig)
     save_figure(fig, path)
 
 
-@quiet_glyphs
 def plot_reliability(calib: dict, path: Path, title: str = "Calibration") -> None:
     """Reliability diagram: how often predictions of each confidence were right."""
     fig, ax = subplots(figsize=(4.8, 4.4))
@@ -276,7 +270,6 @@ def plot_reliability(calib: dict, path: Path, title: str = "Calibration") -> Non
     save_figure(fig, path)
 
 
-@quiet_glyphs
 def plot_top_losses(items: Sequence[dict], path: Path, cols: int = 4) -> None:
     """The most confidently wrong images, with predicted / true class and probability."""
     from .data import load_image
@@ -306,11 +299,10 @@ def plot_top_losses(items: Sequence[dict], path: Path, cols: int = 4) -> None:
             color="#cf222e",
         )
     fig.suptitle("Most confidently wrong", fontsize=11)
-    fig.tight_layout()
+    tight_layout(fig)
     save_figure(fig, path)
 
 
-@quiet_glyphs
 def plot_familiarity(inside: np.ndarray, outside: np.ndarray, stats: dict, path: Path) -> None:
     """The score of in-class images against that of ``--others`` images (images of none of
     the classes), each side normalised to its own count so that a few hundred others and a

@@ -481,7 +481,7 @@ def _cluster_split(
     the first whose split keeps every class within its share bounds is used, else the one
     that comes closest. By default, fall back to an image-by-image split (with a warning)
     when no rung's groups can be split at all."""
-    from .audit import grouping_ladder
+    from .audit import grouping_ladder, split_lookalikes
 
     how = "--group-by auto" if config.group_by else "the default; --group-by none turns it off"
     tried, found = [], []
@@ -495,8 +495,6 @@ def _cluster_split(
     for t in rungs:
         clusters, broken = np.asarray(report.clusters_at(t)), 0
         if embeddings is not None and t < config.dup_threshold:
-            from .audit import split_lookalikes
-
             clusters, broken = split_lookalikes(
                 clusters, embeddings, data.labels, t, floor, config.dup_threshold
             )
@@ -528,8 +526,9 @@ def _cluster_split(
         # the rung closest to the bounds (the loosest of equals)
         _, t, subsets, groups, broken = min(found, key=lambda f: f[0])
         ids, counts = np.unique(groups, return_counts=True)
+        whose = f"{report.clusters_of} " if report.clusters_of else ""
         note = (
-            f"Split by group: the {int((counts > 1).sum())} clusters of near-copies "
+            f"Split by group: the {int((counts > 1).sum())} clusters of near-copies {whose}"
             f"(cosine >= {t:g}) are each kept on one side ({how}); {len(ids)} groups."
         )
         if broken:
