@@ -520,7 +520,7 @@ def plot_pairs(
     """Example pairs side by side (three pairs a row), with subset and similarity."""
     from .data import load_image
     from .io import display
-    from .plots import save_figure, subplots, tight_layout
+    from .plots import clipped, save_figure, subplots, tight_layout
 
     pairs = list(pairs)[:12]  # a picture of examples, never of everything
     if not pairs:
@@ -538,7 +538,7 @@ def plot_pairs(
             p = Path(paths[i])
             name = p.relative_to(root).as_posix() if root and p.is_relative_to(root) else p.name
             where = f"\n[{subsets[i]}]" if subsets is not None else ""
-            ax.set_title(f"{display(name)[-30:]}{where}", fontsize=8)
+            ax.set_title(f"{clipped(display(name), 30, keep_end=True)}{where}", fontsize=8)
         axes[r, 2 * c].text(
             1.0,
             -0.08,

@@ -43,6 +43,14 @@ def subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[F
     return fig, fig.subplots(*grid, **kwargs)
 
 
+def clipped(text: str, width: int, keep_end: bool = False) -> str:
+    """``text`` cut to ``width`` characters with an ellipsis where it was cut (a file name's
+    start, or a path's end with ``keep_end``)."""
+    if len(text) <= width:
+        return text
+    return "…" + text[1 - width :] if keep_end else text[: width - 1] + "…"
+
+
 def tight_layout(fig: Any) -> None:
     with _quiet_glyphs():
         fig.tight_layout()
@@ -293,7 +301,7 @@ def plot_top_losses(items: Sequence[dict], path: Path, cols: int = 4) -> None:
         except Exception:  # the file changed since evaluation: show the text only
             pass
         ax.set_title(
-            f"{display(Path(item['path']).name)[:24]}\npredicted {item['predicted']} "
+            f"{clipped(display(Path(item['path']).name), 24)}\npredicted {item['predicted']} "
             f"{item['probability']:.0%}\ntrue {item['true']}",
             fontsize=8,
             color="#cf222e",

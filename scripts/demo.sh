@@ -41,6 +41,10 @@ echo; echo "== graft report"
 $GRAFT report "$OUT"
 
 end=$(date +%s)
+# leakage_pairs.png exists only when near-copies straddle the split (graft keeps them on
+# one side by default); the scan's picture shows the duplicates it found either way.
+PAIRS="$OUT-scan_duplicates.png"
+[ -f "$OUT/leakage_pairs.png" ] && PAIRS="$OUT/leakage_pairs.png"
 cat <<MSG
 
 Demo finished in $((end - start)) s. Results:
@@ -51,5 +55,5 @@ Demo finished in $((end - start)) s. Results:
   unseen predictions  $OUT/unseen_predictions.png
   summary             $OUT/summary.json
   artwork evaluation  $OUT/eval-$(basename "$ART")/
-  duplicate audit     $OUT/audit.json, $OUT/leakage_pairs.png
+  duplicate audit     $OUT/audit.json, $PAIRS
 MSG

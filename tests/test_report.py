@@ -138,3 +138,13 @@ def test_names_in_scripts_the_font_lacks_draw_without_raw_warnings(tmp_path: Pat
     )
     # and the filter was local: the process's own warnings are untouched
     assert not any("Glyph" in str(f[2]) for f in warnings.filters if f[1] is not None)
+
+
+def test_names_cut_to_fit_a_figure_say_they_were_cut() -> None:
+    from graft.plots import clipped
+
+    assert clipped("pikachu/back-shiny-female-015.png", 30, keep_end=True) == (
+        "…chu/back-shiny-female-015.png"
+    )
+    assert clipped("a-very-long-file-name-of-a-photo.jpg", 24) == "a-very-long-file-name-o…"
+    assert clipped("short.png", 24) == "short.png"
