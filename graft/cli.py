@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import stopping
 from .cliparse import build_parser, config_from_args
 from .config import TrainConfig
 from .errors import (
@@ -473,7 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ._malloc import tune_malloc
 
     tune_malloc()  # where work starts, before torch allocates: see graft._malloc
-    _stop_cleanly_on_sigterm()
+    # `kill` or `timeout` (SIGTERM) unwinds like Ctrl+C, so a run stopped before its first
+    # epoch removes what it wrote (graft.train) instead of leaving a half-made folder
+    stopping.install()
     try:
         if os.environ.get("GRAFT_ENGINE"):  # a bad value is refused before any work
             from .inference import wanted_engine
@@ -523,19 +526,6 @@ def _how_to_continue(args: argparse.Namespace) -> str:
         "finished epoch, or once stage 1's linear probe has solved its whole L2 path). Run "
         "the same command again."
     )
-
-
-def _stop_cleanly_on_sigterm() -> None:
-    """`kill` or `timeout` (SIGTERM) unwinds like Ctrl+C, so a run stopped before its first
-    epoch removes what it wrote (graft.train) instead of leaving a half-made folder."""
-    import signal
-    import threading
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _bug(command: str, exc: BaseException) -> int:

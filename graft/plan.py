@@ -23,6 +23,7 @@ from .errors import UsageError
 from .model import GraftModel
 from .progress import Reporter
 from .rundir import RunDir
+from .stopping import raise_if_stopping
 
 __all__ = ["Features", "Plan", "Run", "describe_plan", "make_plan"]
 
@@ -66,7 +67,9 @@ class Run:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Add the wall time of the block to ``timings[name + "_seconds"]`` (summary.json:
-        the phases of a run add up to its total, and the end of the run prints them)."""
+        the phases of a run add up to its total, and the end of the run prints them). A
+        stop asked for by a signal is acted on here too (graft.stopping)."""
+        raise_if_stopping()
         started = time.perf_counter()
         try:
             yield

@@ -22,6 +22,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .stopping import raise_if_stopping
+
 T = TypeVar("T")
 
 
@@ -43,6 +45,18 @@ class Reporter:
 
     @contextlib.contextmanager
     def bar(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
+        """``with reporter.bar("Training", n) as advance: ... advance(k)``. Each step is
+        also where a stop asked for by a signal is acted on (graft.stopping)."""
+        with self._bar(label, total) as advance:
+
+            def step(n: int) -> None:
+                advance(n)
+                raise_if_stopping()
+
+            yield step
+
+    @contextlib.contextmanager
+    def _bar(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
         if self.verbose and self.console.is_jupyter:
             # rich's live bars need ipywidgets in a notebook: an HTML output instead
             from .notebook import notebook_bar
