@@ -16,7 +16,9 @@ bigger than the network's input, as users give them). Reported:
 - end to end: ``graft.fast.open_predictor(RUN).predict_scores(paths)`` (decode, resize,
   normalise, run, in batches of 32) with 1 and 2 decoding threads, and its ratio to the
   network alone on the same engine;
-- ``graft predict RUN DIR --out x.csv`` as a fresh process (start-up included).
+- ``graft predict RUN DIR --out x.csv`` as a fresh process (start-up included);
+- where a file's preparation goes: each step of ``graft.runtime`` by format, in ms per
+  image, against the network's core-ms per image.
 
 ``--peak``: the CPU's fp32 peak in GFLOP/s. This machine's: 2 cores x 2.45 GHz x 2 FMA units
 x 8 fp32 lanes (AVX2) x 2 FLOP per FMA = 157 GFLOP/s.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import graft._malloc  # noqa: E402,F401  (the allocator tuning graft uses)
+
+if TYPE_CHECKING:
+    from graft.runtime import Preprocessing
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
@@ -92,6 +99,46 @@ def gflop_per_image(run: Path) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def step_costs(paths: list[Path], pre: Preprocessing) -> dict[str, dict[str, float]]:
+    """Where one file's preparation goes, by format: ms per image of each step of
+    ``graft.runtime`` (decode with the JPEG draft, trim, detail cap, resize, normalise),
+    each the best of 5 passes over up to 100 files of that format, on one thread."""
+    from PIL import Image
+
+    from graft.runtime import cap_detail, load_image, normalise_into, trim_background
+
+    mean = np.asarray(pre.mean, dtype=np.float32)
+    std = np.asarray(pre.std, dtype=np.float32)
+    out = np.empty((1, 3, pre.size, pre.size), dtype=np.float32)
+    square = (pre.size, pre.size)
+
+    def ms(fn: Any, items: list[Any]) -> float:
+        fn(items[0])
+        best = math.inf
+        for _ in range(5):
+            t = time.perf_counter()
+            for item in items:
+                fn(item)
+            best = min(best, time.perf_counter() - t)
+        return best / len(items) * 1e3
+
+    costs: dict[str, dict[str, float]] = {}
+    for suffix in sorted({p.suffix.lower() for p in paths}):
+        files = [p for p in paths if p.suffix.lower() == suffix][:100]
+        images = [load_image(f, pre.size) for f in files]
+        trimmed = [trim_background(im) if pre.trim else im for im in images]
+        capped = [cap_detail(im, pre.detail) for im in trimmed]
+        resized = [np.asarray(im.resize(square, Image.Resampling.BILINEAR))[None] for im in capped]
+        costs[suffix] = {
+            "decode": ms(lambda f: load_image(f, pre.size), files),
+            "trim": ms(trim_background, images) if pre.trim else 0.0,
+            "detail cap": ms(lambda im: cap_detail(im, pre.detail), trimmed),
+            "resize": ms(lambda im: im.resize(square, Image.Resampling.BILINEAR), capped),
+            "normalise": ms(lambda a: normalise_into(out, a, mean, std), resized),
+        }
+    return costs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
@@ -128,6 +175,7 @@ def main() -> None:
             engine = make()
             network[name] = rate(lambda e=engine: e.run(x), len(x))
         prepare = predictor.prepare  # type: ignore[attr-defined]
+        steps = step_costs(paths, predictor.info.preprocessing)  # type: ignore[attr-defined]
         decode = rate(lambda: [prepare(p) for p in paths[:200]], 200, 2)
         engine_name = predictor.engine.name  # type: ignore[attr-defined]
         own = rate(lambda: predictor.engine.run(x), len(x))  # type: ignore[attr-defined]
@@ -161,6 +209,15 @@ def main() -> None:
     )
     for workers, r in end_to_end.items():
         print(f"  {workers} decoding thread(s): {r:6.0f} files/s = {r / own:.0%} of the network")
+    print(
+        f"\nwhere a file's preparation goes (ms per image, one thread; the network: "
+        f"{cores / own * 1e3:.2f} core-ms per image)"
+    )
+    names = list(next(iter(steps.values())))
+    print(f"  {'format':8}" + "".join(f"{n:>12}" for n in names) + f"{'sum':>8}")
+    for suffix, cost in steps.items():
+        row = "".join(f"{cost[n]:12.3f}" for n in names)
+        print(f"  {suffix:8}{row}{sum(cost.values()):8.3f}")
     print(f"  `graft predict RUN DIR --out`, a fresh process: {command:.0f} files/s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +233,7 @@ def main() -> None:
                     "end_to_end_files_s": end_to_end,
                     "decode_img_s_one_thread": decode,
                     "bound_files_s": bound,
+                    "step_ms": steps,
                     "command_files_s": command,
                 },
                 indent=2,
