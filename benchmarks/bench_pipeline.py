@@ -176,7 +176,8 @@ def main() -> None:
             network[name] = rate(lambda e=engine: e.run(x), len(x))
         prepare = predictor.prepare  # type: ignore[attr-defined]
         steps = step_costs(paths, predictor.info.preprocessing)  # type: ignore[attr-defined]
-        decode = rate(lambda: [prepare(p) for p in paths[:200]], 200, 2)
+        sample = paths[:200]
+        decode = rate(lambda: [prepare(p) for p in sample], len(sample), 2)
         engine_name = predictor.engine.name  # type: ignore[attr-defined]
         own = rate(lambda: predictor.engine.run(x), len(x))  # type: ignore[attr-defined]
         end_to_end = {}

@@ -48,7 +48,7 @@ from .errors import (
 )
 from .io import check_output_file, check_output_folder, shell_path
 from .io import display as _display
-from .rundir import RunDir
+from .rundir import REPORT, RunDir
 
 # --------------------------------------------------------------------------- commands
 
@@ -487,8 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"graft {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"graft {args.command}: interrupted.{_how_to_continue(args)}", file=sys.stderr)
-        return 130
+        return _interrupted(args)
     except BrokenPipeError:
         # Whoever read stdout went away (`graft evaluate RUN | head -1`): not a bug, and
         # nothing left to say. Exit as a process killed by SIGPIPE would, with stdout
@@ -502,7 +501,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"graft {args.command}: error: {message}", file=sys.stderr)
         return SystemResourceError.exit_code
     except Exception as exc:  # a bug: say so in one line, keep the details
+        if stopping.stop_requested():  # e.g. an import the signal cut short
+            return _interrupted(args)
         return _bug(args.command, exc)
+    finally:
+        stopping.uninstall()
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    print(f"graft {args.command}: interrupted.{_how_to_continue(args)}", file=sys.stderr)
+    return 130
 
 
 def _how_to_continue(args: argparse.Namespace) -> str:
@@ -512,6 +520,12 @@ def _how_to_continue(args: argparse.Namespace) -> str:
     if args.command != "train" or not run:
         return ""
     folder = RunDir(Path(run))
+    if folder.finished and not (folder.path / REPORT).is_file():
+        # stopped while writing the report, the last step: the run itself is complete
+        return (
+            " The run finished; only its report is missing: "
+            f"`graft report {shell_path(run)}` writes it."
+        )
     if folder.finished:  # only --force reaches a finished run: it put that one back
         return (
             " Nothing of the new run was kept (it had no checkpoint yet); the run that "

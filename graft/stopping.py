@@ -8,7 +8,11 @@ with ``collections.abc`` inside ``try: ... except: pass`` when a module is first
 (``numpy.random`` is imported lazily at a run's first ``np.random.seed``), so a SIGTERM that
 landed there was lost and the run carried on to the end. The handler therefore also records
 the request, and graft raises it again at its next progress step or phase
-(:func:`raise_if_stopping`).
+(:func:`raise_if_stopping`). Only the first signal raises: a second one (Ctrl+C pressed
+twice, `timeout` and then `kill`) would land in the clean-up the first one started and
+leave a half-removed run folder, so it is ignored; and once the command has its result the
+handlers are put back (:func:`uninstall`), so that a signal during the interpreter's exit
+does not raise in its atexit hooks.
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 _requested: int | None = None
+_previous: dict[int, Any] = {}
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
     global _requested
+    if _requested is not None:  # the clean-up of the first one is under way
+        return
     _requested = signum
     raise KeyboardInterrupt
 
@@ -33,8 +41,23 @@ def install() -> None:
     global _requested
     _requested = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            _previous.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, _stop)
+
+
+def uninstall() -> None:
+    """Put back the handlers :func:`install` replaced."""
+    if threading.current_thread() is threading.main_thread():
+        while _previous:
+            signum, handler = _previous.popitem()
+            signal.signal(signum, handler)
+
+
+def stop_requested() -> bool:
+    """Whether a signal asked the process to stop (an error that follows may be its
+    consequence: an import it interrupted, say)."""
+    return _requested is not None
 
 
 def raise_if_stopping() -> None:
