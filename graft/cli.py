@@ -515,7 +515,13 @@ def _interrupted(args: argparse.Namespace) -> int:
 
 def _how_to_continue(args: argparse.Namespace) -> str:
     """After an interrupted ``graft train``: whether finished epochs were kept, and the
-    command that continues from them."""
+    command that continues from them; after ``graft predict --out``, that the file is
+    continued by the same command."""
+    if args.command == "predict" and getattr(args, "out", None):
+        return (
+            f" The predictions written so far are kept in {_display(args.out)}; the same command "
+            "continues it without repeating a row."
+        )
     run = getattr(args, "resume", None) or getattr(args, "out", None)
     if args.command != "train" or not run:
         return ""

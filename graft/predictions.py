@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -341,6 +342,21 @@ def _stamp_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.graft.json")
 
 
+def _where(path: str, base: str) -> str:
+    return os.path.normpath(os.path.join(base, path))
+
+
+def _begun_in(out: Path) -> str:
+    """The working folder of the call that began ``out`` (its stamp says; the current one
+    for a file begun before stamps carried it, or without a stamp)."""
+    try:
+        earlier = json.loads(_stamp_path(out).read_text())
+    except (OSError, ValueError):
+        return os.getcwd()
+    cwd = earlier.get("cwd") if isinstance(earlier, dict) else None
+    return cwd if isinstance(cwd, str) else os.getcwd()
+
+
 def _check_same_model(out: Path, model: dict[str, Any], continuing: bool) -> None:
     """Refuse to continue ``out`` with another model than the one that began it (its
     stamp, a hidden file beside it, says which): the file would mix two models' answers."""
@@ -395,7 +411,14 @@ def stream_predictions(
     done, keep = existing_results(out, fmt, header)  # validates before anything is written
     if model is not None:
         _check_same_model(out, model, continuing=keep > 0)
-    todo = [p for p in paths if str(p) not in done]
+    # the same file however it is spelled (`big/a.png`, `./big/a.png`, `/data/big/a.png`):
+    # paths written relative to the folder the file was begun in are read against it
+    here = os.getcwd()
+    base = _begun_in(out) if keep > 0 else here
+    done_at = {_where(d, base): error for d, error in done.items()}
+    todo = [p for p in paths if _where(str(p), here) not in done_at]
+    if base != here:  # continued from elsewhere: its rows name their files absolutely
+        todo = [Path(os.path.abspath(p)) for p in todo]
     started = time.perf_counter()
     written = failed = 0
     try:
@@ -407,7 +430,7 @@ def stream_predictions(
         if model is not None and keep == 0:
             from .io import atomic_write_json
 
-            atomic_write_json(_stamp_path(out), model)
+            atomic_write_json(_stamp_path(out), {**model, "cwd": os.getcwd()})
     except OSError as exc:
         raise _os_error(exc, f"write {out}") from exc
     with fh:
@@ -427,7 +450,7 @@ def stream_predictions(
             written += len(batch)
             if progress is not None:
                 progress(len(batch))
-    failed_before = sum(done.get(str(p), False) for p in paths)
+    failed_before = sum(done_at.get(_where(str(p), here), False) for p in paths)
     return StreamStats(
         written, len(paths) - len(todo), failed, time.perf_counter() - started, failed_before
     )

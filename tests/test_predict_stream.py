@@ -259,3 +259,40 @@ def test_a_file_begun_by_another_model_is_not_continued(
     assert main(["predict", *first]) == 2
     assert "weights_sha256 differ" in capsys.readouterr().err
     assert out.read_bytes() == before
+
+
+def test_a_file_continued_with_its_paths_spelled_otherwise_repeats_no_row(
+    trained_run: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a hostile pass: `graft predict RUN big --out x.csv`, interrupted, then
+    continued as `graft predict RUN /abs/big --out x.csv` (or from inside the folder) wrote
+    every row again. Paths are compared as the files they name: relative ones against the
+    folder the file was begun in, which its stamp records."""
+    out = tmp_path / "x.csv"
+    monkeypatch.chdir(images.parent)
+    assert main(["predict", str(trained_run), images.name, "--out", str(out)]) == 7
+    rows = out.read_text().splitlines()
+    cut = rows[:5]  # the header and four rows: an interrupted call
+    out.write_text("\n".join(cut) + "\n")
+    monkeypatch.chdir(images)  # from inside the folder now, its files as ./name
+    assert main(["predict", str(trained_run), ".", "--out", str(out)]) == 7
+    assert main(["predict", str(trained_run), str(images), "--out", str(out)]) == 7
+    again = list(csv.DictReader(out.read_text().splitlines()))
+    assert len(again) == len(rows) - 1, [r["path"] for r in again]
+    named = {Path(r["path"]).name for r in again}
+    assert len(named) == len(again)  # each file once
+
+
+def test_an_interrupted_call_says_the_same_command_continues_the_file(
+    trained_run: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import graft.predictions
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(graft.predictions, "stream_predictions", interrupted)
+    out = tmp_path / "x.csv"
+    assert main(["predict", str(trained_run), str(images), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"kept in {out}; the same command continues it" in err, err
