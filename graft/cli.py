@@ -501,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"graft {args.command}: error: {message}", file=sys.stderr)
         return SystemResourceError.exit_code
     except Exception as exc:  # a bug: say so in one line, keep the details
-        if stopping.stop_requested():  # e.g. an import the signal cut short
+        if stopping.stop_requested() is not None:  # e.g. an import the signal cut short
             return _interrupted(args)
         return _bug(args.command, exc)
     finally:
@@ -509,6 +509,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _interrupted(args: argparse.Namespace) -> int:
+    import signal
+
+    if args.command == "serve" and stopping.stop_requested() == signal.SIGTERM:
+        # a supervisor's stop while the model was still loading: as clean as a stop later
+        print("graft serve: stopped (SIGTERM) before it began serving.", file=sys.stderr)
+        return 0
     print(f"graft {args.command}: interrupted.{_how_to_continue(args)}", file=sys.stderr)
     return 130
 

@@ -54,10 +54,10 @@ def uninstall() -> None:
             signal.signal(signum, handler)
 
 
-def stop_requested() -> bool:
-    """Whether a signal asked the process to stop (an error that follows may be its
-    consequence: an import it interrupted, say)."""
-    return _requested is not None
+def stop_requested() -> int | None:
+    """The signal that asked the process to stop, if one did (an error that follows may be
+    its consequence: an import it interrupted, say)."""
+    return _requested
 
 
 def raise_if_stopping() -> None:

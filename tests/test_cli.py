@@ -329,7 +329,9 @@ def test_an_interrupted_train_says_whether_and_how_it_can_continue(tmp_path: Pat
     assert f"graft train --resume {run}" in graft.cli._how_to_continue(args)
     args = argparse.Namespace(command="train", out=None, resume=str(run))
     assert f"graft train --resume {run}" in graft.cli._how_to_continue(args)
-    assert graft.cli._how_to_continue(argparse.Namespace(command="predict", out="x")) == ""
+    predicting = argparse.Namespace(command="predict", out="x.csv")
+    assert "kept in x.csv; the same command continues it" in graft.cli._how_to_continue(predicting)
+    assert graft.cli._how_to_continue(argparse.Namespace(command="evaluate", out="x")) == ""
     spaced = tmp_path / "my runs" / "ü 1"  # typed as printed, it must name this one folder
     RunDir(spaced).path.mkdir(parents=True)
     RunDir(spaced).checkpoint.write_bytes(b"")

@@ -542,3 +542,31 @@ def test_sigterm_answers_the_requests_in_flight_and_exits_0(exported: Path) -> N
     assert all(body["predictions"][0]["label"] for _, body in answers)
     assert "Stopping: no new connections; 6 requests in progress" in err, err
     assert err.count(" POST /predict 200 images=1 ") == 6
+
+
+def test_sigterm_while_the_model_loads_is_a_clean_stop(trained_run: Path) -> None:
+    """A supervisor's stop (`systemctl stop`) that comes before the server listens exits 0
+    like one that comes later, not 130 (which systemd counts as a failure); Ctrl+C there
+    is still an interruption. (In a process of its own: the signal goes to it alone.)"""
+    driver = (
+        "import os, signal, sys, time\n"
+        "import graft.serve\n"
+        "from graft.cli import main\n"
+        "def build_server(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), getattr(signal, sys.argv[2]))\n"
+        "    time.sleep(5)\n"
+        "graft.serve.build_server = build_server\n"
+        "sys.exit(main(['serve', sys.argv[1], '--port', '8123']))\n"
+    )
+    for name, code, said in (
+        ("SIGTERM", 0, "stopped (SIGTERM) before it began serving"),
+        ("SIGINT", 130, "graft serve: interrupted."),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", driver, str(trained_run), name],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == code, done.stderr
+        assert said in done.stderr
