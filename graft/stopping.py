@@ -47,11 +47,16 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Put back the handlers :func:`install` replaced."""
+    """Put back the handlers :func:`install` replaced (one installed from C, which Python
+    cannot put back, stays replaced), and forget the request: it has been acted on, and
+    later library calls in this process (a notebook, a test) must not stop because of it."""
+    global _requested
+    _requested = None
     if threading.current_thread() is threading.main_thread():
         while _previous:
             signum, handler = _previous.popitem()
-            signal.signal(signum, handler)
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 def stop_requested() -> int | None:

@@ -736,3 +736,25 @@ def test_a_stop_while_the_report_is_written_says_the_run_finished(
     monkeypatch.undo()
     assert main(["report", str(out)]) == 0
     assert (out / "report.html").is_file()
+
+
+def test_the_stop_handlers_are_put_back_and_the_request_forgotten() -> None:
+    """After a command, the process's own handlers are back (a notebook's Ctrl+C, a test
+    runner's) and a stop that was acted on does not stop a later call."""
+    from graft import stopping
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    stopping.install()
+    try:
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):
+            stopping._stop(signal.SIGTERM, None)  # what the signal does
+        stopping._stop(signal.SIGINT, None)  # a second one: ignored, nothing raised
+        with pytest.raises(KeyboardInterrupt):
+            stopping.raise_if_stopping()  # and graft's next step raises it again
+        assert stopping.stop_requested() == signal.SIGTERM
+    finally:
+        stopping.uninstall()
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert stopping.stop_requested() is None
+    stopping.raise_if_stopping()  # nothing raised
