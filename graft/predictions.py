@@ -339,22 +339,44 @@ def _os_error(exc: OSError, action: str) -> GraftError:
 
 
 def _stamp_path(out: Path) -> Path:
-    return out.with_name(f".{out.name}.graft.json")
+    real = Path(os.path.realpath(out))  # beside the file itself, however --out reaches it
+    return real.with_name(f".{real.name}.graft.json")
 
 
 def _where(path: str, base: str) -> str:
-    return os.path.normpath(os.path.join(base, path))
+    """The file ``path`` names, read against ``base``: symbolic links resolved, so that
+    `link/a.png` and `big/a.png` are one file and `link/../big` goes where the system goes."""
+    return os.path.realpath(os.path.join(base, path))
 
 
-def _begun_in(out: Path) -> str:
-    """The working folder of the call that began ``out`` (its stamp says; the current one
-    for a file begun before stamps carried it, or without a stamp)."""
+def _begun_in(out: Path) -> str | None:
+    """The working folder of the call that began ``out``, as its stamp records it; None
+    when the stamp does not say (no stamp, or one from before stamps carried it)."""
     try:
         earlier = json.loads(_stamp_path(out).read_text())
     except (OSError, ValueError):
-        return os.getcwd()
+        return None
     cwd = earlier.get("cwd") if isinstance(earlier, dict) else None
-    return cwd if isinstance(cwd, str) else os.getcwd()
+    return cwd if isinstance(cwd, str) else None
+
+
+def _still_to_do(
+    paths: Sequence[Path], done: dict[str, bool], out: Path
+) -> tuple[list[Path], dict[str, bool]]:
+    """The paths whose files ``out`` has no row for, and the earlier rows by the file they
+    name. Relative rows are read against the folder the file was begun in, or the current
+    one when that folder is gone (moved together with its file) or unknown. Rows added from
+    another folder than the one they are read against name their files absolutely."""
+    here = os.getcwd()
+    if not done:
+        return list(paths), {}
+    begun = _begun_in(out)
+    base = begun if begun is not None and os.path.isdir(begun) else here
+    done_at = {_where(d, base): error for d, error in done.items()}
+    todo = [p for p in paths if _where(str(p), here) not in done_at]
+    if begun is None or base != here:
+        todo = [Path(os.path.abspath(p)) for p in todo]
+    return todo, done_at
 
 
 def _check_same_model(out: Path, model: dict[str, Any], continuing: bool) -> None:
@@ -408,17 +430,11 @@ def stream_predictions(
         raise UsageError(f"--out {out}: {out.parent} is a file, not a folder.")
     k = min(top_k, len(predictor.classes))
     header = csv_header(k)
+    if model is not None:  # another model first: its file would also differ in columns
+        _check_same_model(out, model, continuing=out.is_file() and out.stat().st_size > 0)
     done, keep = existing_results(out, fmt, header)  # validates before anything is written
-    if model is not None:
-        _check_same_model(out, model, continuing=keep > 0)
-    # the same file however it is spelled (`big/a.png`, `./big/a.png`, `/data/big/a.png`):
-    # paths written relative to the folder the file was begun in are read against it
-    here = os.getcwd()
-    base = _begun_in(out) if keep > 0 else here
-    done_at = {_where(d, base): error for d, error in done.items()}
-    todo = [p for p in paths if _where(str(p), here) not in done_at]
-    if base != here:  # continued from elsewhere: its rows name their files absolutely
-        todo = [Path(os.path.abspath(p)) for p in todo]
+    # the same file however it is spelled (`big/a.png`, `./big/a.png`, `/data/big/a.png`)
+    todo, done_at = _still_to_do(paths, done, out)
     started = time.perf_counter()
     written = failed = 0
     try:
@@ -450,7 +466,8 @@ def stream_predictions(
             written += len(batch)
             if progress is not None:
                 progress(len(batch))
-    failed_before = sum(done_at.get(_where(str(p), here), False) for p in paths)
+    here = os.getcwd()
+    failed_before = sum(done_at.get(_where(str(p), here), False) for p in paths) if done else 0
     return StreamStats(
         written, len(paths) - len(todo), failed, time.perf_counter() - started, failed_before
     )

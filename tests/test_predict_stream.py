@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -296,3 +297,47 @@ def test_an_interrupted_call_says_the_same_command_continues_the_file(
     assert main(["predict", str(trained_run), str(images), "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert f"kept in {out}; the same command continues it" in err, err
+
+
+def test_links_and_a_moved_folder_neither_repeat_nor_lose_a_row(
+    trained_run: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A second hostile pass: a symbolic link to the image folder wrote every row again;
+    `link/../folder` (where the system follows the link) skipped files never predicted;
+    a project folder moved with its file repeated every row; and --out reached through a
+    link to the file skipped the model check."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(images, project / "imgs")
+    (project / "link").symlink_to(project / "imgs", target_is_directory=True)
+    monkeypatch.chdir(project)
+    out = project / "x.csv"
+
+    def files_in(path: Path) -> list[str]:
+        rows = list(csv.DictReader(path.read_text().splitlines()))
+        return sorted(os.path.realpath(r["path"]) for r in rows)
+
+    assert main(["predict", str(trained_run), "imgs", "--out", "x.csv"]) == 7
+    whole = files_in(out)
+    cut = out.read_text().splitlines()[:5]
+    for spelled in ("link", "link/../imgs"):
+        out.write_text("\n".join(cut) + "\n")
+        assert main(["predict", str(trained_run), spelled, "--out", "x.csv"]) == 7
+        assert files_in(out) == whole, spelled  # each file once, none lost
+
+    out.write_text("\n".join(cut) + "\n")
+    moved = tmp_path / "moved"
+    project.rename(moved)  # the folder moves with its file; the same command continues it
+    monkeypatch.chdir(moved)
+    assert main(["predict", str(trained_run), "imgs", "--out", "x.csv"]) == 7
+    rows = list(csv.DictReader((moved / "x.csv").read_text().splitlines()))
+    assert len(rows) == len(whole) and len({r["path"] for r in rows}) == len(whole)
+
+    (tmp_path / "out-link.csv").symlink_to(moved / "x.csv")
+    before = (moved / "x.csv").read_bytes()
+    capsys.readouterr()
+    link = str(tmp_path / "out-link.csv")
+    assert main(["predict", str(trained_run), "imgs", "--out", link, "--tta"]) == 2
+    assert "another model or setting" in capsys.readouterr().err
+    assert (moved / "x.csv").read_bytes() == before
