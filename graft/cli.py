@@ -48,7 +48,7 @@ from .errors import (
 )
 from .io import check_output_file, check_output_folder, shell_path
 from .io import display as _display
-from .rundir import REPORT, RunDir
+from .rundir import RunDir
 
 # --------------------------------------------------------------------------- commands
 
@@ -532,7 +532,7 @@ def _how_to_continue(args: argparse.Namespace) -> str:
     if args.command != "train" or not run:
         return ""
     folder = RunDir(Path(run))
-    if folder.finished and not (folder.path / REPORT).is_file():
+    if folder.finished and not folder.report.is_file():
         # stopped while writing the report, the last step: the run itself is complete
         return (
             " The run finished; only its report is missing: "

@@ -349,48 +349,47 @@ def _where(path: str, base: str) -> str:
     return os.path.realpath(os.path.join(base, path))
 
 
-def _begun_in(out: Path) -> str | None:
-    """The working folder of the call that began ``out``, as its stamp records it; None
-    when the stamp does not say (no stamp, or one from before stamps carried it)."""
+def _read_stamp(out: Path) -> dict[str, Any] | None:
+    """What the call that began ``out`` recorded beside it (model, settings, its working
+    folder), or None: no stamp, one that cannot be read, or a file from before stamps."""
     try:
         earlier = json.loads(_stamp_path(out).read_text())
     except (OSError, ValueError):
         return None
-    cwd = earlier.get("cwd") if isinstance(earlier, dict) else None
-    return cwd if isinstance(cwd, str) else None
+    return earlier if isinstance(earlier, dict) else None
 
 
 def _still_to_do(
-    paths: Sequence[Path], done: dict[str, bool], out: Path
-) -> tuple[list[Path], dict[str, bool]]:
-    """The paths whose files ``out`` has no row for, and the earlier rows by the file they
-    name. Relative rows are read against the folder the file was begun in, or the current
-    one when that folder is gone (moved together with its file) or unknown. Rows added from
-    another folder than the one they are read against name their files absolutely."""
-    here = os.getcwd()
+    paths: Sequence[Path], done: dict[str, bool], begun: str | None
+) -> tuple[list[Path], int]:
+    """The paths whose files the file has no row for, and how many of the others' rows are
+    errors (unreadable files). Rows are compared as the files they name: relative rows read
+    against the folder the file was ``begun`` in, or the current one when that folder is
+    gone (moved together with its file) or unknown. Rows added from another folder than the
+    one they are read against name their files absolutely."""
     if not done:
-        return list(paths), {}
-    begun = _begun_in(out)
+        return list(paths), 0
+    here = os.getcwd()
     base = begun if begun is not None and os.path.isdir(begun) else here
     done_at = {_where(d, base): error for d, error in done.items()}
-    todo = [p for p in paths if _where(str(p), here) not in done_at]
+    todo, failed_before = [], 0
+    for p in paths:
+        error = done_at.get(_where(str(p), here))
+        if error is None:
+            todo.append(p)
+        else:
+            failed_before += error
     if begun is None or base != here:
         todo = [Path(os.path.abspath(p)) for p in todo]
-    return todo, done_at
+    return todo, failed_before
 
 
-def _check_same_model(out: Path, model: dict[str, Any], continuing: bool) -> None:
+def _check_same_model(out: Path, model: dict[str, Any], earlier: dict[str, Any] | None) -> None:
     """Refuse to continue ``out`` with another model than the one that began it (its
-    stamp, a hidden file beside it, says which): the file would mix two models' answers."""
-    stamp = _stamp_path(out)
-    if not continuing or not stamp.is_file():
+    stamp ``earlier``, a hidden file beside it, says which; None for a new file): the file
+    would mix two models' answers."""
+    if earlier is None:
         return  # a new file, or one from before stamps: nothing to compare
-    try:
-        earlier = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        return
-    if not isinstance(earlier, dict):
-        return
     # the model's path only names it (a run folder may move); its weights' hash decides
     differs = ", ".join(k for k in model if k != "model" and earlier.get(k) != model[k])
     if differs:
@@ -430,11 +429,14 @@ def stream_predictions(
         raise UsageError(f"--out {out}: {out.parent} is a file, not a folder.")
     k = min(top_k, len(predictor.classes))
     header = csv_header(k)
+    continuing = out.is_file() and out.stat().st_size > 0
+    stamp = _read_stamp(out) if continuing else None  # what began the file, if anything
     if model is not None:  # another model first: its file would also differ in columns
-        _check_same_model(out, model, continuing=out.is_file() and out.stat().st_size > 0)
+        _check_same_model(out, model, stamp)
     done, keep = existing_results(out, fmt, header)  # validates before anything is written
     # the same file however it is spelled (`big/a.png`, `./big/a.png`, `/data/big/a.png`)
-    todo, done_at = _still_to_do(paths, done, out)
+    begun = stamp.get("cwd") if stamp is not None else None
+    todo, failed_before = _still_to_do(paths, done, begun if isinstance(begun, str) else None)
     started = time.perf_counter()
     written = failed = 0
     try:
@@ -466,8 +468,6 @@ def stream_predictions(
             written += len(batch)
             if progress is not None:
                 progress(len(batch))
-    here = os.getcwd()
-    failed_before = sum(done_at.get(_where(str(p), here), False) for p in paths) if done else 0
     return StreamStats(
         written, len(paths) - len(todo), failed, time.perf_counter() - started, failed_before
     )
